@@ -1,0 +1,251 @@
+"""Type stubs for the Rust core. Checked against the built module by ``mypy.stubtest``."""
+
+import os
+from typing import Any, final
+
+__all__ = [
+    "AdapterConflictError",
+    "AdapterRegistry",
+    "DuplicateRequestError",
+    "InvalidConfigError",
+    "InvalidLoRARequestError",
+    "InvalidRequestError",
+    "LoRARequest",
+    "LoraplexError",
+    "NoFreeSlotError",
+    "QueueFullError",
+    "Scheduler",
+    "SchedulerOutput",
+    "UnknownAdapterError",
+    "_restore_lora_request",
+]
+
+class LoraplexError(Exception):
+    """Root of every loraplex error."""
+
+class InvalidLoRARequestError(LoraplexError, ValueError):
+    """A LoRARequest with an invalid id, name or path."""
+
+class AdapterConflictError(LoraplexError, ValueError):
+    """An adapter whose id, name or path clashes with a registered one."""
+
+class UnknownAdapterError(LoraplexError, LookupError):
+    """An adapter id that is not registered."""
+
+class NoFreeSlotError(LoraplexError, RuntimeError):
+    """Every adapter slot is pinned or in use."""
+
+class QueueFullError(LoraplexError, RuntimeError):
+    """The submission queue is full; retry after the engine steps."""
+
+class DuplicateRequestError(LoraplexError, ValueError):
+    """A request id that is already waiting or running."""
+
+class InvalidRequestError(LoraplexError, ValueError):
+    """A request that cannot be scheduled as given."""
+
+class InvalidConfigError(LoraplexError, ValueError):
+    """Engine limits that cannot work together."""
+
+@final
+class LoRARequest:
+    """Which LoRA adapter a request uses; vLLM's ``LoRARequest``, validated on construction.
+
+    Equality and hash are by ``lora_name`` (as in vLLM), so requests work as dict keys and in
+    sets. Fields are read-only. Pickles, with every field.
+
+    Raises ``InvalidLoRARequestError`` (a ``ValueError``): ``id must be > 0, got <id>`` when
+    ``lora_int_id < 1``; ``lora_path cannot be empty`` when no path is given; and for an empty
+    name. ``lora_local_path`` is deprecated: it warns (``DeprecationWarning``) and fills
+    ``lora_path`` when that is empty.
+    """
+
+    def __new__(
+        cls,
+        lora_name: str,
+        lora_int_id: int,
+        lora_path: str | os.PathLike[str] | None = None,
+        lora_local_path: str | os.PathLike[str] | None = None,
+        long_lora_max_len: int | None = None,
+        base_model_name: str | None = None,
+        tensorizer_config_dict: dict[str, Any] | None = None,
+    ) -> LoRARequest: ...
+    @staticmethod
+    def from_path(path: str | os.PathLike[str], name: str | None = None) -> LoRARequest:
+        """A request whose id is derived from the adapter's location.
+
+        The location is the canonical absolute path when ``path`` exists on this machine,
+        else ``path`` itself (a hub repo id) without trailing slashes. The id is FNV-1a 64
+        of that string reduced into ``1..2**31-1``, so every process naming the same adapter
+        agrees on its id. Two locations share an id with probability about 1 in 2**31 per
+        pair; ``AdapterRegistry`` rejects such a clash. ``name`` defaults to the folder's name
+        (local path) or the repo id.
+        """
+    @property
+    def lora_name(self) -> str: ...
+    @property
+    def lora_int_id(self) -> int: ...
+    @property
+    def lora_path(self) -> str: ...
+    @property
+    def lora_local_path(self) -> str | None: ...
+    @property
+    def long_lora_max_len(self) -> int | None: ...
+    @property
+    def base_model_name(self) -> str | None: ...
+    @property
+    def tensorizer_config_dict(self) -> dict[str, Any] | None: ...
+    @property
+    def adapter_id(self) -> int:
+        """Alias of ``lora_int_id``."""
+    @property
+    def name(self) -> str:
+        """Alias of ``lora_name``."""
+    @property
+    def path(self) -> str:
+        """Alias of ``lora_path``."""
+    @property
+    def local_path(self) -> str:
+        """Deprecated alias of ``lora_path``; warns."""
+    def __eq__(self, value: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]: ...
+
+def _restore_lora_request(
+    lora_name: str,
+    lora_int_id: int,
+    lora_path: str,
+    lora_local_path: str | None,
+    long_lora_max_len: int | None,
+    base_model_name: str | None,
+    tensorizer_config_dict: dict[str, Any] | None,
+) -> LoRARequest:
+    """Unpickling helper: rebuilds a LoRARequest without repeating the deprecation warning."""
+
+@final
+class AdapterRegistry:
+    """Adapter identity (id, name, path), with uniqueness enforced; safe across threads.
+
+    ``register`` raises ``AdapterConflictError`` naming both adapters when the id is held by
+    another name, the name by another id, or the (name, id) pair by another path.
+    """
+
+    def __new__(cls) -> AdapterRegistry: ...
+    def register(self, request: LoRARequest) -> bool:
+        """Register; ``True`` if new, ``False`` if the identical adapter was registered."""
+    def unregister(self, lora_int_id: int) -> LoRARequest:
+        """Remove and return; frees the id and name. ``UnknownAdapterError`` if absent."""
+    def get(self, lora_int_id: int) -> LoRARequest | None: ...
+    def get_by_name(self, lora_name: str) -> LoRARequest | None: ...
+    def ids(self) -> list[int]:
+        """Registered ids, ascending."""
+    def __len__(self) -> int: ...
+    def __contains__(self, key: int, /) -> bool: ...
+
+@final
+class SchedulerOutput:
+    """One step's batch. Per-request lists are in batch order: grouped by adapter slot (base
+    model, slot -1, first), arrival order kept within a slot."""
+
+    @property
+    def request_ids(self) -> list[int]: ...
+    @property
+    def lora_int_ids(self) -> list[int | None]: ...
+    @property
+    def slots(self) -> list[int]:
+        """Device slot per request; -1 for the base model."""
+    @property
+    def num_computed_tokens(self) -> list[int]:
+        """Tokens already cached per request: the position of its first token this step."""
+    @property
+    def num_new_tokens(self) -> list[int]:
+        """Tokens computed this step per request (a prefill chunk, or 1 for decode)."""
+    @property
+    def samples(self) -> list[bool]:
+        """Whether each request samples a token this step (its last prefill chunk, or decode)."""
+    @property
+    def block_tables(self) -> list[list[int]]: ...
+    @property
+    def segments(self) -> list[tuple[int, int, int]]:
+        """``(start, length, slot)`` runs of the flat token batch, one per slot."""
+    @property
+    def loads(self) -> list[tuple[int, int, int | None, bool]]:
+        """``(slot, lora_int_id, host_slot, from_host)``: perform in order before running."""
+    @property
+    def evictions(self) -> list[tuple[int, int]]:
+        """``(slot, lora_int_id)`` leaving device slots."""
+    @property
+    def host_evictions(self) -> list[tuple[int, int]]:
+        """``(host_slot, lora_int_id)`` leaving the host tier."""
+    @property
+    def preempted(self) -> list[int]: ...
+    @property
+    def aborted(self) -> list[int]: ...
+    @property
+    def rejected(self) -> list[tuple[int, str]]:
+        """Submissions refused when drained (duplicate id), with the reason."""
+    @property
+    def num_batched_tokens(self) -> int: ...
+    def __len__(self) -> int: ...
+
+@final
+class Scheduler:
+    """Continuous-batching scheduler with adapter slots and paged KV blocks.
+
+    ``add_request`` / ``abort_request`` may be called from any thread (a lock-free queue; the
+    GIL is released); ``schedule`` then ``postprocess`` once per engine step.
+    Raises ``InvalidConfigError`` for limits that cannot work together.
+    """
+
+    def __new__(
+        cls,
+        *,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int = 2048,
+        block_size: int = 16,
+        num_blocks: int = 1024,
+        max_loras: int = 1,
+        max_cpu_loras: int | None = None,
+        max_skipped_steps: int = 32,
+        queue_capacity: int = 65536,
+    ) -> Scheduler: ...
+    def add_request(
+        self,
+        request_id: int,
+        num_prompt_tokens: int,
+        lora_int_id: int | None = None,
+        priority: int = 0,
+    ) -> None:
+        """Submit. ``InvalidRequestError`` for an empty or too long prompt,
+        ``QueueFullError`` when the queue is full (nothing is submitted)."""
+    def abort_request(self, request_id: int) -> None: ...
+    def schedule(self) -> SchedulerOutput:
+        """Form the next batch; call ``postprocess`` after running it."""
+    def postprocess(self, finished: list[int]) -> list[int]:
+        """Apply the step (one sampled token per request that sampled) and free ``finished``.
+        Returns requests the scheduler finished itself for reaching ``max_model_len``."""
+    def pin_adapter(self, lora_int_id: int) -> None:
+        """Keep an adapter in a device slot; ``NoFreeSlotError`` if none can be given."""
+    def unpin_adapter(self, lora_int_id: int) -> bool: ...
+    def has_unfinished_requests(self) -> bool: ...
+    @property
+    def num_waiting(self) -> int: ...
+    @property
+    def num_running(self) -> int: ...
+    @property
+    def num_free_blocks(self) -> int: ...
+    @property
+    def max_num_seqs(self) -> int: ...
+    @property
+    def max_num_batched_tokens(self) -> int: ...
+    @property
+    def max_model_len(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def max_loras(self) -> int: ...
+    @property
+    def max_cpu_loras(self) -> int: ...

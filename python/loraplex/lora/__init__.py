@@ -1,0 +1,1 @@
+"""LoRA adapters: requests (``loraplex.lora.request``, vLLM's import path)."""

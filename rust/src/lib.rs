@@ -1,0 +1,29 @@
+//! loraplex core: adapter identity, adapter caches, the submission queue and the scheduler
+//! of a multi-LoRA LLM serving engine. Pure Rust; the Python bindings live in `python.rs`
+//! behind the `python` feature.
+
+pub mod batch;
+pub mod config;
+pub mod error;
+pub mod kv;
+pub mod lru;
+pub mod queue;
+pub mod registry;
+pub mod request;
+pub mod scheduler;
+pub mod submit;
+pub mod waiting;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use batch::{Eviction, ScheduledSeq, SchedulerOutput, Segment, SlotLoad, NO_SLOT};
+pub use config::SchedulerConfig;
+pub use error::{Error, Result};
+pub use kv::{BlockManager, RequestId};
+pub use lru::{Acquired, LruCache};
+pub use queue::RequestQueue;
+pub use registry::AdapterRegistry;
+pub use request::{AdapterId, LoRARequest};
+pub use scheduler::Scheduler;
+pub use submit::{Command, NewRequest, Submitter};

@@ -1,0 +1,678 @@
+//! The PyO3 bindings, and nothing else: argument conversion, the error mapping, GIL release.
+
+use std::path::PathBuf;
+
+use parking_lot::Mutex;
+use pyo3::exceptions::{
+    PyDeprecationWarning, PyException, PyLookupError, PyRuntimeError, PyValueError,
+};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyInt, PyString, PyTuple, PyType};
+
+use crate::{
+    AdapterRegistry, Error, LoRARequest, NewRequest, Scheduler, SchedulerConfig, SchedulerOutput,
+    Submitter,
+};
+
+/// The error kinds, each a subclass of `LoraplexError` and of a builtin, so that
+/// `except ValueError` catches bad input as it would in plain Python.
+struct ErrorTypes {
+    root: Py<PyType>,
+    invalid_lora_request: Py<PyType>,
+    adapter_conflict: Py<PyType>,
+    unknown_adapter: Py<PyType>,
+    no_free_slot: Py<PyType>,
+    queue_full: Py<PyType>,
+    duplicate_request: Py<PyType>,
+    invalid_request: Py<PyType>,
+    invalid_config: Py<PyType>,
+}
+
+static ERROR_TYPES: PyOnceLock<ErrorTypes> = PyOnceLock::new();
+
+fn error_type<'py>(
+    py: Python<'py>,
+    name: &str,
+    bases: &[&Bound<'py, PyType>],
+    doc: &str,
+) -> PyResult<Py<PyType>> {
+    let bases = PyTuple::new(py, bases)?;
+    let ns = PyDict::new(py);
+    ns.set_item("__module__", "loraplex._core")?;
+    ns.set_item("__doc__", doc)?;
+    let ty = py.get_type::<PyType>().call1((name, bases, ns))?;
+    Ok(ty.cast_into::<PyType>()?.unbind())
+}
+
+fn error_types(py: Python<'_>) -> PyResult<&ErrorTypes> {
+    ERROR_TYPES.get_or_try_init(py, || {
+        let root = error_type(
+            py,
+            "LoraplexError",
+            &[&py.get_type::<PyException>()],
+            "Root of every loraplex error.",
+        )?;
+        let root_type = root.bind(py).clone();
+        let kind = |name: &str, builtin: Bound<'_, PyType>, doc: &str| {
+            error_type(py, name, &[&root_type, &builtin], doc)
+        };
+        let value = || py.get_type::<PyValueError>();
+        let runtime = || py.get_type::<PyRuntimeError>();
+        Ok(ErrorTypes {
+            invalid_lora_request: kind(
+                "InvalidLoRARequestError",
+                value(),
+                "A LoRARequest with an invalid id, name or path.",
+            )?,
+            adapter_conflict: kind(
+                "AdapterConflictError",
+                value(),
+                "An adapter whose id, name or path clashes with a registered one.",
+            )?,
+            unknown_adapter: kind(
+                "UnknownAdapterError",
+                py.get_type::<PyLookupError>(),
+                "An adapter id that is not registered.",
+            )?,
+            no_free_slot: kind(
+                "NoFreeSlotError",
+                runtime(),
+                "Every adapter slot is pinned or in use.",
+            )?,
+            queue_full: kind(
+                "QueueFullError",
+                runtime(),
+                "The submission queue is full; retry after the engine steps.",
+            )?,
+            duplicate_request: kind(
+                "DuplicateRequestError",
+                value(),
+                "A request id that is already waiting or running.",
+            )?,
+            invalid_request: kind(
+                "InvalidRequestError",
+                value(),
+                "A request that cannot be scheduled as given.",
+            )?,
+            invalid_config: kind(
+                "InvalidConfigError",
+                value(),
+                "Engine limits that cannot work together.",
+            )?,
+            root,
+        })
+    })
+}
+
+/// The one place a core error becomes a Python exception.
+fn to_py_err(e: Error) -> PyErr {
+    Python::attach(|py| {
+        let types = match error_types(py) {
+            Ok(t) => t,
+            Err(err) => return err,
+        };
+        let ty = match &e {
+            Error::InvalidLoraId(_)
+            | Error::LoraIdOutOfRange { .. }
+            | Error::EmptyLoraPath(_)
+            | Error::EmptyLoraName(_) => &types.invalid_lora_request,
+            Error::AdapterConflict { .. } => &types.adapter_conflict,
+            Error::UnknownAdapter(_) => &types.unknown_adapter,
+            Error::NoFreeSlot { .. } => &types.no_free_slot,
+            Error::QueueFull { .. } => &types.queue_full,
+            Error::DuplicateRequest(_) => &types.duplicate_request,
+            Error::InvalidRequest { .. } => &types.invalid_request,
+            Error::InvalidConfig(_) => &types.invalid_config,
+        };
+        PyErr::from_type(ty.bind(py).clone(), e.to_string())
+    })
+}
+
+/// vLLM's `LoRARequest`: which adapter a request uses. Equality and hash by `lora_name`.
+#[pyclass(name = "LoRARequest", module = "loraplex._core", frozen)]
+pub struct PyLoRARequest {
+    inner: LoRARequest,
+    lora_local_path: Option<String>,
+    tensorizer_config_dict: Option<Py<PyAny>>,
+}
+
+/// A Python int as an adapter id; ints beyond `i64` are out of range with the culprit named.
+fn lora_id(ob: &Bound<'_, PyAny>) -> PyResult<i64> {
+    let int = ob.cast::<PyInt>()?;
+    int.extract::<i64>().or_else(|_| {
+        let bound = if int.lt(0)? {
+            "> 0"
+        } else {
+            "<= 9223372036854775807"
+        };
+        Err(to_py_err(Error::LoraIdOutOfRange {
+            bound,
+            id: int.to_string(),
+        }))
+    })
+}
+
+fn path_string(p: Option<PathBuf>) -> Option<String> {
+    p.map(|p| p.to_string_lossy().into_owned())
+}
+
+impl PyLoRARequest {
+    fn build(
+        lora_name: String,
+        lora_int_id: i64,
+        lora_path: String,
+        lora_local_path: Option<String>,
+        long_lora_max_len: Option<u64>,
+        base_model_name: Option<String>,
+        tensorizer_config_dict: Option<Py<PyAny>>,
+    ) -> PyResult<Self> {
+        let lora_path = match (&lora_local_path, lora_path.is_empty()) {
+            (Some(local), true) => local.clone(),
+            _ => lora_path,
+        };
+        let inner = LoRARequest {
+            lora_name,
+            lora_int_id,
+            lora_path,
+            long_lora_max_len,
+            base_model_name,
+        };
+        inner.validate().map_err(to_py_err)?;
+        Ok(Self {
+            inner,
+            lora_local_path,
+            tensorizer_config_dict,
+        })
+    }
+}
+
+#[pymethods]
+impl PyLoRARequest {
+    #[new]
+    #[pyo3(signature = (lora_name, lora_int_id, lora_path=None, lora_local_path=None, long_lora_max_len=None, base_model_name=None, tensorizer_config_dict=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        lora_name: String,
+        lora_int_id: &Bound<'_, PyAny>,
+        lora_path: Option<PathBuf>,
+        lora_local_path: Option<PathBuf>,
+        long_lora_max_len: Option<u64>,
+        base_model_name: Option<String>,
+        tensorizer_config_dict: Option<Py<PyAny>>,
+    ) -> PyResult<Self> {
+        let local = path_string(lora_local_path).filter(|p| !p.is_empty());
+        if local.is_some() {
+            let category = py.get_type::<PyDeprecationWarning>();
+            PyErr::warn(py, &category, c"The 'lora_local_path' attribute is deprecated and will be removed in a future version. Please use 'lora_path' instead.", 1)?;
+        }
+        let path = path_string(lora_path).unwrap_or_default();
+        Self::build(
+            lora_name,
+            lora_id(lora_int_id)?,
+            path,
+            local,
+            long_lora_max_len,
+            base_model_name,
+            tensorizer_config_dict,
+        )
+    }
+
+    /// A request whose id is derived from the adapter's location (see the stub's docstring).
+    #[staticmethod]
+    #[pyo3(signature = (path, name=None))]
+    fn from_path(path: PathBuf, name: Option<String>) -> PyResult<Self> {
+        let path = path.to_string_lossy().into_owned();
+        let inner = LoRARequest::from_path(&path, name.as_deref()).map_err(to_py_err)?;
+        Ok(Self {
+            inner,
+            lora_local_path: None,
+            tensorizer_config_dict: None,
+        })
+    }
+
+    #[getter]
+    fn lora_name(&self) -> &str {
+        &self.inner.lora_name
+    }
+    #[getter]
+    fn lora_int_id(&self) -> i64 {
+        self.inner.lora_int_id
+    }
+    #[getter]
+    fn lora_path(&self) -> &str {
+        &self.inner.lora_path
+    }
+    #[getter]
+    fn lora_local_path(&self) -> Option<&str> {
+        self.lora_local_path.as_deref()
+    }
+    #[getter]
+    fn long_lora_max_len(&self) -> Option<u64> {
+        self.inner.long_lora_max_len
+    }
+    #[getter]
+    fn base_model_name(&self) -> Option<&str> {
+        self.inner.base_model_name.as_deref()
+    }
+    #[getter]
+    fn tensorizer_config_dict(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.tensorizer_config_dict
+            .as_ref()
+            .map(|d| d.clone_ref(py))
+    }
+    #[getter]
+    fn adapter_id(&self) -> i64 {
+        self.inner.lora_int_id
+    }
+    #[getter]
+    fn name(&self) -> &str {
+        &self.inner.lora_name
+    }
+    #[getter]
+    fn path(&self) -> &str {
+        &self.inner.lora_path
+    }
+    /// Deprecated alias of `lora_path`, as in vLLM.
+    #[getter]
+    fn local_path(&self, py: Python<'_>) -> PyResult<&str> {
+        let category = py.get_type::<PyDeprecationWarning>();
+        PyErr::warn(py, &category, c"The 'local_path' attribute is deprecated and will be removed in a future version. Please use 'path' instead.", 1)?;
+        Ok(&self.inner.lora_path)
+    }
+
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> Py<PyAny> {
+        let py = other.py();
+        match other.cast::<PyLoRARequest>() {
+            Ok(o) => (o.get().inner.lora_name == self.inner.lora_name)
+                .into_pyobject(py)
+                .map_or_else(
+                    |_| py.NotImplemented(),
+                    |b| b.to_owned().into_any().unbind(),
+                ),
+            Err(_) => py.NotImplemented(),
+        }
+    }
+
+    fn __hash__(&self, py: Python<'_>) -> PyResult<isize> {
+        PyString::new(py, &self.inner.lora_name).hash()
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let r = |s: &str| -> PyResult<String> { Ok(PyString::new(py, s).repr()?.to_string()) };
+        let mut out = format!(
+            "LoRARequest(lora_name={}, lora_int_id={}, lora_path={}",
+            r(&self.inner.lora_name)?,
+            self.inner.lora_int_id,
+            r(&self.inner.lora_path)?
+        );
+        if let Some(n) = self.inner.long_lora_max_len {
+            out += &format!(", long_lora_max_len={n}");
+        }
+        if let Some(b) = &self.inner.base_model_name {
+            out += &format!(", base_model_name={}", r(b)?);
+        }
+        if let Some(d) = &self.tensorizer_config_dict {
+            out += &format!(", tensorizer_config_dict={}", d.bind(py).repr()?);
+        }
+        Ok(out + ")")
+    }
+
+    fn __reduce__<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
+        let restore = py
+            .import("loraplex._core")?
+            .getattr("_restore_lora_request")?;
+        let i = &self.inner;
+        let args = (
+            i.lora_name.clone(),
+            i.lora_int_id,
+            i.lora_path.clone(),
+            self.lora_local_path.clone(),
+            i.long_lora_max_len,
+            i.base_model_name.clone(),
+            self.tensorizer_config_dict(py),
+        );
+        Ok((restore, args.into_pyobject(py)?))
+    }
+}
+
+/// Unpickling: rebuilds a request without repeating the deprecation warning.
+#[pyfunction]
+fn _restore_lora_request(
+    lora_name: String,
+    lora_int_id: i64,
+    lora_path: String,
+    lora_local_path: Option<String>,
+    long_lora_max_len: Option<u64>,
+    base_model_name: Option<String>,
+    tensorizer_config_dict: Option<Py<PyAny>>,
+) -> PyResult<PyLoRARequest> {
+    PyLoRARequest::build(
+        lora_name,
+        lora_int_id,
+        lora_path,
+        lora_local_path,
+        long_lora_max_len,
+        base_model_name,
+        tensorizer_config_dict,
+    )
+}
+
+fn request_to_py(inner: LoRARequest) -> PyLoRARequest {
+    PyLoRARequest {
+        inner,
+        lora_local_path: None,
+        tensorizer_config_dict: None,
+    }
+}
+
+/// Adapter identity with id, name and path uniqueness enforced; safe across threads.
+#[pyclass(name = "AdapterRegistry", module = "loraplex._core", frozen)]
+pub struct PyAdapterRegistry {
+    inner: AdapterRegistry,
+}
+
+#[pymethods]
+impl PyAdapterRegistry {
+    #[new]
+    fn new() -> Self {
+        Self {
+            inner: AdapterRegistry::new(),
+        }
+    }
+
+    fn register(&self, request: PyRef<'_, PyLoRARequest>) -> PyResult<bool> {
+        self.inner.register(&request.inner).map_err(to_py_err)
+    }
+
+    fn unregister(&self, lora_int_id: i64) -> PyResult<PyLoRARequest> {
+        self.inner
+            .unregister(lora_int_id)
+            .map(request_to_py)
+            .map_err(to_py_err)
+    }
+
+    fn get(&self, lora_int_id: i64) -> Option<PyLoRARequest> {
+        self.inner.get(lora_int_id).map(request_to_py)
+    }
+
+    fn get_by_name(&self, lora_name: &str) -> Option<PyLoRARequest> {
+        self.inner.get_by_name(lora_name).map(request_to_py)
+    }
+
+    fn ids(&self) -> Vec<i64> {
+        self.inner.ids()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn __contains__(&self, lora_int_id: i64) -> bool {
+        self.inner.contains(lora_int_id)
+    }
+}
+
+/// The scheduler: submissions from any thread, `schedule` / `postprocess` from the engine loop.
+#[pyclass(name = "Scheduler", module = "loraplex._core", frozen)]
+pub struct PyScheduler {
+    core: Mutex<Scheduler>,
+    submitter: Submitter,
+    config: SchedulerConfig,
+}
+
+#[pymethods]
+impl PyScheduler {
+    #[new]
+    #[pyo3(signature = (*, max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=2048, block_size=16, num_blocks=1024, max_loras=1, max_cpu_loras=None, max_skipped_steps=32, queue_capacity=65536))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        max_num_seqs: usize,
+        max_num_batched_tokens: usize,
+        max_model_len: usize,
+        block_size: usize,
+        num_blocks: usize,
+        max_loras: usize,
+        max_cpu_loras: Option<usize>,
+        max_skipped_steps: u64,
+        queue_capacity: usize,
+    ) -> PyResult<Self> {
+        let config = SchedulerConfig {
+            max_num_seqs,
+            max_num_batched_tokens,
+            max_model_len,
+            block_size,
+            num_blocks,
+            max_loras,
+            max_cpu_loras: max_cpu_loras.unwrap_or(max_loras),
+            max_skipped_steps,
+            queue_capacity,
+        };
+        let core = Scheduler::new(config.clone()).map_err(to_py_err)?;
+        Ok(Self {
+            submitter: core.submitter(),
+            core: Mutex::new(core),
+            config,
+        })
+    }
+
+    #[pyo3(signature = (request_id, num_prompt_tokens, lora_int_id=None, priority=0))]
+    fn add_request(
+        &self,
+        py: Python<'_>,
+        request_id: u64,
+        num_prompt_tokens: usize,
+        lora_int_id: Option<&Bound<'_, PyAny>>,
+        priority: i32,
+    ) -> PyResult<()> {
+        let lora_int_id = lora_int_id.map(lora_id).transpose()?;
+        if let Some(id) = lora_int_id.filter(|id| *id < 1) {
+            return Err(to_py_err(Error::InvalidLoraId(id)));
+        }
+        let request = NewRequest {
+            id: request_id,
+            num_prompt_tokens,
+            adapter: lora_int_id,
+            priority,
+        };
+        py.detach(|| self.submitter.add(request)).map_err(to_py_err)
+    }
+
+    fn abort_request(&self, py: Python<'_>, request_id: u64) -> PyResult<()> {
+        py.detach(|| self.submitter.abort(request_id))
+            .map_err(to_py_err)
+    }
+
+    fn schedule(&self, py: Python<'_>) -> PySchedulerOutput {
+        PySchedulerOutput {
+            inner: py.detach(|| self.core.lock().schedule()),
+        }
+    }
+
+    fn postprocess(&self, py: Python<'_>, finished: Vec<u64>) -> Vec<u64> {
+        py.detach(|| self.core.lock().postprocess(&finished))
+    }
+
+    fn pin_adapter(&self, lora_int_id: i64) -> PyResult<()> {
+        self.core.lock().pin_adapter(lora_int_id).map_err(to_py_err)
+    }
+
+    fn unpin_adapter(&self, lora_int_id: i64) -> bool {
+        self.core.lock().unpin_adapter(lora_int_id)
+    }
+
+    fn has_unfinished_requests(&self) -> bool {
+        self.core.lock().has_unfinished()
+    }
+
+    #[getter]
+    fn num_waiting(&self) -> usize {
+        self.core.lock().num_waiting()
+    }
+    #[getter]
+    fn num_running(&self) -> usize {
+        self.core.lock().num_running()
+    }
+    #[getter]
+    fn num_free_blocks(&self) -> usize {
+        self.core.lock().kv().num_free_blocks()
+    }
+    #[getter]
+    fn max_num_seqs(&self) -> usize {
+        self.config.max_num_seqs
+    }
+    #[getter]
+    fn max_num_batched_tokens(&self) -> usize {
+        self.config.max_num_batched_tokens
+    }
+    #[getter]
+    fn max_model_len(&self) -> usize {
+        self.config.max_model_len
+    }
+    #[getter]
+    fn block_size(&self) -> usize {
+        self.config.block_size
+    }
+    #[getter]
+    fn num_blocks(&self) -> usize {
+        self.config.num_blocks
+    }
+    #[getter]
+    fn max_loras(&self) -> usize {
+        self.config.max_loras
+    }
+    #[getter]
+    fn max_cpu_loras(&self) -> usize {
+        self.config.max_cpu_loras
+    }
+}
+
+/// One step's batch, as plain Python lists in batch order.
+#[pyclass(name = "SchedulerOutput", module = "loraplex._core", frozen)]
+pub struct PySchedulerOutput {
+    inner: SchedulerOutput,
+}
+
+#[pymethods]
+impl PySchedulerOutput {
+    #[getter]
+    fn request_ids(&self) -> Vec<u64> {
+        self.inner.seqs.iter().map(|s| s.request_id).collect()
+    }
+    #[getter]
+    fn lora_int_ids(&self) -> Vec<Option<i64>> {
+        self.inner.seqs.iter().map(|s| s.adapter).collect()
+    }
+    #[getter]
+    fn slots(&self) -> Vec<i32> {
+        self.inner.seqs.iter().map(|s| s.slot).collect()
+    }
+    #[getter]
+    fn num_computed_tokens(&self) -> Vec<usize> {
+        self.inner
+            .seqs
+            .iter()
+            .map(|s| s.num_computed_tokens)
+            .collect()
+    }
+    #[getter]
+    fn num_new_tokens(&self) -> Vec<usize> {
+        self.inner.seqs.iter().map(|s| s.num_new_tokens).collect()
+    }
+    #[getter]
+    fn samples(&self) -> Vec<bool> {
+        self.inner.seqs.iter().map(|s| s.samples).collect()
+    }
+    #[getter]
+    fn block_tables(&self) -> Vec<Vec<u32>> {
+        self.inner
+            .seqs
+            .iter()
+            .map(|s| s.block_table.clone())
+            .collect()
+    }
+    #[getter]
+    fn segments(&self) -> Vec<(usize, usize, i32)> {
+        self.inner
+            .segments
+            .iter()
+            .map(|s| (s.start, s.len, s.slot))
+            .collect()
+    }
+    #[getter]
+    fn loads(&self) -> Vec<(usize, i64, Option<usize>, bool)> {
+        self.inner
+            .loads
+            .iter()
+            .map(|l| (l.slot, l.adapter, l.host_slot, l.from_host))
+            .collect()
+    }
+    #[getter]
+    fn evictions(&self) -> Vec<(usize, i64)> {
+        self.inner
+            .evictions
+            .iter()
+            .map(|e| (e.slot, e.adapter))
+            .collect()
+    }
+    #[getter]
+    fn host_evictions(&self) -> Vec<(usize, i64)> {
+        self.inner
+            .host_evictions
+            .iter()
+            .map(|e| (e.slot, e.adapter))
+            .collect()
+    }
+    #[getter]
+    fn preempted(&self) -> Vec<u64> {
+        self.inner.preempted.clone()
+    }
+    #[getter]
+    fn aborted(&self) -> Vec<u64> {
+        self.inner.aborted.clone()
+    }
+    #[getter]
+    fn rejected(&self) -> Vec<(u64, String)> {
+        self.inner
+            .rejected
+            .iter()
+            .map(|(id, e)| (*id, e.to_string()))
+            .collect()
+    }
+    #[getter]
+    fn num_batched_tokens(&self) -> usize {
+        self.inner.num_batched_tokens()
+    }
+    fn __len__(&self) -> usize {
+        self.inner.seqs.len()
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<PyLoRARequest>()?;
+    m.add_class::<PyAdapterRegistry>()?;
+    m.add_class::<PyScheduler>()?;
+    m.add_class::<PySchedulerOutput>()?;
+    m.add_function(wrap_pyfunction!(_restore_lora_request, m)?)?;
+    let t = error_types(py)?;
+    for (name, ty) in [
+        ("LoraplexError", &t.root),
+        ("InvalidLoRARequestError", &t.invalid_lora_request),
+        ("AdapterConflictError", &t.adapter_conflict),
+        ("UnknownAdapterError", &t.unknown_adapter),
+        ("NoFreeSlotError", &t.no_free_slot),
+        ("QueueFullError", &t.queue_full),
+        ("DuplicateRequestError", &t.duplicate_request),
+        ("InvalidRequestError", &t.invalid_request),
+        ("InvalidConfigError", &t.invalid_config),
+    ] {
+        m.add(name, ty.clone_ref(py))?;
+    }
+    Ok(())
+}

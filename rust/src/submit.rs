@@ -1,0 +1,87 @@
+//! What producers send the scheduler, and the thread-safe handle they send it through.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::kv::RequestId;
+use crate::queue::RequestQueue;
+use crate::waiting::AdapterKey;
+
+/// A request to admit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewRequest {
+    /// Unique among unfinished requests.
+    pub id: RequestId,
+    /// Prompt length in tokens (`1..=max_model_len`).
+    pub num_prompt_tokens: usize,
+    /// Adapter, or `None` for the base model.
+    pub adapter: AdapterKey,
+    /// Lower runs first (vLLM's convention); ties go by arrival.
+    pub priority: i32,
+}
+
+/// One submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Admit a request.
+    Add(NewRequest),
+    /// Abort a request, waiting or running.
+    Abort(RequestId),
+}
+
+/// A cloneable, `Send + Sync` handle that submits to one scheduler from any thread.
+#[derive(Clone)]
+pub struct Submitter {
+    queue: Arc<RequestQueue<Command>>,
+    max_model_len: usize,
+}
+
+impl Submitter {
+    pub(crate) fn new(queue: Arc<RequestQueue<Command>>, max_model_len: usize) -> Self {
+        Self {
+            queue,
+            max_model_len,
+        }
+    }
+
+    /// Validates and enqueues a request.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] for an empty prompt or one longer than `max_model_len`;
+    /// [`Error::QueueFull`] when the queue is full (nothing is enqueued).
+    pub fn add(&self, request: NewRequest) -> Result<()> {
+        let n = request.num_prompt_tokens;
+        if n == 0 || n > self.max_model_len {
+            let reason = if n == 0 {
+                "the prompt is empty".to_string()
+            } else {
+                format!(
+                    "the prompt ({n} tokens) is longer than max_model_len ({})",
+                    self.max_model_len
+                )
+            };
+            return Err(Error::InvalidRequest {
+                id: request.id,
+                reason,
+            });
+        }
+        self.push(Command::Add(request))
+    }
+
+    /// Enqueues an abort; unknown or finished ids are ignored when drained.
+    ///
+    /// # Errors
+    /// [`Error::QueueFull`] when the queue is full.
+    pub fn abort(&self, id: RequestId) -> Result<()> {
+        self.push(Command::Abort(id))
+    }
+
+    fn push(&self, command: Command) -> Result<()> {
+        self.queue.push(command).map_err(|full| full.error)
+    }
+
+    /// Submissions not yet drained.
+    pub fn num_pending(&self) -> usize {
+        self.queue.len()
+    }
+}

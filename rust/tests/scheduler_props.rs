@@ -1,0 +1,338 @@
+//! Property tests of the scheduler, driven like the Python engine drives it: submit, schedule,
+//! run (simulated: one sampled token per request that samples), postprocess.
+
+use std::collections::{HashMap, HashSet};
+
+use loraplex::{NewRequest, Scheduler, SchedulerConfig, SchedulerOutput, NO_SLOT};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+struct Spec {
+    arrival: u64,
+    prompt: usize,
+    output: usize,
+    adapter: Option<i64>,
+    priority: i32,
+    abort_at: Option<u64>,
+}
+
+fn config() -> impl Strategy<Value = SchedulerConfig> {
+    (
+        1usize..4,
+        0usize..3,
+        prop::sample::select(vec![1usize, 2, 4, 16]),
+        8usize..48,
+        0usize..24,
+        1usize..8,
+        0usize..64,
+        0u64..6,
+    )
+        .prop_map(
+            |(
+                max_loras,
+                extra_cpu,
+                block_size,
+                max_model_len,
+                extra_blocks,
+                max_num_seqs,
+                extra_tokens,
+                skips,
+            )| {
+                SchedulerConfig {
+                    max_num_seqs,
+                    max_num_batched_tokens: max_num_seqs + extra_tokens,
+                    max_model_len,
+                    block_size,
+                    num_blocks: max_model_len.div_ceil(block_size) + extra_blocks,
+                    max_loras,
+                    max_cpu_loras: max_loras + extra_cpu,
+                    max_skipped_steps: skips,
+                    queue_capacity: 1024,
+                }
+            },
+        )
+}
+
+fn specs(max_model_len: usize) -> impl Strategy<Value = Vec<Spec>> {
+    let spec = (
+        0u64..20,
+        1..=max_model_len,
+        1usize..12,
+        prop::option::weighted(0.8, 1i64..7),
+        0i32..2,
+        prop::option::weighted(0.1, 0u64..40),
+    )
+        .prop_map(
+            |(arrival, prompt, output, adapter, priority, abort_at)| Spec {
+                arrival,
+                prompt,
+                output,
+                adapter,
+                priority,
+                abort_at,
+            },
+        );
+    prop::collection::vec(spec, 1..40).prop_map(|mut v| {
+        v.sort_by_key(|s| s.arrival); // ids are submission order
+        v
+    })
+}
+
+fn workload() -> impl Strategy<Value = (SchedulerConfig, Vec<Spec>, Option<i64>)> {
+    config().prop_flat_map(|c| {
+        let len = c.max_model_len;
+        (Just(c), specs(len), prop::option::of(1i64..7))
+    })
+}
+
+/// What the simulation saw, for assertions after the run.
+#[derive(Default)]
+struct Seen {
+    first_scheduled: HashMap<u64, u64>,
+    done: HashSet<u64>,
+}
+
+/// Checks one step's output against the invariants; updates the simulated device slots.
+fn check_step(
+    cfg: &SchedulerConfig,
+    out: &SchedulerOutput,
+    slots: &mut HashMap<usize, i64>,
+    pinned: Option<i64>,
+) {
+    assert!(
+        out.num_batched_tokens() <= cfg.max_num_batched_tokens,
+        "token budget exceeded"
+    );
+    assert!(out.seqs.len() <= cfg.max_num_seqs, "max_num_seqs exceeded");
+    let in_batch: HashSet<i64> = out.seqs.iter().filter_map(|s| s.adapter).collect();
+    assert!(
+        in_batch.len() <= cfg.max_loras,
+        "more than max_loras adapters in a batch"
+    );
+    for e in &out.evictions {
+        assert!(
+            !in_batch.contains(&e.adapter),
+            "evicted adapter {} used by the batch",
+            e.adapter
+        );
+        assert_ne!(Some(e.adapter), pinned, "pinned adapter evicted");
+    }
+    for load in &out.loads {
+        assert!(load.slot < cfg.max_loras);
+        slots.insert(load.slot, load.adapter);
+    }
+    let mut start = 0;
+    let mut seen_slots = HashSet::new();
+    let mut seq_iter = out.seqs.iter().peekable();
+    for seg in &out.segments {
+        assert_eq!(seg.start, start, "segments not contiguous");
+        assert!(
+            seen_slots.insert(seg.slot),
+            "slot {} split across segments",
+            seg.slot
+        );
+        let mut len = 0;
+        while let Some(s) = seq_iter.next_if(|s| s.slot == seg.slot) {
+            len += s.num_new_tokens;
+        }
+        assert_eq!(len, seg.len, "segment length");
+        start += len;
+    }
+    assert!(seq_iter.next().is_none(), "seqs not grouped by slot");
+    for s in &out.seqs {
+        match s.adapter {
+            None => assert_eq!(s.slot, NO_SLOT),
+            Some(a) => assert_eq!(
+                slots.get(&(s.slot as usize)),
+                Some(&a),
+                "request {} reads slot {} without its adapter",
+                s.request_id,
+                s.slot
+            ),
+        }
+        let need = (s.num_computed_tokens + s.num_new_tokens).div_ceil(cfg.block_size);
+        assert!(s.block_table.len() >= need, "block table too short");
+        assert!(s.num_new_tokens >= 1);
+    }
+}
+
+fn check_kv(sched: &Scheduler) {
+    let mut owners = HashMap::new();
+    for (req, block) in sched.kv().owned_blocks() {
+        assert!((block as usize) < sched.kv().num_blocks());
+        if let Some(other) = owners.insert(block, req) {
+            panic!("block {block} owned by {req} and {other}");
+        }
+    }
+    assert_eq!(
+        owners.len() + sched.kv().num_free_blocks(),
+        sched.kv().num_blocks(),
+        "blocks leaked"
+    );
+}
+
+fn simulate(cfg: &SchedulerConfig, specs: &[Spec], pin: Option<i64>) -> Seen {
+    let mut sched = Scheduler::new(cfg.clone()).unwrap();
+    let sub = sched.submitter();
+    let pinned = pin.filter(|p| cfg.max_loras >= 2 && sched.pin_adapter(*p).is_ok());
+    let mut slots = HashMap::new();
+    let mut generated = vec![0usize; specs.len()];
+    let mut seen = Seen::default();
+    let last_event = specs
+        .iter()
+        .map(|s| s.arrival.max(s.abort_at.unwrap_or(0)))
+        .max()
+        .unwrap_or(0);
+    let work: usize = specs.iter().map(|s| s.prompt + s.output).sum();
+    let bound = last_event + 50 + (work * (specs.len() + 1)) as u64;
+    for step in 0.. {
+        assert!(
+            step < bound,
+            "no progress after {step} steps: starvation or livelock"
+        );
+        for (id, s) in specs.iter().enumerate() {
+            if s.arrival == step {
+                let req = NewRequest {
+                    id: id as u64,
+                    num_prompt_tokens: s.prompt,
+                    adapter: s.adapter,
+                    priority: s.priority,
+                };
+                sub.add(req).unwrap();
+            }
+        }
+        for (id, s) in specs.iter().enumerate() {
+            if s.abort_at == Some(step) {
+                sub.abort(id as u64).unwrap();
+            }
+        }
+        if step > last_event && !sched.has_unfinished() {
+            break;
+        }
+        let out = sched.schedule();
+        assert!(out.rejected.is_empty());
+        seen.done.extend(out.aborted.iter().copied());
+        check_step(cfg, &out, &mut slots, pinned);
+        check_kv(&sched);
+        let mut finished = Vec::new();
+        for s in &out.seqs {
+            seen.first_scheduled.entry(s.request_id).or_insert(step);
+            if s.samples {
+                let id = s.request_id as usize;
+                generated[id] += 1;
+                if generated[id] == specs[id].output {
+                    finished.push(s.request_id);
+                }
+            }
+        }
+        seen.done.extend(finished.iter().copied());
+        seen.done.extend(sched.postprocess(&finished));
+    }
+    check_kv(&sched);
+    assert_eq!(
+        sched.kv().num_free_blocks(),
+        cfg.num_blocks,
+        "blocks leaked after all requests ended"
+    );
+    seen
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn invariants_hold_and_every_request_ends((cfg, specs, pin) in workload()) {
+        let seen = simulate(&cfg, &specs, pin);
+        prop_assert_eq!(seen.done.len(), specs.len(), "some request never finished");
+    }
+
+    #[test]
+    fn arrival_order_kept_per_adapter_and_priority((cfg, specs, pin) in workload()) {
+        let seen = simulate(&cfg, &specs, pin);
+        for (a, sa) in specs.iter().enumerate() {
+            for (b, sb) in specs.iter().enumerate().skip(a + 1) {
+                if sa.adapter != sb.adapter || sa.priority != sb.priority || sa.abort_at.is_some() {
+                    continue;
+                }
+                if let Some(tb) = seen.first_scheduled.get(&(b as u64)) {
+                    let ta = seen.first_scheduled.get(&(a as u64));
+                    prop_assert!(ta.is_some_and(|ta| ta <= tb), "request {a} admitted after {b}, which arrived later");
+                }
+            }
+        }
+    }
+}
+
+/// A waiting request whose adapter has no slot does not block a later request whose adapter
+/// is already running.
+#[test]
+fn skipped_request_does_not_block_active_adapter() {
+    let cfg = SchedulerConfig {
+        max_loras: 1,
+        max_cpu_loras: 1,
+        max_skipped_steps: 100,
+        ..SchedulerConfig::default()
+    };
+    let mut sched = Scheduler::new(cfg).unwrap();
+    let sub = sched.submitter();
+    let req = |id, adapter| NewRequest {
+        id,
+        num_prompt_tokens: 4,
+        adapter: Some(adapter),
+        priority: 0,
+    };
+    sub.add(req(0, 1)).unwrap();
+    assert_eq!(sched.schedule().seqs.len(), 1);
+    sched.postprocess(&[]);
+    sub.add(req(1, 2)).unwrap(); // no slot: adapter 1 holds the only one
+    sub.add(req(2, 1)).unwrap(); // adapter 1 is active: admitted past request 1
+    let out = sched.schedule();
+    let ids: Vec<u64> = out.seqs.iter().map(|s| s.request_id).collect();
+    assert_eq!(ids, vec![0, 2]);
+}
+
+/// Aging: once the oldest waiting request has been passed over for `max_skipped_steps`,
+/// requests of the running adapter stop being admitted, so it gets the slot when they drain.
+#[test]
+fn aging_bounds_skips() {
+    let cfg = SchedulerConfig {
+        max_loras: 1,
+        max_cpu_loras: 1,
+        max_skipped_steps: 2,
+        ..SchedulerConfig::default()
+    };
+    let mut sched = Scheduler::new(cfg).unwrap();
+    let sub = sched.submitter();
+    let req = |id, adapter| NewRequest {
+        id,
+        num_prompt_tokens: 2,
+        adapter: Some(adapter),
+        priority: 0,
+    };
+    sub.add(req(0, 1)).unwrap();
+    sub.add(req(1, 2)).unwrap();
+    let mut samples: HashMap<u64, usize> = HashMap::new();
+    let mut admitted_at = None;
+    for (step, next) in (0..40).zip(2u64..) {
+        // a steady stream for adapter 1 whose requests overlap (each samples 3 tokens), so
+        // adapter 1 always has running requests and never gives its slot up by itself
+        sub.add(req(next, 1)).unwrap();
+        let out = sched.schedule();
+        if out.seqs.iter().any(|s| s.request_id == 1) {
+            admitted_at = Some(step);
+            break;
+        }
+        let mut finished = Vec::new();
+        for s in out.seqs.iter().filter(|s| s.samples) {
+            let n = samples.entry(s.request_id).or_default();
+            *n += 1;
+            if *n == 3 {
+                finished.push(s.request_id);
+            }
+        }
+        sched.postprocess(&finished);
+    }
+    let at = admitted_at.expect("adapter 2's request starved");
+    // passed over for 2 steps, then adapter 1's running requests drain (3 steps each)
+    assert!(at <= 2 + 3 + 1, "admitted only at step {at}");
+}
