@@ -1,7 +1,7 @@
 //! Paged KV block accounting: a free list and one block table per request. No tensors:
 //! Python owns the KV data and indexes it with the tables computed here.
 
-use std::collections::HashMap;
+use crate::FastMap;
 
 /// A request's id inside the core.
 pub type RequestId = u64;
@@ -12,7 +12,7 @@ pub struct BlockManager {
     num_blocks: usize,
     /// Free block ids; `pop` hands out the lowest first.
     free: Vec<u32>,
-    tables: HashMap<RequestId, Vec<u32>>,
+    tables: FastMap<RequestId, Vec<u32>>,
 }
 
 impl BlockManager {
@@ -22,7 +22,7 @@ impl BlockManager {
             block_size,
             num_blocks,
             free: (0..num_blocks as u32).rev().collect(),
-            tables: HashMap::new(),
+            tables: FastMap::default(),
         }
     }
 

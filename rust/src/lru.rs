@@ -6,8 +6,10 @@
 //! `acquire` takes a predicate naming keys the current batch uses, which are never evicted
 //! either. A full cache is a `None`, not a panic.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::hash::Hash;
+
+use crate::FastMap;
 
 /// What `acquire` did to give a key its slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,7 +32,7 @@ struct Entry {
 /// the number of protected keys skipped while looking for a victim.
 pub struct LruCache<K> {
     capacity: usize,
-    entries: HashMap<K, Entry>,
+    entries: FastMap<K, Entry>,
     /// last_used -> key, for unpinned keys only: the eviction order.
     order: BTreeMap<u64, K>,
     /// Free slots, highest first so `pop` hands out the lowest.
@@ -43,7 +45,7 @@ impl<K: Hash + Eq + Clone> LruCache<K> {
     pub fn new(capacity: usize) -> Self {
         Self {
             capacity,
-            entries: HashMap::with_capacity(capacity),
+            entries: FastMap::with_capacity_and_hasher(capacity, Default::default()),
             order: BTreeMap::new(),
             free: (0..capacity).rev().collect(),
             clock: 0,

@@ -9,7 +9,9 @@
 //! drains for it. Running requests never span more than `max_loras` adapters (pinned ones
 //! included), so every running request's adapter fits on the device at once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+use crate::FastMap;
 use std::sync::Arc;
 
 use crate::batch::{Eviction, ScheduledSeq, SchedulerOutput, SlotLoad, NO_SLOT};
@@ -37,12 +39,12 @@ pub struct Scheduler {
     kv: BlockManager,
     device: LruCache<AdapterId>,
     host: LruCache<AdapterId>,
-    seqs: HashMap<RequestId, Seq>,
+    seqs: FastMap<RequestId, Seq>,
     waiting: WaitingQueues,
     /// Admission order; the newest (last) is preempted first.
     running: Vec<RequestId>,
     /// Running requests per adapter.
-    active: HashMap<AdapterId, usize>,
+    active: FastMap<AdapterId, usize>,
     /// What the last `schedule` ran, for `postprocess`.
     last: Vec<(RequestId, usize)>,
     num_arrivals: u64,
@@ -66,10 +68,10 @@ impl Scheduler {
             device: LruCache::new(config.max_loras),
             host: LruCache::new(config.max_cpu_loras),
             config,
-            seqs: HashMap::new(),
+            seqs: FastMap::default(),
             waiting: WaitingQueues::default(),
             running: Vec::new(),
-            active: HashMap::new(),
+            active: FastMap::default(),
             last: Vec::new(),
             num_arrivals: 0,
             step: 0,
@@ -281,17 +283,22 @@ impl Scheduler {
 
     fn admit_waiting(&mut self, batch: &mut Vec<(RequestId, usize)>, tokens_left: &mut usize) {
         let mut drain_for = self.update_aging();
+        // Once no slot is free, only running or pinned adapters (and the base model) can be
+        // admitted, and admitting them frees no slot: the candidates stay fixed for the step.
+        let mut restricted: Option<Vec<AdapterKey>> = None;
         while self.running.len() < self.config.max_num_seqs && *tokens_left > 0 {
             let next = match drain_for {
                 Some(a) => self
                     .waiting
                     .first_among([a, None].into_iter().filter(|k| self.can_admit(*k))),
-                None if self.has_free_slot() => self.waiting.first(),
+                None if restricted.is_none() && self.has_free_slot() => self.waiting.first(),
                 None => {
-                    let mut keys: Vec<AdapterKey> = self.active.keys().map(|a| Some(*a)).collect();
-                    keys.extend(self.device.pinned_keys().into_iter().map(Some));
-                    keys.push(None);
-                    self.waiting.first_among(keys)
+                    let keys = restricted.get_or_insert_with(|| {
+                        let pinned = self.device.pinned_keys().into_iter();
+                        let active = self.active.keys().copied();
+                        active.chain(pinned).map(Some).chain([None]).collect()
+                    });
+                    self.waiting.first_among(keys.iter().copied())
                 }
             };
             let Some((order, adapter)) = next else { break };
@@ -332,7 +339,7 @@ impl Scheduler {
     }
 
     fn assign_slots(&mut self, batch: Vec<(RequestId, usize)>, out: &mut SchedulerOutput) {
-        let mut slots: HashMap<AdapterId, i32> = HashMap::new();
+        let mut slots: FastMap<AdapterId, i32> = FastMap::default();
         let mut loading = HashSet::new();
         let adapters: Vec<AdapterId> = batch
             .iter()

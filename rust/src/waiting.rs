@@ -2,7 +2,9 @@
 //! index of every queue's head, so the scheduler finds the next admissible request in
 //! O(log n) without scanning requests whose adapter has no slot.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::FastMap;
 
 use crate::kv::RequestId;
 use crate::request::AdapterId;
@@ -16,7 +18,7 @@ pub type OrderKey = (i32, u64);
 /// Per-adapter waiting queues.
 #[derive(Default)]
 pub struct WaitingQueues {
-    queues: HashMap<AdapterKey, BTreeMap<OrderKey, RequestId>>,
+    queues: FastMap<AdapterKey, BTreeMap<OrderKey, RequestId>>,
     heads: BTreeSet<(OrderKey, AdapterKey)>,
     len: usize,
 }

@@ -1,0 +1,121 @@
+"""Attention over a flat batch that mixes prefill chunks and decode tokens, with keys and
+values in a paged cache whose block tables come from the Rust scheduler.
+
+Sequences are attended in groups (decode tokens together, prefill chunks together), each
+group one padded ``scaled_dot_product_attention`` call, so decode-only steps never pad to a
+prompt's length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended in one call. B sequences, Lq query and Lk key positions."""
+
+    rows: torch.Tensor  # [N] flat-batch rows of the valid queries, in (seq, position) order
+    query_index: torch.Tensor  # [B, Lq] flat-batch row per query (T for padding: a zero row)
+    valid: torch.Tensor  # [B, Lq] bool
+    gather_slots: torch.Tensor  # [B, Lk] cache slot per key (0 for padding)
+    mask: torch.Tensor  # [B, 1, Lq, Lk] bool, True = attend
+
+
+@dataclass
+class AttentionMetadata:
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
+    groups: list[AttentionGroup]
+    num_tokens: int
+
+
+def build_metadata(
+    starts: list[int],
+    num_new: list[int],
+    num_computed: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> AttentionMetadata:
+    """Positions, cache slots and masks for one step. Lists are per sequence, batch order."""
+    total = sum(num_new)
+    positions = torch.empty(total, dtype=torch.long)
+    slot_mapping = torch.empty(total, dtype=torch.long)
+    decode = [i for i, n in enumerate(num_new) if n == 1]
+    prefill = [i for i, n in enumerate(num_new) if n > 1]
+    groups = []
+    for members in (decode, prefill):
+        if not members:
+            continue
+        group, pos, slots = _group(members, starts, num_new, num_computed, block_tables,
+                                   block_size, sliding_window, total)
+        positions[group.rows] = pos
+        slot_mapping[group.rows] = slots
+        groups.append(group)
+    to = lambda t: t.to(device)  # noqa: E731
+    groups = [AttentionGroup(*(to(getattr(g, f)) for f in g.__dataclass_fields__)) for g in groups]
+    return AttentionMetadata(to(positions), to(slot_mapping), groups, total)
+
+
+def _group(members, starts, num_new, num_computed, block_tables, block_size, window, total):
+    start = torch.tensor([starts[i] for i in members])
+    n = torch.tensor([num_new[i] for i in members])
+    c = torch.tensor([num_computed[i] for i in members])
+    max_blocks = max(len(block_tables[i]) for i in members)
+    tables = torch.zeros(len(members), max_blocks, dtype=torch.long)
+    for row, i in enumerate(members):
+        tables[row, : len(block_tables[i])] = torch.tensor(block_tables[i])
+    lq, lk = int(n.max()), int((c + n).max())
+    q_off = torch.arange(lq)[None, :]
+    valid = q_off < n[:, None]
+    q_pos = c[:, None] + q_off
+    key_pos = torch.arange(lk)[None, :].expand(len(members), lk)
+    key_valid = key_pos < (c + n)[:, None]
+    gather = _slots(tables, key_pos, block_size) * key_valid
+    mask = (key_pos[:, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]
+    if window is not None:
+        mask &= key_pos[:, None, :] > q_pos[:, :, None] - window
+    mask[:, :, 0] |= ~valid  # padding queries attend one key: no NaN rows
+    query_index = torch.where(valid, start[:, None] + q_off, total)
+    rows = query_index[valid]
+    group = AttentionGroup(rows, query_index, valid, gather, mask[:, None])
+    return group, q_pos[valid], _slots(tables, q_pos, block_size)[valid]
+
+
+def _slots(tables: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    blocks = torch.gather(tables, 1, (pos // block_size).clamp(max=tables.shape[1] - 1))
+    return blocks * block_size + pos % block_size
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    """Writes this step's k, v into the cache, then attends.
+
+    q: [T, H, D]; k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks * block_size, Hkv, D],
+    written in place. Returns [T, H, D].
+    """
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    q_ext = torch.cat([q, q.new_zeros(1, *q.shape[1:])])
+    for g in meta.groups:
+        o = F.scaled_dot_product_attention(
+            q_ext[g.query_index].transpose(1, 2),
+            k_cache[g.gather_slots].transpose(1, 2),
+            v_cache[g.gather_slots].transpose(1, 2),
+            attn_mask=g.mask,
+            enable_gqa=True,
+        )
+        out[g.rows] = o.transpose(1, 2)[g.valid]
+    return out

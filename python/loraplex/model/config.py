@@ -1,0 +1,89 @@
+"""The model's shape, read from a Hugging Face ``config.json`` (transformers 4 and 5 forms)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+    dtype: torch.dtype
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> ModelConfig:
+        path = Path(folder) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json in {folder}")
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
+    def from_dict(cls, c: dict[str, Any]) -> ModelConfig:
+        archs = c.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(
+                f"unsupported model architecture {archs or c.get('model_type')!r}: loraplex "
+                f"serves {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        act = c.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r}: loraplex implements 'silu'")
+        heads = c["num_attention_heads"]
+        hidden = c["hidden_size"]
+        # transformers 5 writes rope_parameters; hub checkpoints keep rope_theta/rope_scaling
+        rope = dict(c.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", None) or c.get("rope_theta") or 10000.0
+        scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        qwen2 = arch == "Qwen2ForCausalLM"
+        attention_bias = bool(c.get("attention_bias", False))
+        window = c.get("sliding_window")
+        if qwen2 and not c.get("use_sliding_window", False):
+            window = None
+        dtype_name = c.get("dtype") or c.get("torch_dtype") or "float32"
+        return cls(
+            architecture=arch,
+            vocab_size=c["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=c["intermediate_size"],
+            num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or hidden // heads,
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=dict(scaling) if scaling else None,
+            max_position_embeddings=c.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            qkv_bias=qwen2 or attention_bias,
+            o_bias=attention_bias and not qwen2,
+            mlp_bias=bool(c.get("mlp_bias", False)),
+            sliding_window=window,
+            dtype=getattr(torch, str(dtype_name).replace("torch.", ""), torch.float32),
+            raw=c,
+        )
