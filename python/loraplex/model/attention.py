@@ -52,8 +52,9 @@ def build_metadata(
     for members in (decode, prefill):
         if not members:
             continue
-        group, pos, slots = _group(members, starts, num_new, num_computed, block_tables,
-                                   block_size, sliding_window, total)
+        group, pos, slots = _group(
+            members, starts, num_new, num_computed, block_tables, block_size, sliding_window, total
+        )
         positions[group.rows] = pos
         slot_mapping[group.rows] = slots
         groups.append(group)

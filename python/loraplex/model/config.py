@@ -59,7 +59,9 @@ class ModelConfig:
         # transformers 5 writes rope_parameters; hub checkpoints keep rope_theta/rope_scaling
         rope = dict(c.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", None) or c.get("rope_theta") or 10000.0
-        scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        scaling = c.get("rope_scaling") or (
+            rope if rope.get("rope_type", "default") != "default" else None
+        )
         qwen2 = arch == "Qwen2ForCausalLM"
         attention_bias = bool(c.get("attention_bias", False))
         window = c.get("sliding_window")

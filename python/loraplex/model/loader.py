@@ -63,7 +63,9 @@ def iter_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
-def load_model(folder: Path, cfg: ModelConfig, dtype: torch.dtype, max_positions: int) -> LlamaForCausalLM:
+def load_model(
+    folder: Path, cfg: ModelConfig, dtype: torch.dtype, max_positions: int
+) -> LlamaForCausalLM:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
