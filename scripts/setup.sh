@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for loraplex: a virtual environment in .venv with the pinned Python
-# packages, the Rust core built into a wheel by maturin, and that wheel installed (not an
-# editable tree). Sourced by demo.sh and test.sh; safe to run again.
+# packages (requirements.txt, or the file named by $1), the Rust core built into a wheel by
+# maturin, and that wheel installed (not an editable tree). Run by demo.sh and test.sh; safe
+# to run again.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -13,7 +14,7 @@ if ! command -v cargo >/dev/null; then
 fi
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 # pip caches downloads in ~/.cache/pip, outside the clone; nothing depends on it being warm.
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "${1:-requirements.txt}"
 
 rm -rf dist
 "$venv/bin/maturin" build --release --out dist --quiet

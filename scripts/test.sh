@@ -2,7 +2,7 @@
 # The README's second command: set up, then run every check and test.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh requirements-test.txt
 venv="${LORAPLEX_VENV:-.venv}"
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 

@@ -1,8 +1,12 @@
 """loraplex: serve one base LLM with many LoRA adapters in the same batch.
 
 The core (request validation, adapter identity, caches, the submission queue and the
-scheduler) is Rust, in ``loraplex._core``; this package re-exports it by name.
+scheduler) is Rust, in ``loraplex._core``; the engine (``LLM``, ``LLMEngine``) is torch.
+Both are re-exported here by name; the torch side is imported on first use, so the core
+alone loads without torch.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from loraplex._core import (
     AdapterConflictError,
@@ -20,7 +24,38 @@ from loraplex._core import (
     UnknownAdapterError,
 )
 
+_LAZY = {
+    "LLM": "loraplex.entrypoints.llm",
+    "LLMEngine": "loraplex.engine.llm_engine",
+    "EngineArgs": "loraplex.engine.args",
+    "SamplingParams": "loraplex.sampling_params",
+    "RequestOutput": "loraplex.outputs",
+    "CompletionOutput": "loraplex.outputs",
+}
+
+if TYPE_CHECKING:
+    from loraplex.engine.args import EngineArgs
+    from loraplex.engine.llm_engine import LLMEngine
+    from loraplex.entrypoints.llm import LLM
+    from loraplex.outputs import CompletionOutput, RequestOutput
+    from loraplex.sampling_params import SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'loraplex' has no attribute {name!r}")
+
+
 __all__ = [
+    "LLM",
+    "CompletionOutput",
+    "EngineArgs",
+    "LLMEngine",
+    "RequestOutput",
+    "SamplingParams",
     "AdapterConflictError",
     "AdapterRegistry",
     "DuplicateRequestError",

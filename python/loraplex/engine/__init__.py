@@ -1,0 +1,1 @@
+"""The engine: arguments, request state, the step loop."""

@@ -1,0 +1,48 @@
+"""The one place a scheduled batch becomes tensors: inputs, attention metadata, the forward
+pass, and the logits of the rows that sample."""
+
+from __future__ import annotations
+
+import torch
+
+from loraplex._core import SchedulerOutput
+from loraplex.engine.sequence import Sequence
+from loraplex.model.attention import build_metadata
+from loraplex.model.llama import LlamaForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype):
+        cfg = model.config
+        self.model = model
+        self.block_size = block_size
+        shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
+        # zeros, not empty: padded keys are masked, but NaN garbage would still poison them
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+            for _ in range(cfg.num_hidden_layers)
+        ]
+        self.device = torch.device("cpu")
+
+    def run(self, batch: SchedulerOutput, seqs: list[Sequence]) -> torch.Tensor:
+        """seqs: the batch's sequences in batch order. Returns float32 logits [S, vocab] for
+        the S sequences that sample this step, in batch order."""
+        num_new = batch.num_new_tokens
+        num_computed = batch.num_computed_tokens
+        input_ids: list[int] = []
+        starts = []
+        for seq, c, n in zip(seqs, num_computed, num_new):
+            starts.append(len(input_ids))
+            input_ids.extend(seq.token_ids[c : c + n])
+        meta = build_metadata(
+            starts,
+            num_new,
+            num_computed,
+            batch.block_tables,
+            self.block_size,
+            self.model.config.sliding_window,
+            self.device,
+        )
+        hidden = self.model(torch.tensor(input_ids, device=self.device), meta, self.kv_caches)
+        rows = [s + n - 1 for s, n, smp in zip(starts, num_new, batch.samples) if smp]
+        return self.model.compute_logits(hidden[rows])

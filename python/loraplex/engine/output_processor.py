@@ -1,0 +1,72 @@
+"""After the model ran: append sampled tokens, detokenize, decide who finished and why."""
+
+from __future__ import annotations
+
+from loraplex.engine.sequence import Sequence
+from loraplex.outputs import Logprob
+from loraplex.sampler import Sampled
+from loraplex.tokenizer import Tokenizer
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def append(self, seqs: list[Sequence], sampled: Sampled) -> None:
+        """Adds one token to each sequence and finishes those that stop."""
+        for i, seq in enumerate(seqs):
+            token = sampled.token_ids[i]
+            seq.output_ids.append(token)
+            if sampled.logprobs[i] is not None:
+                self._record_logprobs(seq, token, sampled, i)
+            new_text = seq.detokenizer.step(token)
+            self._check_stop(seq, token, new_text)
+
+    def _record_logprobs(self, seq: Sequence, token: int, sampled: Sampled, i: int) -> None:
+        chosen = sampled.logprobs[i]
+        assert chosen is not None
+        seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + chosen
+        decode = self.tokenizer.decode
+        entry = {token: Logprob(chosen, sampled.ranks[i], decode([token], False))}
+        for rank, (tid, lp) in enumerate(sampled.top[i] or [], start=1):
+            entry.setdefault(tid, Logprob(lp, rank, decode([tid], False)))
+        if seq.logprobs is None:
+            seq.logprobs = []
+        seq.logprobs.append(entry)
+
+    def _check_stop(self, seq: Sequence, token: int, new_text: str) -> None:
+        p = seq.request.params
+        num_out = len(seq.output_ids)
+        if num_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
+                seq.text += new_text
+                return seq.finish("stop")
+            if token in (p.stop_token_ids or ()):
+                seq.text += new_text
+                return seq.finish("stop", token)
+            if p.stop_strings and self._stop_string(seq, new_text):
+                return None
+        seq.text += new_text
+        if p.max_tokens is not None and num_out >= p.max_tokens:
+            seq.finish("length")
+        return None
+
+    @staticmethod
+    def _stop_string(seq: Sequence, new_text: str) -> bool:
+        """Looks for a stop string that ends in the new text; truncates the text there."""
+        p = seq.request.params
+        longest = max(len(s) for s in p.stop_strings)
+        head = len(seq.text) - max(0, longest - 1)
+        window_start = max(0, head)
+        text = seq.text + new_text
+        found = [
+            (idx, s)
+            for s in p.stop_strings
+            if (idx := text.find(s, window_start)) != -1 and idx + len(s) > len(seq.text)
+        ]
+        if not found:
+            return False
+        idx, stop = min(found)
+        seq.text = text[: idx + len(stop)] if p.include_stop_str_in_output else text[:idx]
+        seq.finish("stop", stop)
+        return True
