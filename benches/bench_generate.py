@@ -84,7 +84,9 @@ def run_loraplex(folder: Path, jobs) -> dict:
 
     model.forward, model.compute_logits = timed(real_forward), timed(real_logits)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in jobs]
-    llm.generate([{"prompt_token_ids": p} for p, _ in jobs[:2]], params[:2], use_tqdm=False)  # warm up
+    llm.generate(
+        [{"prompt_token_ids": p} for p, _ in jobs[:2]], params[:2], use_tqdm=False
+    )  # warm up
     forward_s = 0.0
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p, _ in jobs], params, use_tqdm=False)
@@ -115,7 +117,9 @@ def run_transformers(folder: Path, jobs) -> dict:
     with torch.inference_mode():
         model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=2, **gen)  # warm up
         start = time.perf_counter()
-        model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, **gen)
+        model.generate(
+            ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, **gen
+        )
         elapsed = time.perf_counter() - start
     new_tokens = sum(m for _, m in jobs)
     return {

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraplex._core import (
     AdapterConflictError,
+    AdapterInUseError,
     AdapterRegistry,
     DuplicateRequestError,
     InvalidConfigError,
@@ -57,6 +58,7 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "AdapterConflictError",
+    "AdapterInUseError",
     "AdapterRegistry",
     "DuplicateRequestError",
     "InvalidConfigError",

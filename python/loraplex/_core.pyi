@@ -5,6 +5,7 @@ from typing import Any, final
 
 __all__ = [
     "AdapterConflictError",
+    "AdapterInUseError",
     "AdapterRegistry",
     "DuplicateRequestError",
     "InvalidConfigError",
@@ -34,6 +35,9 @@ class UnknownAdapterError(LoraplexError, LookupError):
 
 class NoFreeSlotError(LoraplexError, RuntimeError):
     """Every adapter slot is pinned or in use."""
+
+class AdapterInUseError(LoraplexError, RuntimeError):
+    """An adapter that unfinished requests still use."""
 
 class QueueFullError(LoraplexError, RuntimeError):
     """The submission queue is full; retry after the engine steps."""
@@ -227,6 +231,9 @@ class Scheduler:
         Returns requests the scheduler finished itself for reaching ``max_model_len``."""
     def pin_adapter(self, lora_int_id: int) -> None:
         """Keep an adapter in a device slot; ``NoFreeSlotError`` if none can be given."""
+    def remove_adapter(self, lora_int_id: int, force: bool = False) -> list[int]:
+        """Drop an adapter from device slots and host tier at once. With ``force``, abort the
+        requests that use it and return their ids; else ``AdapterInUseError`` while any do."""
     def unpin_adapter(self, lora_int_id: int) -> bool: ...
     def has_unfinished_requests(self) -> bool: ...
     @property

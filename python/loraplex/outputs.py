@@ -47,3 +47,4 @@ class RequestOutput:
     finished: bool
     lora_request: LoRARequest | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # why the engine aborted the request, when it did

@@ -45,6 +45,15 @@ pub enum Error {
     #[error("unknown adapter id {0}")]
     UnknownAdapter(i64),
 
+    /// Removing an adapter that waiting or running requests still use.
+    #[error("adapter {adapter} is in use by {num_requests} unfinished request(s)")]
+    AdapterInUse {
+        /// The adapter.
+        adapter: i64,
+        /// How many requests wait for it or run with it.
+        num_requests: usize,
+    },
+
     /// Every device slot is pinned or in use by the current batch.
     #[error("no free adapter slot: all {capacity} slots are pinned or in use (adapter {adapter})")]
     NoFreeSlot {

@@ -23,6 +23,7 @@ struct ErrorTypes {
     adapter_conflict: Py<PyType>,
     unknown_adapter: Py<PyType>,
     no_free_slot: Py<PyType>,
+    adapter_in_use: Py<PyType>,
     queue_full: Py<PyType>,
     duplicate_request: Py<PyType>,
     invalid_request: Py<PyType>,
@@ -75,6 +76,11 @@ fn error_types(py: Python<'_>) -> PyResult<&ErrorTypes> {
                 py.get_type::<PyLookupError>(),
                 "An adapter id that is not registered.",
             )?,
+            adapter_in_use: kind(
+                "AdapterInUseError",
+                runtime(),
+                "An adapter that unfinished requests still use.",
+            )?,
             no_free_slot: kind(
                 "NoFreeSlotError",
                 runtime(),
@@ -120,6 +126,7 @@ fn to_py_err(e: Error) -> PyErr {
             Error::AdapterConflict { .. } => &types.adapter_conflict,
             Error::UnknownAdapter(_) => &types.unknown_adapter,
             Error::NoFreeSlot { .. } => &types.no_free_slot,
+            Error::AdapterInUse { .. } => &types.adapter_in_use,
             Error::QueueFull { .. } => &types.queue_full,
             Error::DuplicateRequest(_) => &types.duplicate_request,
             Error::InvalidRequest { .. } => &types.invalid_request,
@@ -501,6 +508,14 @@ impl PyScheduler {
         self.core.lock().pin_adapter(lora_int_id).map_err(to_py_err)
     }
 
+    #[pyo3(signature = (lora_int_id, force=false))]
+    fn remove_adapter(&self, lora_int_id: i64, force: bool) -> PyResult<Vec<u64>> {
+        self.core
+            .lock()
+            .remove_adapter(lora_int_id, force)
+            .map_err(to_py_err)
+    }
+
     fn unpin_adapter(&self, lora_int_id: i64) -> bool {
         self.core.lock().unpin_adapter(lora_int_id)
     }
@@ -667,6 +682,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("AdapterConflictError", &t.adapter_conflict),
         ("UnknownAdapterError", &t.unknown_adapter),
         ("NoFreeSlotError", &t.no_free_slot),
+        ("AdapterInUseError", &t.adapter_in_use),
         ("QueueFullError", &t.queue_full),
         ("DuplicateRequestError", &t.duplicate_request),
         ("InvalidRequestError", &t.invalid_request),

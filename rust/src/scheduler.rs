@@ -138,6 +138,34 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Drops `adapter` from the device slots and the host tier at once. With `force`, first
+    /// aborts every request that uses it (returned, so the caller can fail them); without,
+    /// refuses while any does.
+    ///
+    /// # Errors
+    /// [`Error::AdapterInUse`] when requests use it and `force` is false.
+    pub fn remove_adapter(&mut self, adapter: AdapterId, force: bool) -> Result<Vec<RequestId>> {
+        let mut users = self.waiting.ids_of(Some(adapter));
+        let seqs = &self.seqs;
+        users.extend(
+            self.running
+                .iter()
+                .filter(|id| seqs[*id].adapter == Some(adapter)),
+        );
+        if !force && !users.is_empty() {
+            return Err(Error::AdapterInUse {
+                adapter,
+                num_requests: users.len(),
+            });
+        }
+        for id in &users {
+            self.remove(*id);
+        }
+        self.device.remove(&adapter);
+        self.host.remove(&adapter);
+        Ok(users)
+    }
+
     /// Unpins `adapter`; it stays resident until evicted. Returns whether it was pinned.
     pub fn unpin_adapter(&mut self, adapter: AdapterId) -> bool {
         let was = self.device.is_pinned(&adapter);

@@ -74,6 +74,13 @@ impl WaitingQueues {
         Some((*k, *id))
     }
 
+    /// Every request waiting for `adapter`, in order.
+    pub fn ids_of(&self, adapter: AdapterKey) -> Vec<RequestId> {
+        self.queues
+            .get(&adapter)
+            .map_or_else(Vec::new, |q| q.values().copied().collect())
+    }
+
     /// The first waiting request overall.
     pub fn first(&self) -> Option<(OrderKey, AdapterKey)> {
         self.heads.first().copied()

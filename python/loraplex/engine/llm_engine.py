@@ -10,11 +10,12 @@ from typing import Any
 
 import torch
 
-from loraplex._core import DuplicateRequestError, LoRARequest, Scheduler
+from loraplex._core import DuplicateRequestError, LoRARequest, Scheduler, UnknownAdapterError
 from loraplex.engine.args import DEFAULT_KV_CACHE_BYTES, EngineArgs
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.output_processor import OutputProcessor
 from loraplex.engine.sequence import Request, Sequence
+from loraplex.lora.manager import LoRAManager
 from loraplex.model.config import ModelConfig
 from loraplex.model.loader import load_model, resolve_model_path
 from loraplex.outputs import RequestOutput
@@ -56,6 +57,13 @@ class LLMEngine:
             max_skipped_steps=args.max_skipped_steps,
         )
         self.runner = ModelRunner(self.model, num_blocks, args.block_size, self.dtype)
+        self.lora: LoRAManager | None = None
+        if args.enable_lora:
+            served = {args.model, str(folder), folder.name, str(folder.resolve())}
+            max_cpu = args.max_cpu_loras or args.max_loras
+            self.lora = LoRAManager(
+                cfg, args.max_loras, max_cpu, args.max_lora_rank, self.dtype, served
+            )
         self.sampler = Sampler(args.seed)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._requests: dict[str, Request] = {}
@@ -94,8 +102,8 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        self._check_lora(lora_request)
         text, ids = self._tokenize(request_id, prompt)
+        self._check_lora(lora_request)
         request = Request(str(request_id), text, ids, params, lora_request)
         with self._lock:
             if request.request_id in self._requests:
@@ -112,7 +120,8 @@ class LLMEngine:
                 self._seqs[seq.seq_id] = seq
         try:
             for seq in request.seqs:
-                self.scheduler.add_request(seq.seq_id, len(ids), None, priority)
+                lora_id = lora_request.lora_int_id if lora_request else None
+                self.scheduler.add_request(seq.seq_id, len(ids), lora_id, priority)
         except Exception:
             self.abort_request(request.request_id)
             raise
@@ -124,11 +133,35 @@ class LLMEngine:
             raise TypeError(
                 f"lora_request must be a LoRARequest, got {type(lora_request).__name__}"
             )
-        if not self.args.enable_lora:
+        if self.lora is None:
             raise ValueError(f"got {lora_request!r} but LoRA is not enabled: pass enable_lora=True")
-        raise ValueError(
-            f"cannot serve {lora_request!r}: this loraplex build does not load adapters yet"
-        )
+        self.lora.add(lora_request)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Registers and validates an adapter ahead of use; ``False`` if already registered."""
+        if self.lora is None:
+            raise ValueError(f"got {lora_request!r} but LoRA is not enabled: pass enable_lora=True")
+        return self.lora.add(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Frees the adapter's device slot and host copy at once; ``False`` if unknown.
+        ``AdapterInUseError`` while unfinished requests use it."""
+        if self.lora is None or lora_int_id not in self.lora.registry:
+            return False
+        self.scheduler.remove_adapter(lora_int_id)
+        self.lora.forget(lora_int_id)
+        return True
+
+    def list_loras(self) -> set[int]:
+        return set(self.lora.registry.ids()) if self.lora else set()
+
+    def pin_lora(self, lora_int_id: int) -> bool:
+        """Keeps the adapter in a device slot until removed (``NoFreeSlotError`` if every
+        slot is pinned or busy)."""
+        if self.lora is None or lora_int_id not in self.lora.registry:
+            raise UnknownAdapterError(f"unknown adapter id {lora_int_id}: add_lora it first")
+        self.scheduler.pin_adapter(lora_int_id)
+        return True
 
     def _tokenize(self, request_id: str, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -186,14 +219,35 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        lora, failed = self.lora.prepare(batch) if self.lora else (None, {})
+        aborted = self._fail_adapters(failed)
         with self._lock:
             seqs = [self._seqs[i] for i in batch.request_ids]
-        sampled = [s for s, smp in zip(seqs, batch.samples) if smp]
+        sampling = [s for s, smp in zip(seqs, batch.samples) if smp]
         if seqs:  # a prefill chunk that samples nothing still fills the KV cache
-            logits = self.runner.run(batch, seqs)
+            logits = self.runner.run(batch, seqs, lora)
+            live = [i for i, s in enumerate(sampling) if not s.is_finished]
+            sampled = [sampling[i] for i in live]
             if sampled:
-                self.output_processor.append(sampled, self.sampler(logits, self._rows(sampled)))
-        return self._postprocess(batch, sampled)
+                self.output_processor.append(
+                    sampled, self.sampler(logits[live], self._rows(sampled))
+                )
+        return self._postprocess(batch, [s for s in sampling if s not in aborted], aborted)
+
+    def _fail_adapters(self, failed: dict[int, str]) -> set[Sequence]:
+        """An adapter that failed to load inside a step fails only the requests naming it."""
+        hit: set[Sequence] = set()
+        for lora_id, error in failed.items():
+            seq_ids = self.scheduler.remove_adapter(lora_id, force=True)
+            assert self.lora is not None
+            self.lora.forget(lora_id)
+            with self._lock:
+                for seq_id in seq_ids:
+                    seq = self._seqs[seq_id]
+                    seq.finish("abort")
+                    seq.request.error = error
+                    hit.add(seq)
+        return hit
 
     def _rows(self, seqs: list[Sequence]) -> list[SampleRow]:
         eos = self.tokenizer.eos_token_ids
@@ -206,10 +260,10 @@ class LLMEngine:
             )
         return rows
 
-    def _postprocess(self, batch, sampled: list[Sequence]) -> list[RequestOutput]:
+    def _postprocess(self, batch, sampled: list[Sequence], aborted) -> list[RequestOutput]:
         finished = [s.seq_id for s in sampled if s.is_finished]
         capped = self.scheduler.postprocess(finished)
-        touched = {s.request.request_id: s.request for s in sampled}
+        touched = {s.request.request_id: s.request for s in [*sampled, *aborted]}
         self.num_preemptions += len(batch.preempted)
         with self._lock:
             for seq_id in capped:

@@ -7,6 +7,7 @@ import torch
 
 from loraplex._core import SchedulerOutput
 from loraplex.engine.sequence import Sequence
+from loraplex.lora.slots import LoRAContext
 from loraplex.model.attention import build_metadata
 from loraplex.model.llama import LlamaForCausalLM
 
@@ -24,7 +25,7 @@ class ModelRunner:
         ]
         self.device = torch.device("cpu")
 
-    def run(self, batch: SchedulerOutput, seqs: list[Sequence]) -> torch.Tensor:
+    def run(self, batch: SchedulerOutput, seqs: list[Sequence], lora: LoRAContext | None = None):
         """seqs: the batch's sequences in batch order. Returns float32 logits [S, vocab] for
         the S sequences that sample this step, in batch order."""
         num_new = batch.num_new_tokens
@@ -43,6 +44,7 @@ class ModelRunner:
             self.model.config.sliding_window,
             self.device,
         )
-        hidden = self.model(torch.tensor(input_ids, device=self.device), meta, self.kv_caches)
+        input_tensor = torch.tensor(input_ids, device=self.device)
+        hidden = self.model(input_tensor, meta, self.kv_caches, lora)
         rows = [s + n - 1 for s, n, smp in zip(starts, num_new, batch.samples) if smp]
         return self.model.compute_logits(hidden[rows])

@@ -13,7 +13,7 @@ from loraplex.sampling_params import SamplingParams
 from loraplex.tokenizer import Detokenizer
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     """One of a request's ``n`` generated sequences; ``seq_id`` is the scheduler's id."""
 
@@ -63,6 +63,7 @@ class Request:
     lora_request: LoRARequest | None
     seqs: list[Sequence] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
+    error: str | None = None
 
     @property
     def is_finished(self) -> bool:
@@ -77,4 +78,5 @@ class Request:
             outputs=[s.completion() for s in self.seqs],
             finished=self.is_finished,
             lora_request=self.lora_request,
+            error=self.error,
         )

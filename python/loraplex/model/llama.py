@@ -3,6 +3,8 @@ cache. q/k/v and gate/up are merged into single projections at load time."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,6 +12,9 @@ from torch import nn
 from loraplex.model.attention import AttentionMetadata, paged_attention
 from loraplex.model.config import ModelConfig
 from loraplex.model.rope import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from loraplex.lora.slots import LoRAContext
 
 
 class RMSNorm(nn.Module):
@@ -26,8 +31,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, layer: int):
         super().__init__()
+        self.layer = layer
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -39,39 +45,53 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.rope = rope
 
-    def forward(self, x, meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def forward(self, x, meta: AttentionMetadata, kv_cache, lora: LoRAContext | None):
+        qkv = self.qkv_proj(x)
+        if lora is not None:
+            lora.apply(self.layer, "qkv", x, qkv)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rope(meta.positions, q, k)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta).reshape(-1, self.q_size)
+        out = self.o_proj(attn)
+        if lora is not None:
+            lora.apply(self.layer, "o", attn, out)
+        return out
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LoRAContext | None) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        if lora is not None:
+            lora.apply(self.layer, "gate_up", x, gate_up)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        h = F.silu(gate) * up
+        out = self.down_proj(h)
+        if lora is not None:
+            lora.apply(self.layer, "down", h, out)
+        return out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rope)
+        self.self_attn = Attention(cfg, rope, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layer)
 
-    def forward(self, x, meta, kv_cache):
-        x = x + self.self_attn(self.input_layernorm(x), meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, meta, kv_cache, lora):
+        x = x + self.self_attn(self.input_layernorm(x), meta, kv_cache, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -82,16 +102,21 @@ class LlamaForCausalLM(nn.Module):
         self.rope_args = (cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
         rope = RotaryEmbedding(*self.rope_args)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rope) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, rope, i) for i in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, hidden_size]."""
+    def forward(
+        self, input_ids, meta: AttentionMetadata, kv_caches, lora: LoRAContext | None = None
+    ):
+        """input_ids: [T] -> final hidden states [T, hidden_size]. ``lora`` routes each
+        token's rows through its adapter slot (None: base model only)."""
         x = self.embed_tokens(input_ids)
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, meta, kv)
+            x = layer(x, meta, kv, lora)
         return self.norm(x)
 
     @torch.inference_mode()

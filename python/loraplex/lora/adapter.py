@@ -1,0 +1,230 @@
+"""PEFT LoRA adapters: read a folder (or hub repo), check every field and tensor against the
+served model, and fold the scaling into B. Every failure names the adapter and the cause."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraplex._core import LoRARequest
+from loraplex.errors import InvalidAdapterError
+from loraplex.model.config import ModelConfig
+
+# module name -> (group, index within the group): q/k/v share the merged qkv input, gate/up
+# the merged gate_up input (see model/llama.py)
+MODULES = {
+    "q_proj": ("qkv", 0),
+    "k_proj": ("qkv", 1),
+    "v_proj": ("qkv", 2),
+    "o_proj": ("o", 0),
+    "gate_proj": ("gate_up", 0),
+    "up_proj": ("gate_up", 1),
+    "down_proj": ("down", 0),
+}
+_UNSUPPORTED = {"lm_head", "embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"}
+_KEY = re.compile(
+    r"^base_model\.model\.(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$"
+)
+
+
+def module_shape(cfg: ModelConfig, module: str) -> tuple[int, int]:
+    """(in_features, out_features) of a target projection."""
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }[module]
+
+
+@dataclass
+class LoRAAdapter:
+    """A validated adapter: per (layer, module), A ``[r, in]`` and B ``[out, r]`` with the
+    scaling folded into B, float32 on the host."""
+
+    request: LoRARequest
+    rank: int  # the largest rank over its modules
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+def resolve_adapter_path(request: LoRARequest) -> Path:
+    path = Path(request.lora_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or request.lora_path.startswith(("/", "./", "../", "~")):
+        raise _err(request, f"path {request.lora_path!r} is not a readable folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(request.lora_path))
+    except Exception as e:  # the hub client raises many kinds; keep the cause
+        raise _err(
+            request,
+            f"path {request.lora_path!r} is not a local folder and could not be fetched as a "
+            f"hub repo ({type(e).__name__}: {e})",
+        ) from e
+
+
+def load_adapter(
+    request: LoRARequest, cfg: ModelConfig, max_lora_rank: int, served_names: set[str]
+) -> LoRAAdapter:
+    """Reads and validates ``request``'s adapter; raises ``InvalidAdapterError``."""
+    if request.tensorizer_config_dict is not None:
+        raise _err(
+            request, "tensorizer_config_dict is not supported: load adapters from PEFT folders"
+        )
+    if request.base_model_name is not None and request.base_model_name not in served_names:
+        raise _err(
+            request,
+            f"base_model_name {request.base_model_name!r} does not match the served model "
+            f"({' / '.join(sorted(served_names))})",
+        )
+    folder = resolve_adapter_path(request)
+    config = _read_config(request, folder)
+    _check_config(request, config, cfg)
+    tensors = _read_tensors(request, folder)
+    return _build(request, config, tensors, cfg, max_lora_rank)
+
+
+def _err(request: LoRARequest, cause: str) -> InvalidAdapterError:
+    return InvalidAdapterError(
+        f"adapter {request.lora_name!r} (id {request.lora_int_id}, "
+        f"path {request.lora_path}): {cause}"
+    )
+
+
+def _read_config(request: LoRARequest, folder: Path) -> dict[str, Any]:
+    path = folder / "adapter_config.json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise _err(request, f"no adapter_config.json in {folder}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _err(request, f"adapter_config.json is malformed ({e})") from e
+    if not isinstance(config, dict):
+        raise _err(request, "adapter_config.json is malformed (not a JSON object)")
+    return config
+
+
+def _check_config(request: LoRARequest, c: dict[str, Any], cfg: ModelConfig) -> None:
+    peft_type = c.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise _err(
+            request, f"peft_type {peft_type!r} is not supported: loraplex serves LORA adapters"
+        )
+    for field in ("r", "lora_alpha"):
+        value = c.get(field)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise _err(
+                request, f"adapter_config.json: {field} must be a positive number, got {value!r}"
+            )
+    if c.get("bias", "none") != "none":
+        raise _err(request, f"bias {c.get('bias')!r} is not supported (only 'none')")
+    if c.get("use_dora"):
+        raise _err(request, "DoRA (use_dora) is not supported")
+    if c.get("modules_to_save"):
+        raise _err(request, f"modules_to_save {c['modules_to_save']} is not supported")
+    if c.get("fan_in_fan_out"):
+        raise _err(request, "fan_in_fan_out is not supported for Llama-family linear layers")
+    targets = c.get("target_modules")
+    if isinstance(targets, list):
+        for name in targets:
+            short = str(name).rsplit(".", 1)[-1]
+            if short in MODULES:
+                continue
+            if short in _UNSUPPORTED:
+                raise _err(
+                    request,
+                    f"target module {name!r} is not supported: loraplex serves LoRA on "
+                    f"{', '.join(MODULES)}",
+                )
+            raise _err(request, f"target module {name!r}: {cfg.architecture} has no such module")
+    elif not isinstance(targets, str):
+        raise _err(
+            request,
+            f"adapter_config.json: target_modules must be a list or a regex, got {targets!r}",
+        )
+
+
+def _read_tensors(request: LoRARequest, folder: Path) -> dict[str, torch.Tensor]:
+    st, binary = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+    try:
+        if st.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(st))
+        if binary.is_file():
+            return torch.load(binary, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt files raise many kinds; keep the cause
+        raise _err(request, f"cannot read adapter weights ({type(e).__name__}: {e})") from e
+    raise _err(request, f"no adapter_model.safetensors or adapter_model.bin in {folder}")
+
+
+def _pattern_value(patterns: dict[str, Any], key: str, default: float) -> float:
+    """PEFT's rank_pattern / alpha_pattern lookup: a pattern matches a module key's tail."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def _build(request, c, tensors, cfg: ModelConfig, max_lora_rank: int) -> LoRAAdapter:
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise _err(request, f"weight {key!r} is not a LoRA A/B weight of a supported module")
+        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+        if module not in MODULES:
+            raise _err(
+                request, f"weight {key!r} targets {module!r}, which loraplex does not support"
+            )
+        if layer >= cfg.num_hidden_layers:
+            raise _err(
+                request,
+                f"weight {key!r} is for layer {layer}; the model has {cfg.num_hidden_layers}",
+            )
+        parts.setdefault((layer, module), {})[ab] = tensor
+    if not parts:
+        raise _err(request, "the adapter has no LoRA weights")
+    weights, max_rank = {}, 0
+    for (layer, module), ab in sorted(parts.items()):
+        block = "self_attn" if MODULES[module][0] in ("qkv", "o") else "mlp"
+        name = f"model.layers.{layer}.{block}.{module}"
+        if set(ab) != {"A", "B"}:
+            raise _err(request, f"{name} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        a, b = ab["A"].float(), ab["B"].float()
+        fan_in, fan_out = module_shape(cfg, module)
+        r = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape != (fan_out, r):
+            raise _err(
+                request,
+                f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
+                f"model's {module} ({fan_in} -> {fan_out}); "
+                f"expected [r, {fan_in}] and [{fan_out}, r]",
+            )
+        expected_r = _pattern_value(c.get("rank_pattern"), name, c["r"])
+        if r != expected_r:
+            raise _err(request, f"{name}: lora_A has rank {r} but the config says {expected_r}")
+        if r > max_lora_rank:
+            raise _err(request, f"rank {r} ({name}) is above max_lora_rank={max_lora_rank}")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise _err(request, f"{name} has non-finite values (NaN or inf)")
+        alpha = _pattern_value(c.get("alpha_pattern"), name, c["lora_alpha"])
+        scale = alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
+        weights[(layer, module)] = (a.contiguous(), (b * scale).contiguous())
+        max_rank = max(max_rank, r)
+    return LoRAAdapter(request, max_rank, weights)

@@ -1,0 +1,163 @@
+"""Bad adapters get a clear error naming the adapter and the cause, and lose nothing: the
+engine keeps serving every other request. Also when the failure comes inside a step."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraplex import EngineArgs, LLMEngine, LoRARequest, SamplingParams
+from loraplex.errors import InvalidAdapterError
+from tiny_adapters import PeftReference, build_adapter
+from tiny_models import build_model
+
+GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return build_model(tmp_path_factory.mktemp("err-base"), "llama")
+
+
+@pytest.fixture(scope="module")
+def good(base, tmp_path_factory):
+    return build_adapter(base, tmp_path_factory.mktemp("good") / "a", r=8, alpha=16, seed=5)
+
+
+def engine_for(base, **kw):
+    kw = {"enable_lora": True, "max_loras": 2, "max_lora_rank": 8, **kw}
+    return LLMEngine.from_engine_args(EngineArgs(model=str(base), **kw))
+
+
+def run(engine):
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+def edit_config(folder, **changes):
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def edit_weights(folder, fn):
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    fn(tensors)
+    save_file(tensors, str(path))
+
+
+def copy(good, tmp_path, name="bad"):
+    dst = tmp_path / name
+    shutil.copytree(good, dst)
+    return dst
+
+
+def first_key(tensors, part):
+    return next(k for k in sorted(tensors) if part in k)
+
+
+CASES = {
+    "missing path": (lambda d: shutil.rmtree(d), "is not a readable folder"),
+    "malformed config": (
+        lambda d: (d / "adapter_config.json").write_text("{not json"),
+        "adapter_config.json is malformed",
+    ),
+    "rank above max": (lambda d: None, "above max_lora_rank=4"),
+    "missing target": (
+        lambda d: edit_config(d, target_modules=["c_attn"]),
+        "'c_attn': LlamaForCausalLM has no such module",
+    ),
+    "unsupported target": (
+        lambda d: edit_config(d, target_modules=["lm_head"]),
+        "'lm_head' is not supported",
+    ),
+    "shapes": (
+        lambda d: edit_weights(d, lambda t: t.update({first_key(t, "lora_A"): torch.zeros(8, 7)})),
+        "do not fit the base model's",
+    ),
+    "non-finite": (
+        lambda d: edit_weights(
+            d, lambda t: t[first_key(t, "lora_B")].view(-1).__setitem__(0, float("nan"))
+        ),
+        "non-finite values",
+    ),
+    "bias": (lambda d: edit_config(d, bias="all"), "bias 'all' is not supported"),
+    "dora": (lambda d: edit_config(d, use_dora=True), "DoRA"),
+    "modules_to_save": (lambda d: edit_config(d, modules_to_save=["lm_head"]), "modules_to_save"),
+    "no weights file": (
+        lambda d: (d / "adapter_model.safetensors").unlink(),
+        "no adapter_model.safetensors",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_adapter_fails_alone_at_add_request(base, good, tmp_path, case):
+    mutate, cause = CASES[case]
+    bad_dir = copy(good, tmp_path)
+    mutate(bad_dir)
+    max_rank = 4 if case == "rank above max" else 8
+    engine = engine_for(base, max_lora_rank=max_rank)
+    bad = LoRARequest("bad-one", 7, str(bad_dir))
+    engine.add_request("base", "a", GREEDY)
+    with pytest.raises(InvalidAdapterError) as info:
+        engine.add_request("victim", "a", GREEDY, lora_request=bad)
+    msg = str(info.value)
+    assert "adapter 'bad-one' (id 7" in msg and cause in msg, msg
+    assert isinstance(info.value, ValueError)
+    assert engine.list_loras() == set()  # nothing half-registered
+    done = run(engine)
+    assert sorted(done) == ["base"] and len(done["base"].outputs[0].token_ids) == 4
+
+
+def test_base_model_name_and_tensorizer_are_checked(base, good):
+    engine = engine_for(base)
+    with pytest.raises(
+        InvalidAdapterError, match="base_model_name 'meta-llama/Other' does not match"
+    ):
+        engine.add_lora(LoRARequest("x", 1, str(good), base_model_name="meta-llama/Other"))
+    assert engine.add_lora(LoRARequest("y", 2, str(good), base_model_name=str(base))) is True
+    with pytest.raises(InvalidAdapterError, match="tensorizer_config_dict is not supported"):
+        engine.add_lora(LoRARequest("z", 3, str(good), tensorizer_config_dict={"uri": "s3://x"}))
+
+
+def test_bin_checkpoint_loads_with_weights_only(base, good, tmp_path):
+    as_bin = copy(good, tmp_path, "bin")
+    tensors = load_file(str(as_bin / "adapter_model.safetensors"))
+    (as_bin / "adapter_model.safetensors").unlink()
+    torch.save(tensors, as_bin / "adapter_model.bin")
+    engine = engine_for(base)
+    engine.add_request("s", "the quick", GREEDY, lora_request=LoRARequest("st", 1, str(good)))
+    engine.add_request("b", "the quick", GREEDY, lora_request=LoRARequest("bin", 2, str(as_bin)))
+    done = run(engine)
+    assert done["s"].outputs[0].token_ids == done["b"].outputs[0].token_ids
+
+
+def test_failure_inside_a_step_fails_only_that_adapters_requests(base, good, tmp_path):
+    other = build_adapter(base, tmp_path / "other", r=8, alpha=16, seed=6)
+    doomed = copy(good, tmp_path, "doomed")
+    # one host slot: validating 'other' after 'doomed' drops doomed's validated copy, so its
+    # first load reads the disk again, inside step()
+    engine = engine_for(base, max_loras=1, max_cpu_loras=1)
+    engine.add_request("d1", "a", GREEDY, lora_request=LoRARequest("doomed", 1, str(doomed)))
+    engine.add_request("o1", "a", GREEDY, lora_request=LoRARequest("other", 2, str(other)))
+    engine.add_request("b1", "a", GREEDY)
+    edit_weights(doomed, lambda t: t[first_key(t, "lora_A")].fill_(float("inf")))
+    done = run(engine)
+    assert done["d1"].outputs[0].finish_reason == "abort"
+    assert "adapter 'doomed' (id 1" in done["d1"].error and "non-finite" in done["d1"].error
+    assert done["o1"].outputs[0].finish_reason == "length" and done["o1"].error is None
+    assert done["b1"].outputs[0].finish_reason == "length"
+    assert engine.list_loras() == {2}
+    ref = PeftReference(base, {"other": other})
+    assert ref.mismatches([done["o1"]], ["other"]) == []
