@@ -20,9 +20,30 @@ from __future__ import annotations
 
 from loraplex.ops import cpu
 
-sgmv_shrink = cpu.sgmv_shrink
-sgmv_expand = cpu.sgmv_expand
-bgmv_shrink = cpu.bgmv_shrink
-bgmv_expand = cpu.bgmv_expand
+
+def _impl(t):
+    if t.is_cuda:
+        from loraplex.ops import cuda
+
+        if cuda.available():
+            return cuda
+    return cpu
+
+
+def sgmv_shrink(x, a, segments, out):
+    _impl(x).sgmv_shrink(x, a, segments, out)
+
+
+def sgmv_expand(y, b, segments, out, offset=0):
+    _impl(y).sgmv_expand(y, b, segments, out, offset)
+
+
+def bgmv_shrink(x, a, slots, out):
+    _impl(x).bgmv_shrink(x, a, slots, out)
+
+
+def bgmv_expand(y, b, slots, out, offset=0):
+    _impl(y).bgmv_expand(y, b, slots, out, offset)
+
 
 __all__ = ["bgmv_expand", "bgmv_shrink", "sgmv_expand", "sgmv_shrink"]

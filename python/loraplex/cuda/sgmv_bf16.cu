@@ -1,0 +1,2 @@
+#include "sgmv.cuh"
+LORAPLEX_INSTANTIATE(__nv_bfloat16)

@@ -1,0 +1,2 @@
+#include "sgmv.cuh"
+LORAPLEX_INSTANTIATE(float)
