@@ -161,3 +161,13 @@ def test_failure_inside_a_step_fails_only_that_adapters_requests(base, good, tmp
     assert engine.list_loras() == {2}
     ref = PeftReference(base, {"other": other})
     assert ref.mismatches([done["o1"]], ["other"]) == []
+
+
+def test_unresolvable_hub_adapter_offline(base, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    engine = engine_for(base)
+    with pytest.raises(
+        InvalidAdapterError, match=r"adapter 'hub' \(id 4.*could not be fetched as a hub repo"
+    ):
+        engine.add_lora(LoRARequest("hub", 4, "no-such-org/no-such-adapter"))
+    assert engine.list_loras() == set()

@@ -1,0 +1,229 @@
+"""Multi-LoRA throughput, in one run on one workload:
+
+1. loraplex vs transformers + PEFT mixed-adapter batches (``generate(adapter_names=...)``):
+   a SmolLM-135M-shaped model, 8 adapters of rank 16 on all seven projections, 32 requests
+   spread over the adapters, mixed prompt (16-128) and output (16-64) lengths. Goal: >= 3x.
+2. LoRA overhead: the same workload on loraplex with the adapters vs the base model only.
+   Goal: adapters cost at most 15% throughput.
+3. Many adapters: 256 adapters over 512 shorter requests (prompts 16-32, outputs 8-16) with
+   max_loras=8, max_cpu_loras=32, beside the same 512 requests over 8 adapters.
+4. Ops: CPU SGMV / BGMV vs the per-segment float64 loop reference, at decode and prefill shapes.
+
+    .venv/bin/python benches/bench_lora.py [--threads 2] [--skip-many]
+
+Prints one JSON line per setup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import build, workload  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapters(base: Path, root: Path, n: int, rank: int = 16) -> list[Path]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
+    )
+    paths = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        path = root / f"a{i}"
+        peft_model.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def run_loraplex(base, jobs, adapters, label, **engine_kw):
+    from loraplex import LLM, LoRARequest, SamplingParams
+
+    kw = dict(max_model_len=512, **engine_kw)
+    if adapters:
+        kw.update(enable_lora=True, max_lora_rank=16)
+        kw.setdefault("max_loras", min(8, len(adapters)))
+    llm = LLM(model=str(base), **kw)
+    reqs = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
+    loras = [reqs[i % len(reqs)] if reqs else None for i in range(len(jobs))]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in jobs]
+    prompts = [{"prompt_token_ids": p} for p, _ in jobs]
+    llm.generate(prompts[:2], params[:2], lora_request=loras[:2], use_tqdm=False)  # warm up
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {
+        "setup": label,
+        "new_tokens": tokens,
+        "seconds": round(elapsed, 2),
+        "tokens_per_s": round(tokens / elapsed, 1),
+    }
+
+
+def run_peft(base, jobs, adapters):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
+    for i, p in enumerate(adapters[1:], start=1):
+        model.load_adapter(p, adapter_name=f"a{i}")
+    width = max(len(p) for p, _ in jobs)
+    ids = torch.full((len(jobs), width), 2, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (p, _) in enumerate(jobs):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    names = [f"a{i % len(adapters)}" for i in range(len(jobs))]
+    longest = max(m for _, m in jobs)
+    gen = dict(do_sample=False, pad_token_id=2, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(
+            input_ids=ids[:2],
+            attention_mask=mask[:2],
+            max_new_tokens=2,
+            adapter_names=names[:2],
+            **gen,
+        )
+        start = time.perf_counter()
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=longest,
+            min_new_tokens=longest,
+            adapter_names=names,
+            **gen,
+        )
+        elapsed = time.perf_counter() - start
+    tokens = sum(m for _, m in jobs)
+    return {
+        "setup": "transformers+peft mixed batch",
+        "new_tokens": tokens,
+        "seconds": round(elapsed, 2),
+        "tokens_per_s": round(tokens / elapsed, 1),
+    }
+
+
+def _timeit(fn, reps=20):
+    fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps * 1e6
+
+
+def _bench_shape(label, lengths, fan_in=576, rank=16, fan_out=1536):
+    from loraplex.ops import cpu, reference
+
+    g = torch.Generator().manual_seed(0)
+    segs, start = [], 0
+    for i, n in enumerate(lengths):
+        segs.append((start, n, i))
+        start += n
+    x = torch.randn(start, fan_in, generator=g)
+    a = torch.randn(len(lengths), rank, fan_in, generator=g)
+    b = torch.randn(len(lengths), fan_out, rank, generator=g)
+    y, out = torch.empty(start, rank), torch.zeros(start, fan_out)
+    slots = torch.tensor([s for _, n, s in segs for _ in range(n)])
+
+    def run(shrink, expand, route):
+        return lambda: (shrink(x, a, route, y), expand(y, b, route, out))
+
+    ref = _timeit(run(reference.sgmv_shrink, reference.sgmv_expand, segs))
+    sg = _timeit(run(cpu.sgmv_shrink, cpu.sgmv_expand, segs))
+    bg = _timeit(run(cpu.bgmv_shrink, cpu.bgmv_expand, slots))
+    return {
+        "ops": label,
+        "reference_loop_us": round(ref, 1),
+        "cpu_sgmv_us": round(sg, 1),
+        "cpu_bgmv_us": round(bg, 1),
+        "sgmv_speedup": round(ref / sg, 2),
+        "bgmv_speedup": round(ref / bg, 2),
+    }
+
+
+def bench_ops():
+    return [
+        _bench_shape("decode: 32 tokens over 8 adapters", [4] * 8),
+        _bench_shape("prefill: 2048 tokens over 8 adapters", [256] * 8),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-many", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    for row in bench_ops():
+        print(json.dumps(row), flush=True)
+    jobs = workload(32)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "base"
+        base.mkdir()
+        build(base)
+        adapters = make_adapters(base, Path(tmp), 8)
+        ours = run_loraplex(base, jobs, adapters, "loraplex, 8 adapters")
+        print(json.dumps(ours), flush=True)
+        bare = run_loraplex(base, jobs, [], "loraplex, base model only")
+        print(json.dumps(bare), flush=True)
+        peft = run_peft(base, jobs, adapters)
+        print(json.dumps(peft), flush=True)
+        print(
+            json.dumps(
+                {
+                    "ratio_loraplex_over_peft": round(
+                        ours["tokens_per_s"] / peft["tokens_per_s"], 2
+                    ),
+                    "lora_overhead": round(1 - ours["tokens_per_s"] / bare["tokens_per_s"], 3),
+                }
+            ),
+            flush=True,
+        )
+        if not args.skip_many:
+            rng = random.Random(1)
+            vocab = 49152
+            short = [
+                ([rng.randrange(2, vocab) for _ in range(rng.randint(16, 32))], rng.randint(8, 16))
+                for _ in range(512)
+            ]
+            many = make_adapters(base, Path(tmp) / "many", 256)
+            few = run_loraplex(
+                base, short, many[:8], "512 requests over 8 adapters", max_loras=8, max_cpu_loras=32
+            )
+            print(json.dumps(few), flush=True)
+            lots = run_loraplex(
+                base, short, many, "512 requests over 256 adapters", max_loras=8, max_cpu_loras=32
+            )
+            print(json.dumps(lots), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "ratio_256_over_8_adapters": round(
+                            lots["tokens_per_s"] / few["tokens_per_s"], 2
+                        )
+                    }
+                )
+            )
+
+
+if __name__ == "__main__":
+    main()
