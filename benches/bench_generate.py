@@ -102,16 +102,22 @@ def run_loraplex(folder: Path, jobs) -> dict:
     }
 
 
-def run_transformers(folder: Path, jobs) -> dict:
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+def pad_left(jobs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts as one left-padded batch (pad id 2) and its attention mask."""
     width = max(len(p) for p, _ in jobs)
     ids = torch.full((len(jobs), width), 2, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, (p, _) in enumerate(jobs):
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def run_transformers(folder: Path, jobs) -> dict:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids, mask = pad_left(jobs)
     longest = max(m for _, m in jobs)
     gen = dict(do_sample=False, pad_token_id=2, eos_token_id=None)
     with torch.inference_mode():

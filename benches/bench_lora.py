@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import build, workload  # noqa: E402
+from bench_generate import build, pad_left, workload  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -86,12 +86,7 @@ def run_peft(base, jobs, adapters):
     model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
     for i, p in enumerate(adapters[1:], start=1):
         model.load_adapter(p, adapter_name=f"a{i}")
-    width = max(len(p) for p, _ in jobs)
-    ids = torch.full((len(jobs), width), 2, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, (p, _) in enumerate(jobs):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
+    ids, mask = pad_left(jobs)
     names = [f"a{i % len(adapters)}" for i in range(len(jobs))]
     longest = max(m for _, m in jobs)
     gen = dict(do_sample=False, pad_token_id=2, eos_token_id=None)

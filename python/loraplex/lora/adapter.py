@@ -15,18 +15,9 @@ import torch
 from loraplex._core import LoRARequest
 from loraplex.errors import InvalidAdapterError
 from loraplex.model.config import ModelConfig
+from loraplex.model.llama import PROJECTIONS
 
-# module name -> (group, index within the group): q/k/v share the merged qkv input, gate/up
-# the merged gate_up input (see model/llama.py)
-MODULES = {
-    "q_proj": ("qkv", 0),
-    "k_proj": ("qkv", 1),
-    "v_proj": ("qkv", 2),
-    "o_proj": ("o", 0),
-    "gate_proj": ("gate_up", 0),
-    "up_proj": ("gate_up", 1),
-    "down_proj": ("down", 0),
-}
+MODULES = PROJECTIONS  # the targets loraplex serves, and where each one's weights go
 _UNSUPPORTED = {"lm_head", "embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"}
 _KEY = re.compile(
     r"^base_model\.model\.(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$"
@@ -202,7 +193,7 @@ def _build(request, c, tensors, cfg: ModelConfig, max_lora_rank: int) -> LoRAAda
         raise _err(request, "the adapter has no LoRA weights")
     weights, max_rank = {}, 0
     for (layer, module), ab in sorted(parts.items()):
-        block = "self_attn" if MODULES[module][0] in ("qkv", "o") else "mlp"
+        block = "self_attn" if MODULES[module][0] in ("qkv_proj", "o_proj") else "mlp"
         name = f"model.layers.{layer}.{block}.{module}"
         if set(ab) != {"A", "B"}:
             raise _err(request, f"{name} has lora_{''.join(ab)} but not both lora_A and lora_B")

@@ -9,13 +9,10 @@ from loraplex import ops
 from loraplex.lora.adapter import MODULES, LoRAAdapter, module_shape
 from loraplex.model.config import ModelConfig
 
-# the merged projections of model/llama.py, and the modules each one carries
-GROUPS = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-}
+# the merged projections of model/llama.py, and the modules each one carries, in order
+GROUPS: dict[str, list[str]] = {}
+for _module, (_group, _) in MODULES.items():
+    GROUPS.setdefault(_group, []).append(_module)
 
 
 class LoRASlots:

@@ -17,6 +17,19 @@ if TYPE_CHECKING:
     from loraplex.lora.slots import LoRAContext
 
 
+# checkpoint projection -> (the merged projection that carries it, its index in the merge);
+# the loader merges weights by it, and LoRA slots stack adapter weights by it
+PROJECTIONS = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "o_proj": ("o_proj", 0),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+    "down_proj": ("down_proj", 0),
+}
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -48,7 +61,7 @@ class Attention(nn.Module):
     def forward(self, x, meta: AttentionMetadata, kv_cache, lora: LoRAContext | None):
         qkv = self.qkv_proj(x)
         if lora is not None:
-            lora.apply(self.layer, "qkv", x, qkv)
+            lora.apply(self.layer, "qkv_proj", x, qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -57,7 +70,7 @@ class Attention(nn.Module):
         attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta).reshape(-1, self.q_size)
         out = self.o_proj(attn)
         if lora is not None:
-            lora.apply(self.layer, "o", attn, out)
+            lora.apply(self.layer, "o_proj", attn, out)
         return out
 
 
@@ -72,12 +85,12 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, lora: LoRAContext | None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if lora is not None:
-            lora.apply(self.layer, "gate_up", x, gate_up)
+            lora.apply(self.layer, "gate_up_proj", x, gate_up)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         h = F.silu(gate) * up
         out = self.down_proj(h)
         if lora is not None:
-            lora.apply(self.layer, "down", h, out)
+            lora.apply(self.layer, "down_proj", h, out)
         return out
 
 

@@ -11,17 +11,9 @@ import torch
 from safetensors import safe_open
 
 from loraplex.model.config import ModelConfig
-from loraplex.model.llama import LlamaForCausalLM
+from loraplex.model.llama import PROJECTIONS, LlamaForCausalLM
 from loraplex.model.rope import RotaryEmbedding
 
-# checkpoint projection -> (merged projection, shard index)
-_MERGED = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -90,8 +82,8 @@ def _load_weights(model: LlamaForCausalLM, folder: Path, cfg: ModelConfig) -> No
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         target, shard = name, None
-        for proj, (merged, index) in _MERGED.items():
-            if f".{proj}." in name:
+        for proj, (merged, index) in PROJECTIONS.items():
+            if merged != proj and f".{proj}." in name:
                 target, shard = name.replace(f".{proj}.", f".{merged}."), index
         param = params.get(target)
         if param is None:
