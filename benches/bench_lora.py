@@ -3,8 +3,8 @@
 1. loraplex vs transformers + PEFT mixed-adapter batches (``generate(adapter_names=...)``):
    a SmolLM-135M-shaped model, 8 adapters of rank 16 on all seven projections, 32 requests
    spread over the adapters, mixed prompt (16-128) and output (16-64) lengths. Goal: >= 3x.
-2. LoRA overhead: the same workload on loraplex with the adapters vs the base model only.
-   Goal: adapters cost at most 15% throughput.
+2. LoRA overhead: the same workload on loraplex with the adapters vs the base model only
+   (alternated, twice each, best of each kept). Goal: adapters cost at most 15% throughput.
 3. Many adapters: 256 adapters over 512 shorter requests (prompts 16-32, outputs 8-16) with
    max_loras=8, max_cpu_loras=32, beside the same 512 requests over 8 adapters.
 4. Ops: CPU SGMV / BGMV vs the per-segment float64 loop reference, at decode and prefill shapes.
@@ -176,9 +176,14 @@ def main() -> None:
         base.mkdir()
         build(base)
         adapters = make_adapters(base, Path(tmp), 8)
-        ours = run_loraplex(base, jobs, adapters, "loraplex, 8 adapters")
+        # alternate the two, twice, and keep each one's best: this machine is noisy
+        runs = []
+        for _ in range(2):
+            runs.append(run_loraplex(base, jobs, adapters, "loraplex, 8 adapters"))
+            runs.append(run_loraplex(base, jobs, [], "loraplex, base model only"))
+        ours = max(runs[0::2], key=lambda r: r["tokens_per_s"])
+        bare = max(runs[1::2], key=lambda r: r["tokens_per_s"])
         print(json.dumps(ours), flush=True)
-        bare = run_loraplex(base, jobs, [], "loraplex, base model only")
         print(json.dumps(bare), flush=True)
         peft = run_peft(base, jobs, adapters)
         print(json.dumps(peft), flush=True)

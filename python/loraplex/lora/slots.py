@@ -8,6 +8,7 @@ import torch
 from loraplex import ops
 from loraplex.lora.adapter import MODULES, LoRAAdapter, module_shape
 from loraplex.model.config import ModelConfig
+from loraplex.ops import cpu
 
 # the merged projections of model/llama.py, and the modules each one carries, in order
 GROUPS: dict[str, list[str]] = {}
@@ -58,16 +59,24 @@ class LoRAContext:
     """One step's routing: the flat batch's segments and their slots. ``apply`` adds the LoRA
     delta of one merged projection, in place: ``out += expand(shrink(x, A[slot]), B[slot])``."""
 
-    def __init__(self, slots: LoRASlots, segments: list[tuple[int, int, int]]):
+    def __init__(self, slots: LoRASlots, segments: list[tuple[int, int, int]], on_cpu=True):
         self.slots = slots
         self.segments = [s for s in segments if s[2] >= 0]
+        # short segments (decode): one batched GEMM per stage over a padded grid
+        self.layout = cpu.padded_layout(self.segments) if on_cpu else None
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         if not self.segments:
             return
         a = self.slots.a[(layer, group)]
         r = self.slots.max_rank
+        bs = self.slots.b[(layer, group)]
+        if self.layout is not None:
+            y = cpu.shrink_padded(x, a, self.layout)
+            for i, (b, offset) in enumerate(bs):
+                cpu.expand_padded(y[:, :, i * r : (i + 1) * r], b, self.layout, out, offset)
+            return
         y = x.new_empty(x.shape[0], a.shape[1])
         ops.sgmv_shrink(x, a, self.segments, y)
-        for i, (b, offset) in enumerate(self.slots.b[(layer, group)]):
+        for i, (b, offset) in enumerate(bs):
             ops.sgmv_expand(y[:, i * r : (i + 1) * r], b, self.segments, out, offset)

@@ -4,6 +4,8 @@ into ``out`` without temporaries. Per-token slots (BGMV) are grouped by slot fir
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -42,3 +44,48 @@ def bgmv_expand(y, b, slots, out, offset=0):
     view = out[:, offset : offset + width]
     for slot, idx in _groups(slots):
         view.index_add_(0, idx, y[idx] @ b[slot].T)
+
+
+@dataclass
+class PaddedLayout:
+    """The adapter segments of a step as a grid: one row per slot in ``lo..hi`` (the slot
+    stacks' rows, taken as a view), ``max_len`` columns. Each segment's tokens fill its slot's
+    row; the rest is padding. With it a projection's LoRA is one batched GEMM per stage instead
+    of one GEMM per segment — the decode case, where segments are short and many."""
+
+    lo: int
+    hi: int
+    index: torch.Tensor  # [n, L] flat-batch row per cell (0 for padding)
+    valid: torch.Tensor  # [n, L] bool
+    rows: torch.Tensor  # [N] index[valid]: where the valid cells go back
+
+
+def padded_layout(segments, max_waste: float = 1.0) -> PaddedLayout | None:
+    """The grid for ``segments`` (slot -1 ones dropped), or None when padding would add more
+    than ``max_waste`` times the real rows (then the per-segment loop is cheaper), or when a
+    slot has several segments (the scheduler never makes those; the loop handles them)."""
+    segs = [s for s in segments if s[2] >= 0 and s[1] > 0]
+    if not segs or len({s[2] for s in segs}) < len(segs):
+        return None
+    lo, hi = min(s[2] for s in segs), max(s[2] for s in segs)
+    width = max(s[1] for s in segs)
+    real = sum(s[1] for s in segs)
+    if (hi - lo + 1) * width > (1 + max_waste) * real:
+        return None
+    index = torch.zeros(hi - lo + 1, width, dtype=torch.long)
+    valid = torch.zeros(hi - lo + 1, width, dtype=torch.bool)
+    for start, length, slot in segs:
+        index[slot - lo, :length] = torch.arange(start, start + length)
+        valid[slot - lo, :length] = True
+    return PaddedLayout(lo, hi, index, valid, index[valid])
+
+
+def shrink_padded(x, a, layout: PaddedLayout) -> torch.Tensor:
+    """``[n, L, R]``: each grid cell's row of x times its slot's A (padding cells: garbage)."""
+    return torch.bmm(x[layout.index], a[layout.lo : layout.hi + 1].transpose(1, 2))
+
+
+def expand_padded(y, b, layout: PaddedLayout, out, offset=0) -> None:
+    """``out[row, offset:offset+O] += y[cell] @ b[slot]^T`` for the valid cells."""
+    delta = torch.bmm(y, b[layout.lo : layout.hi + 1].transpose(1, 2))
+    out[:, offset : offset + b.shape[1]].index_add_(0, layout.rows, delta[layout.valid])
