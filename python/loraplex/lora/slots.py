@@ -17,32 +17,29 @@ for _module, (_group, _) in MODULES.items():
 
 
 class LoRASlots:
-    """Per layer and merged projection: A ``[num_slots, k * R, in]`` (the k modules' A stacked,
-    so one shrink serves q, k and v) and, per module, B ``[num_slots, out, R]``."""
+    """Per layer and merged projection, the k modules it carries stacked: A
+    ``[num_slots, k * R, in]`` (one shrink serves q, k and v) and a block-diagonal B
+    ``[num_slots, out_total, k * R]`` (module i's B in rows ``offset_i..``, columns ``i*R..``),
+    so one expand writes all k outputs of the merged projection."""
 
     def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, dtype: torch.dtype):
         self.max_rank = max_rank
         self.a: dict[tuple[int, str], torch.Tensor] = {}
-        self.b: dict[tuple[int, str], list[tuple[torch.Tensor, int]]] = {}
-        for layer in range(cfg.num_hidden_layers):
-            for group, modules in GROUPS.items():
-                fan_in = module_shape(cfg, modules[0])[0]
-                self.a[(layer, group)] = torch.zeros(
-                    num_slots, len(modules) * max_rank, fan_in, dtype=dtype
+        self.b: dict[tuple[int, str], torch.Tensor] = {}
+        self.offsets: dict[str, list[int]] = {}
+        for group, modules in GROUPS.items():
+            outs = [module_shape(cfg, m)[1] for m in modules]
+            self.offsets[group] = [sum(outs[:i]) for i in range(len(outs))]
+            fan_in, k = module_shape(cfg, modules[0])[0], len(modules)
+            for layer in range(cfg.num_hidden_layers):
+                self.a[(layer, group)] = torch.zeros(num_slots, k * max_rank, fan_in, dtype=dtype)
+                self.b[(layer, group)] = torch.zeros(
+                    num_slots, sum(outs), k * max_rank, dtype=dtype
                 )
-                offset, bs = 0, []
-                for m in modules:
-                    fan_out = module_shape(cfg, m)[1]
-                    bs.append((torch.zeros(num_slots, fan_out, max_rank, dtype=dtype), offset))
-                    offset += fan_out
-                self.b[(layer, group)] = bs
 
     def clear(self, slot: int) -> None:
-        for a in self.a.values():
-            a[slot].zero_()
-        for bs in self.b.values():
-            for b, _ in bs:
-                b[slot].zero_()
+        for t in (*self.a.values(), *self.b.values()):
+            t[slot].zero_()
 
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
         """Copies ``adapter`` into ``slot``; modules it does not target are zero."""
@@ -50,9 +47,10 @@ class LoRASlots:
         r_max = self.max_rank
         for (layer, module), (a, b) in adapter.weights.items():
             group, index = MODULES[module]
-            r = a.shape[0]
-            self.a[(layer, group)][slot, index * r_max : index * r_max + r].copy_(a)
-            self.b[(layer, group)][index][0][slot, :, :r].copy_(b)
+            r, col = a.shape[0], index * r_max
+            row = self.offsets[group][index]
+            self.a[(layer, group)][slot, col : col + r].copy_(a)
+            self.b[(layer, group)][slot, row : row + b.shape[0], col : col + r].copy_(b)
 
 
 class LoRAContext:
@@ -68,15 +66,10 @@ class LoRAContext:
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         if not self.segments:
             return
-        a = self.slots.a[(layer, group)]
-        r = self.slots.max_rank
-        bs = self.slots.b[(layer, group)]
+        a, b = self.slots.a[(layer, group)], self.slots.b[(layer, group)]
         if self.layout is not None:
-            y = cpu.shrink_padded(x, a, self.layout)
-            for i, (b, offset) in enumerate(bs):
-                cpu.expand_padded(y[:, :, i * r : (i + 1) * r], b, self.layout, out, offset)
+            cpu.expand_padded(cpu.shrink_padded(x, a, self.layout), b, self.layout, out)
             return
         y = x.new_empty(x.shape[0], a.shape[1])
         ops.sgmv_shrink(x, a, self.segments, y)
-        for i, (b, offset) in enumerate(bs):
-            ops.sgmv_expand(y[:, i * r : (i + 1) * r], b, self.segments, out, offset)
+        ops.sgmv_expand(y, b, self.segments, out)
