@@ -249,3 +249,26 @@ def test_sharded_checkpoint_loads(tmp_path):
     a = LLM(model=str(src)).generate("the", greedy, use_tqdm=False)[0].outputs[0].token_ids
     b = LLM(model=str(sharded)).generate("the", greedy, use_tqdm=False)[0].outputs[0].token_ids
     assert a == b
+
+
+def test_full_queue_refuses_the_request_and_leaves_nothing_behind(folder, monkeypatch):
+    from loraplex import QueueFullError
+
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(folder)))
+    real = engine.scheduler
+
+    class FullQueue:
+        def add_request(self, *args, **kwargs):
+            raise QueueFullError("request queue is full (1 pending submissions)")
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(engine, "scheduler", FullQueue())
+    with pytest.raises(QueueFullError):
+        engine.add_request("x", "a", SamplingParams(max_tokens=2))
+    monkeypatch.setattr(engine, "scheduler", real)
+    assert not engine.has_unfinished_requests()
+    engine.add_request("x", "a", SamplingParams(max_tokens=2))  # the id is free again
+    while engine.has_unfinished_requests():
+        engine.step()

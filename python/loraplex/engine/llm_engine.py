@@ -10,7 +10,13 @@ from typing import Any
 
 import torch
 
-from loraplex._core import DuplicateRequestError, LoRARequest, Scheduler, UnknownAdapterError
+from loraplex._core import (
+    DuplicateRequestError,
+    LoRARequest,
+    QueueFullError,
+    Scheduler,
+    UnknownAdapterError,
+)
 from loraplex.engine.args import DEFAULT_KV_CACHE_BYTES, EngineArgs
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.output_processor import OutputProcessor
@@ -118,13 +124,29 @@ class LLMEngine:
             self._requests[request.request_id] = request
             for seq in request.seqs:
                 self._seqs[seq.seq_id] = seq
+        lora_id = lora_request.lora_int_id if lora_request else None
+        submitted = 0
         try:
             for seq in request.seqs:
-                lora_id = lora_request.lora_int_id if lora_request else None
                 self.scheduler.add_request(seq.seq_id, len(ids), lora_id, priority)
+                submitted += 1
         except Exception:
-            self.abort_request(request.request_id)
+            self._withdraw(request, submitted)
             raise
+
+    def _withdraw(self, request: Request, submitted: int) -> None:
+        """Undoes a half-made submission (e.g. a full queue) so nothing waits for it."""
+        with self._lock:
+            for seq in request.seqs[submitted:]:
+                self._seqs.pop(seq.seq_id, None)
+            request.seqs = request.seqs[:submitted]
+            if not request.seqs:
+                self._requests.pop(request.request_id, None)
+        for seq in request.seqs:  # reported, with 'abort', when the scheduler drains it
+            try:
+                self.scheduler.abort_request(seq.seq_id)
+            except QueueFullError:
+                pass  # no room for the abort either: it runs to its end, output and all
 
     def _check_lora(self, lora_request: LoRARequest | None) -> None:
         if lora_request is None:
