@@ -130,3 +130,26 @@ def test_padded_grid_path_matches_reference(problem):
     grid_y[layout.valid] = y_ref[layout.rows]
     cpu.expand_padded(grid_y, b, layout, out, 1)
     check(out, out_ref, dtype)
+
+
+def test_dense_grid_is_a_view_and_matches_reference():
+    """Back-to-back equal segments on consecutive slots (e.g. one adapter for everything):
+    no gather, the expand accumulates into ``out`` in place."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(11, 32, generator=g)
+    a = torch.randn(4, 8, 32, generator=g)
+    b = torch.randn(4, 24, 8, generator=g)
+    segments = [(0, 3, -1), (3, 4, 1), (7, 4, 2)]
+    layout = cpu.padded_layout(segments)
+    assert layout is not None and layout.dense_start == 3
+    y_ref = torch.empty(11, 8)
+    reference.sgmv_shrink(x, a, segments, y_ref)
+    y = cpu.shrink_padded(x, a, layout)
+    check(y.reshape(-1, 8), y_ref[3:], torch.float32)
+    base = torch.randn(11, 24, generator=g)
+    out_ref, out = base.clone(), base.clone()
+    reference.sgmv_expand(y_ref, b, segments, out_ref)
+    cpu.expand_padded(y, b, layout, out)
+    check(out, out_ref, torch.float32)
+    assert cpu.padded_layout([(0, 4, 1), (4, 3, 2)]).dense_start is None  # unequal lengths
+    assert cpu.padded_layout([(0, 4, 1), (4, 4, 3)], max_waste=9).dense_start is None  # slot gap

@@ -58,6 +58,9 @@ class PaddedLayout:
     index: torch.Tensor  # [n, L] flat-batch row per cell (0 for padding)
     valid: torch.Tensor  # [n, L] bool
     rows: torch.Tensor  # [N] index[valid]: where the valid cells go back
+    # no padding at all (equal, back-to-back segments on consecutive slots — always so for a
+    # single adapter): the grid is a view of rows dense_start.., no gather or scatter needed
+    dense_start: int | None = None
 
 
 def padded_layout(segments, max_waste: float = 1.0) -> PaddedLayout | None:
@@ -72,20 +75,36 @@ def padded_layout(segments, max_waste: float = 1.0) -> PaddedLayout | None:
     real = sum(s[1] for s in segs)
     if (hi - lo + 1) * width > (1 + max_waste) * real:
         return None
+    ordered = sorted(segs)
+    back_to_back = all(a[0] + a[1] == b[0] for a, b in zip(ordered, ordered[1:]))
+    consecutive = [s[2] for s in ordered] == list(range(lo, hi + 1))
+    dense = back_to_back and consecutive and all(s[1] == width for s in segs)
     index = torch.zeros(hi - lo + 1, width, dtype=torch.long)
     valid = torch.zeros(hi - lo + 1, width, dtype=torch.bool)
     for start, length, slot in segs:
         index[slot - lo, :length] = torch.arange(start, start + length)
         valid[slot - lo, :length] = True
-    return PaddedLayout(lo, hi, index, valid, index[valid])
+    start = ordered[0][0] if dense else None
+    return PaddedLayout(lo, hi, index, valid, index[valid], start)
+
+
+def _grid(t: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
+    """Rows of ``t`` as the dense grid ``[n, L, width]`` (a view)."""
+    n, width = layout.index.shape
+    assert layout.dense_start is not None
+    return t[layout.dense_start : layout.dense_start + n * width].view(n, width, -1)
 
 
 def shrink_padded(x, a, layout: PaddedLayout) -> torch.Tensor:
     """``[n, L, R]``: each grid cell's row of x times its slot's A (padding cells: garbage)."""
-    return torch.bmm(x[layout.index], a[layout.lo : layout.hi + 1].transpose(1, 2))
+    grid = _grid(x, layout) if layout.dense_start is not None else x[layout.index]
+    return torch.bmm(grid, a[layout.lo : layout.hi + 1].transpose(1, 2))
 
 
 def expand_padded(y, b, layout: PaddedLayout, out, offset=0) -> None:
     """``out[row, offset:offset+O] += y[cell] @ b[slot]^T`` for the valid cells."""
-    delta = torch.bmm(y, b[layout.lo : layout.hi + 1].transpose(1, 2))
-    out[:, offset : offset + b.shape[1]].index_add_(0, layout.rows, delta[layout.valid])
+    b_t = b[layout.lo : layout.hi + 1].transpose(1, 2)
+    if layout.dense_start is not None and offset == 0 and b.shape[1] == out.shape[1]:
+        _grid(out, layout).baddbmm_(y, b_t)  # in place, no temporaries
+        return
+    out[:, offset : offset + b.shape[1]].index_add_(0, layout.rows, torch.bmm(y, b_t)[layout.valid])
