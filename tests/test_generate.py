@@ -6,6 +6,8 @@ import threading
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from loraplex import LLM, EngineArgs, LLMEngine, LoRARequest, RequestOutput, SamplingParams
 from tiny_models import build_model, hf_model
@@ -272,3 +274,14 @@ def test_full_queue_refuses_the_request_and_leaves_nothing_behind(folder, monkey
     engine.add_request("x", "a", SamplingParams(max_tokens=2))  # the id is free again
     while engine.has_unfinished_requests():
         engine.step()
+
+
+@given(st.integers(1, 6), st.integers(0, 6), st.integers(0, 12), st.integers(0, 12))
+def test_property_sequence_token_slices(n_prompt, n_out, start, length):
+    from loraplex.engine.sequence import Request, Sequence
+
+    request = Request("r", None, list(range(100, 100 + n_prompt)), SamplingParams(), None)
+    seq = Sequence(0, 0, request, None, None, output_ids=list(range(200, 200 + n_out)))
+    end = min(start + length, n_prompt + n_out)
+    start = min(start, end)
+    assert seq.tokens(start, end) == seq.token_ids[start:end]

@@ -34,7 +34,7 @@ class ModelRunner:
         starts = []
         for seq, c, n in zip(seqs, num_computed, num_new):
             starts.append(len(input_ids))
-            input_ids.extend(seq.token_ids[c : c + n])
+            input_ids.extend(seq.tokens(c, c + n))
         meta = build_metadata(
             starts,
             num_new,

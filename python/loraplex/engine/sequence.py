@@ -33,6 +33,14 @@ class Sequence:
     def token_ids(self) -> list[int]:
         return self.request.prompt_token_ids + self.output_ids
 
+    def tokens(self, start: int, end: int) -> list[int]:
+        """``token_ids[start:end]`` without building the whole list (the step's hot path)."""
+        prompt = self.request.prompt_token_ids
+        p = len(prompt)
+        if end <= p:
+            return prompt[start:end]
+        return prompt[start:] + self.output_ids[max(0, start - p) : end - p]
+
     @property
     def is_finished(self) -> bool:
         return self.finish_reason is not None
