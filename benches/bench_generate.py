@@ -113,20 +113,33 @@ def pad_left(jobs) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def time_generate(model, jobs, **extra) -> float:
+    """Seconds for one left-padded ``generate`` over every job, run to the longest output
+    (after a 2-prompt warm-up). ``extra`` goes to ``generate`` (e.g. PEFT's adapter_names,
+    a list with one entry per job)."""
+    ids, mask = pad_left(jobs)
+    longest = max(m for _, m in jobs)
+    gen = dict(do_sample=False, pad_token_id=2, eos_token_id=None)
+    warm = {k: v[:2] if isinstance(v, list) else v for k, v in extra.items()}
+    with torch.inference_mode():
+        model.generate(input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=2, **gen, **warm)
+        start = time.perf_counter()
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=longest,
+            min_new_tokens=longest,
+            **gen,
+            **extra,
+        )
+        return time.perf_counter() - start
+
+
 def run_transformers(folder: Path, jobs) -> dict:
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids, mask = pad_left(jobs)
-    longest = max(m for _, m in jobs)
-    gen = dict(do_sample=False, pad_token_id=2, eos_token_id=None)
-    with torch.inference_mode():
-        model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=2, **gen)  # warm up
-        start = time.perf_counter()
-        model.generate(
-            ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, **gen
-        )
-        elapsed = time.perf_counter() - start
+    elapsed = time_generate(model, jobs)
     new_tokens = sum(m for _, m in jobs)
     return {
         "engine": "transformers.generate",

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import build, pad_left, workload  # noqa: E402
+from bench_generate import build, time_generate, workload  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -90,28 +90,8 @@ def run_peft(base, jobs, adapters):
     model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
     for i, p in enumerate(adapters[1:], start=1):
         model.load_adapter(p, adapter_name=f"a{i}")
-    ids, mask = pad_left(jobs)
     names = [f"a{i % len(adapters)}" for i in range(len(jobs))]
-    longest = max(m for _, m in jobs)
-    gen = dict(do_sample=False, pad_token_id=2, eos_token_id=None)
-    with torch.inference_mode():
-        model.generate(
-            input_ids=ids[:2],
-            attention_mask=mask[:2],
-            max_new_tokens=2,
-            adapter_names=names[:2],
-            **gen,
-        )
-        start = time.perf_counter()
-        model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=longest,
-            min_new_tokens=longest,
-            adapter_names=names,
-            **gen,
-        )
-        elapsed = time.perf_counter() - start
+    elapsed = time_generate(model, jobs, adapter_names=names)
     tokens = sum(m for _, m in jobs)
     return {
         "setup": "transformers+peft mixed batch",
