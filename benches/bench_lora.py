@@ -9,7 +9,8 @@
    max_loras=8, max_cpu_loras=32, beside the same 512 requests over 8 adapters.
    Adapters are registered (read, validated) before the timed run; with 256 adapters and a
    32-adapter host tier most loads during the run still read the disk again.
-4. Ops: CPU SGMV / BGMV vs the per-segment float64 loop reference, at decode and prefill shapes.
+4. Ops: the CPU paths (torch SGMV loop, BGMV, padded grid; the C++ op) vs the per-segment
+   float64 loop reference, at decode and prefill shapes (576 -> rank 16 -> 1536).
 
     .venv/bin/python benches/bench_lora.py [--threads 2] [--skip-many]
 
@@ -110,7 +111,7 @@ def _timeit(fn, reps=20):
 
 
 def _bench_shape(label, lengths, fan_in=576, rank=16, fan_out=1536):
-    from loraplex.ops import cpu, reference
+    from loraplex.ops import cpu, cpu_ext, reference
 
     g = torch.Generator().manual_seed(0)
     segs, start = [], 0
@@ -120,28 +121,42 @@ def _bench_shape(label, lengths, fan_in=576, rank=16, fan_out=1536):
     x = torch.randn(start, fan_in, generator=g)
     a = torch.randn(len(lengths), rank, fan_in, generator=g)
     b = torch.randn(len(lengths), fan_out, rank, generator=g)
+    bt = b.transpose(1, 2).contiguous()  # the C++ op's layout, as the slots store it
     y, out = torch.empty(start, rank), torch.zeros(start, fan_out)
     slots = torch.tensor([s for _, n, s in segs for _ in range(n)])
+    layout = cpu.padded_layout(segs)
+    table = cpu_ext.segment_table(segs)
 
     def run(shrink, expand, route):
         return lambda: (shrink(x, a, route, y), expand(y, b, route, out))
 
-    ref = _timeit(run(reference.sgmv_shrink, reference.sgmv_expand, segs))
-    sg = _timeit(run(cpu.sgmv_shrink, cpu.sgmv_expand, segs))
-    bg = _timeit(run(cpu.bgmv_shrink, cpu.bgmv_expand, slots))
-    return {
-        "ops": label,
-        "reference_loop_us": round(ref, 1),
-        "cpu_sgmv_us": round(sg, 1),
-        "cpu_bgmv_us": round(bg, 1),
-        "sgmv_speedup": round(ref / sg, 2),
-        "bgmv_speedup": round(ref / bg, 2),
+    times = {
+        "reference_loop_us": _timeit(run(reference.sgmv_shrink, reference.sgmv_expand, segs)),
+        "torch_sgmv_us": _timeit(run(cpu.sgmv_shrink, cpu.sgmv_expand, segs)),
+        "torch_bgmv_us": _timeit(run(cpu.bgmv_shrink, cpu.bgmv_expand, slots)),
     }
+    if layout is not None:
+        times["torch_padded_grid_us"] = _timeit(
+            lambda: cpu.expand_padded(cpu.shrink_padded(x, a, layout), b, layout, out)
+        )
+    if cpu_ext.available():
+        times["cpp_us"] = _timeit(lambda: cpu_ext.lora_apply(x, a, bt, table, out, [0, fan_out]))
+    ref = times["reference_loop_us"]
+    row = {"ops": label, **{k: round(v, 1) for k, v in times.items()}}
+    row.update(
+        {
+            f"speedup_{k[:-3]}": round(ref / v, 2)
+            for k, v in times.items()
+            if k != "reference_loop_us"
+        }
+    )
+    return row
 
 
 def bench_ops():
     return [
         _bench_shape("decode: 32 tokens over 8 adapters", [4] * 8),
+        _bench_shape("decode: 32 tokens over 32 adapters", [1] * 32),
         _bench_shape("prefill: 2048 tokens over 8 adapters", [256] * 8),
     ]
 

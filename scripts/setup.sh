@@ -19,3 +19,7 @@ fi
 rm -rf dist
 "$venv/bin/maturin" build --release --out dist --quiet
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps dist/loraplex-*.whl
+# The C++ CPU LoRA kernels, compiled now (~10 s) rather than inside the first engine; cached in
+# ~/.cache/loraplex. Without a C++ compiler the engine runs its torch path instead.
+"$venv/bin/python" -m loraplex.ops.cpu_ext >/dev/null ||
+    echo "setup: the C++ CPU LoRA kernels did not build; LoRA runs on the torch path" >&2

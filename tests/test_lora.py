@@ -64,7 +64,15 @@ def test_one_adapter_for_all_prompts(base, reqs, peft):
     assert peft.mismatches(outs, ["sql"] * len(PROMPTS)) == []
 
 
-def test_one_adapter_per_prompt_mixed_with_base(base, reqs, peft):
+@pytest.fixture(params=["default", "torch"])
+def kernels(request, monkeypatch):
+    """The CPU LoRA path: the default (the C++ op where built) or the torch one."""
+    if request.param == "torch":
+        monkeypatch.setenv("LORAPLEX_CPU_KERNELS", "torch")
+    return request.param
+
+
+def test_one_adapter_per_prompt_mixed_with_base(base, reqs, peft, kernels):
     llm = LLM(model=str(base), enable_lora=True, max_loras=4, max_lora_rank=16)
     names = ["sql", None, "code", "chat", None, "sql"]
     outs = generate(llm, PROMPTS, [reqs[n] if n else None for n in names])
@@ -72,7 +80,7 @@ def test_one_adapter_per_prompt_mixed_with_base(base, reqs, peft):
     assert peft.mismatches(outs, names) == []
 
 
-def test_more_adapters_than_slots_evicts_and_reloads(base, reqs, peft):
+def test_more_adapters_than_slots_evicts_and_reloads(base, reqs, peft, kernels):
     # one device slot, one host slot: every switch evicts, and reloads come from disk
     llm = LLM(model=str(base), enable_lora=True, max_loras=1, max_cpu_loras=1, max_lora_rank=16)
     names = ["sql", "code", "chat", "sql", None, "code"]

@@ -4,11 +4,12 @@ among them)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loraplex.ops import cpu, reference
+from loraplex.ops import cpu, cpu_ext, reference
 
 # per dtype: (rtol, atol) against the float64 oracle, for inputs of unit scale
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2), torch.float16: (2e-3, 1e-2)}
@@ -153,3 +154,106 @@ def test_dense_grid_is_a_view_and_matches_reference():
     check(out, out_ref, torch.float32)
     assert cpu.padded_layout([(0, 4, 1), (4, 3, 2)]).dense_start is None  # unequal lengths
     assert cpu.padded_layout([(0, 4, 1), (4, 4, 3)], max_waste=9).dense_start is None  # slot gap
+
+
+needs_avx2 = pytest.mark.skipif(not cpu_ext.supported_cpu(), reason="CPU without AVX2")
+
+
+@needs_avx2
+def test_cpp_op_is_built_and_used_here():
+    assert cpu_ext.available()
+
+
+@st.composite
+def merged_problems(draw):
+    """A merged projection: k modules (1..3) of their own widths sharing one input."""
+    fan_in = draw(st.integers(16, 4096))
+    outs = draw(st.lists(st.integers(16, 2048), min_size=1, max_size=3))
+    rank = draw(st.integers(1, 64))
+    num_slots = draw(st.integers(1, 4))
+    # lengths past 32 take the BLAS path, shorter ones the AVX2 work items (blocks of 4)
+    lengths = draw(st.lists(st.integers(0, 40), min_size=1, max_size=16))
+    slots = draw(
+        st.lists(st.integers(-1, num_slots - 1), min_size=len(lengths), max_size=len(lengths))
+    )
+    return fan_in, outs, rank, num_slots, lengths, slots, draw(st.integers(0, 2**16))
+
+
+@needs_avx2
+@settings(max_examples=60)
+@given(merged_problems())
+def test_cpp_lora_apply_matches_reference(problem):
+    fan_in, outs, rank, num_slots, lengths, slots, seed = problem
+    g = torch.Generator().manual_seed(seed)
+    segments, start = [], 0
+    for n, s in zip(lengths, slots):
+        segments.append((start, n, s))
+        start += n
+    total, k = start, len(outs)
+    splits = [sum(outs[:i]) for i in range(k + 1)]
+    # x with a row stride wider than its rows, as a view of a bigger buffer
+    x = torch.randn(total, fan_in + 3, generator=g)[:, :fan_in]
+    a = torch.randn(num_slots, k * rank, fan_in, generator=g) / fan_in**0.5
+    # off the diagonal blocks: NaN, which would poison any output that read it
+    bt = torch.full((num_slots, k * rank, splits[-1]), float("nan"))
+    for i in range(k):
+        rows, cols = slice(i * rank, (i + 1) * rank), slice(splits[i], splits[i + 1])
+        bt[:, rows, cols] = torch.randn(num_slots, rank, outs[i], generator=g) / rank**0.5
+    base = torch.randn(total, splits[-1], generator=g)
+    want = base.clone()
+    for i in range(k):
+        rows, cols = slice(i * rank, (i + 1) * rank), slice(splits[i], splits[i + 1])
+        y = torch.empty(total, rank)
+        reference.sgmv_shrink(x, a[:, rows], segments, y)
+        reference.sgmv_expand(y, bt[:, rows, cols].transpose(1, 2), segments, want, splits[i])
+    got = base.clone()
+    cpu_ext.lora_apply(x, a, bt, cpu_ext.segment_table(segments), got, splits)
+    check(got, want, torch.float32)
+    for start, n, slot in segments:
+        if slot < 0:
+            assert torch.equal(got[start : start + n], base[start : start + n])
+
+
+@needs_avx2
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(x=torch.zeros(4, 8, dtype=torch.float64)), "float32"),
+        (dict(segments=[(2, 3, 0)]), r"segment 0 \(2, 3\) runs outside the 4 rows"),
+        (dict(segments=[(0, 4, 2)]), "segment 0 names slot 2 of 2"),
+        (dict(splits=[0, 5, 7]), "splits must run 0..6"),
+        (dict(a=torch.zeros(2, 4, 9)), "shapes disagree"),
+    ],
+)
+def test_cpp_lora_apply_names_bad_inputs(change, message):
+    assert cpu_ext.available()
+    args = dict(
+        x=torch.zeros(4, 8),
+        a=torch.zeros(2, 4, 8),
+        bt=torch.zeros(2, 4, 6),
+        segments=[(0, 4, 1)],
+        out=torch.zeros(4, 6),
+        splits=[0, 2, 6],
+    )
+    args.update(change)
+    args["segments"] = cpu_ext.segment_table(args["segments"])
+    with pytest.raises(RuntimeError, match=message):
+        cpu_ext.lora_apply(**args)
+
+
+def test_cpp_op_falls_back_to_torch_with_one_warning(monkeypatch):
+    """No compiler (the build raises): one warning naming the cause, the torch path serves."""
+
+    def no_compiler(*args, **kwargs):
+        raise FileNotFoundError("c++: not found")
+
+    monkeypatch.setattr(cpu_ext, "build", no_compiler)
+    monkeypatch.setattr(cpu_ext, "supported_cpu", lambda: True)
+    monkeypatch.setattr(cpu_ext, "_state", {})
+    cause = r"C\+\+ CPU LoRA kernels unavailable \(FileNotFoundError: c\+\+: not found\)"
+    with pytest.warns(RuntimeWarning, match=cause):
+        assert cpu_ext.available() is False
+    assert cpu_ext.available() is False  # remembered: no second build, no second warning
+    monkeypatch.setattr(cpu_ext, "_state", {"ok": True})
+    monkeypatch.setenv("LORAPLEX_CPU_KERNELS", "torch")
+    assert cpu_ext.available() is False

@@ -5,10 +5,11 @@ cannot be built, one warning, and the torch path serves CUDA tensors instead."""
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import torch
+
+from loraplex.ops._library import load_or_warn
 
 _state: dict[str, bool] = {}
 
@@ -23,19 +24,14 @@ def _load() -> bool:
     from loraplex.ops import cuda_build
 
     cache = Path(os.environ.get("LORAPLEX_CUDA_CACHE", Path.home() / ".cache" / "loraplex"))
-    try:
-        lib = cuda_build.build(cache / f"cuda-torch{torch.__version__}")
-        torch.ops.load_library(str(lib))
+    ok = load_or_warn(
+        lambda: cuda_build.build(cache / f"cuda-torch{torch.__version__}"),
+        "CUDA SGMV kernels",
+        "CUDA tensors take the torch path",
+    )
+    if ok:
         _register_fakes()
-    except Exception as e:  # a missing toolkit or compiler raises many kinds
-        warnings.warn(
-            f"loraplex: CUDA SGMV kernels unavailable ({type(e).__name__}: {e}); "
-            "CUDA tensors take the torch path",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
-    return True
+    return ok
 
 
 def _register_fakes() -> None:

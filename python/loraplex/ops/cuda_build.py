@@ -60,11 +60,15 @@ def build(build_dir: str | Path | None = None, verbose: bool = False) -> Path:
             "no CUDA toolkit: set CUDA_HOME or pip install 'cuda-toolkit[nvcc,cccl]'"
         )
     _prepare_env(home)
-    from torch.utils.cpp_extension import load
+    from torch.utils import cpp_extension
+
+    # read from the environment when first imported, which may have been before _prepare_env
+    # (the CPU extension's build imports it too)
+    cpp_extension.CUDA_HOME = str(home)
 
     build_dir = Path(build_dir or tempfile.mkdtemp(prefix="loraplex-cuda-"))
     build_dir.mkdir(parents=True, exist_ok=True)
-    load(
+    cpp_extension.load(
         name=NAME,
         sources=[str(CUDA_DIR / s) for s in SOURCES],
         extra_cflags=["-O3", "-Wall", "-Werror"],
