@@ -64,14 +64,6 @@ def test_one_adapter_for_all_prompts(base, reqs, peft):
     assert peft.mismatches(outs, ["sql"] * len(PROMPTS)) == []
 
 
-@pytest.fixture(params=["default", "torch"])
-def kernels(request, monkeypatch):
-    """The CPU LoRA path: the default (the C++ op where built) or the torch one."""
-    if request.param == "torch":
-        monkeypatch.setenv("LORAPLEX_CPU_KERNELS", "torch")
-    return request.param
-
-
 def test_one_adapter_per_prompt_mixed_with_base(base, reqs, peft, kernels):
     llm = LLM(model=str(base), enable_lora=True, max_loras=4, max_lora_rank=16)
     names = ["sql", None, "code", "chat", None, "sql"]

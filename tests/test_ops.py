@@ -159,8 +159,14 @@ def test_dense_grid_is_a_view_and_matches_reference():
 needs_avx2 = pytest.mark.skipif(not cpu_ext.supported_cpu(), reason="CPU without AVX2")
 
 
+@pytest.fixture(scope="module")
+def cpp_ops():
+    """The C++ ops, built and loaded (on an AVX2 CPU they must be)."""
+    assert cpu_ext.available()
+
+
 @needs_avx2
-def test_cpp_op_is_built_and_used_here():
+def test_cpp_ops_are_built_here():
     assert cpu_ext.available()
 
 
@@ -182,7 +188,7 @@ def merged_problems(draw):
 @needs_avx2
 @settings(max_examples=60)
 @given(merged_problems())
-def test_cpp_lora_apply_matches_reference(problem):
+def test_cpp_lora_apply_matches_reference(cpp_ops, problem):
     fan_in, outs, rank, num_slots, lengths, slots, seed = problem
     g = torch.Generator().manual_seed(seed)
     segments, start = [], 0
@@ -225,8 +231,7 @@ def test_cpp_lora_apply_matches_reference(problem):
         (dict(a=torch.zeros(2, 4, 9)), "shapes disagree"),
     ],
 )
-def test_cpp_lora_apply_names_bad_inputs(change, message):
-    assert cpu_ext.available()
+def test_cpp_lora_apply_names_bad_inputs(cpp_ops, change, message):
     args = dict(
         x=torch.zeros(4, 8),
         a=torch.zeros(2, 4, 8),
@@ -257,3 +262,78 @@ def test_cpp_op_falls_back_to_torch_with_one_warning(monkeypatch):
     monkeypatch.setattr(cpu_ext, "_state", {"ok": True})
     monkeypatch.setenv("LORAPLEX_CPU_KERNELS", "torch")
     assert cpu_ext.available() is False
+
+
+@st.composite
+def decode_attention_problems(draw):
+    num_kv = draw(st.integers(1, 3))
+    group = draw(st.integers(1, 4))
+    head_dim = draw(st.integers(1, 80))  # tails past the 8- and 16-lane loops included
+    lengths = draw(st.lists(st.integers(1, 70), min_size=1, max_size=6))
+    window = draw(st.none() | st.integers(1, 80))
+    return num_kv, group, head_dim, lengths, window, draw(st.integers(0, 2**16))
+
+
+@needs_avx2
+@settings(max_examples=60)
+@given(decode_attention_problems())
+def test_cpp_decode_attention_matches_reference(cpp_ops, problem):
+    """Against float64 softmax attention over each sequence's keys, which sit at scattered
+    cache slots; grouped-query heads, sliding windows, query rows in any order."""
+    num_kv, group, head_dim, lengths, window, seed = problem
+    g = torch.Generator().manual_seed(seed)
+    heads, batch, longest = num_kv * group, len(lengths), max(lengths)
+    num_slots = sum(lengths) + 5
+    k_cache = torch.randn(num_slots, num_kv, head_dim, generator=g)
+    v_cache = torch.randn(num_slots, num_kv, head_dim, generator=g)
+    slots = torch.zeros(batch, longest, dtype=torch.long)
+    where = torch.randperm(num_slots, generator=g)
+    used = 0
+    for b, n in enumerate(lengths):
+        slots[b, :n] = where[used : used + n]
+        used += n
+    key_end = torch.tensor(lengths)
+    key_start = (key_end - window).clamp(min=0) if window else torch.zeros_like(key_end)
+    q = torch.randn(batch + 2, heads, head_dim, generator=g)  # two rows not decoded
+    rows = torch.randperm(batch + 2, generator=g)[:batch]
+    out = torch.full_like(q, 7.0)
+    cpu_ext.paged_decode_attention(q, k_cache, v_cache, slots, rows, key_start, key_end, out)
+    for b in range(batch):
+        keys = slots[b, key_start[b] : key_end[b]]
+        for h in range(heads):
+            k = k_cache[keys, h // group].double()
+            v = v_cache[keys, h // group].double()
+            p = torch.softmax(k @ q[rows[b], h].double() / head_dim**0.5, dim=0)
+            torch.testing.assert_close(out[rows[b], h].double(), p @ v, rtol=1e-5, atol=1e-5)
+    untouched = torch.ones(batch + 2, dtype=torch.bool)
+    untouched[rows] = False
+    assert (out[untouched] == 7.0).all()
+
+
+@needs_avx2
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(key_end=torch.tensor([3, 0])), "keys 0..0 of sequence 1 outside 0..3 or empty"),
+        (dict(key_end=torch.tensor([4, 3])), "keys 0..4 of sequence 0 outside 0..3"),
+        (dict(slots=torch.tensor([[0, 1, 99], [2, 3, 4]])), "cache slot 99 of 8"),
+        (dict(rows=torch.tensor([0, 5])), "row 5 of 2"),
+        (dict(k_cache=torch.zeros(8, 3, 4)), "3 KV heads"),
+    ],
+)
+def test_cpp_decode_attention_names_bad_inputs(cpp_ops, change, message):
+    args = dict(
+        q=torch.zeros(2, 2, 4),
+        k_cache=torch.zeros(8, 1, 4),
+        v_cache=torch.zeros(8, 1, 4),
+        slots=torch.tensor([[0, 1, 2], [3, 4, 5]]),
+        rows=torch.tensor([0, 1]),
+        key_start=torch.tensor([0, 0]),
+        key_end=torch.tensor([3, 3]),
+        out=torch.zeros(2, 2, 4),
+    )
+    args.update(change)
+    if "k_cache" in change:
+        args["v_cache"] = torch.zeros(8, 3, 4)
+    with pytest.raises(RuntimeError, match=message):
+        cpu_ext.paged_decode_attention(**args)

@@ -10,6 +10,7 @@ from loraplex.engine.sequence import Sequence
 from loraplex.lora.slots import LoRAContext
 from loraplex.model.attention import build_metadata
 from loraplex.model.llama import LlamaForCausalLM
+from loraplex.ops import cpu_ext
 
 
 class ModelRunner:
@@ -24,6 +25,7 @@ class ModelRunner:
             for _ in range(cfg.num_hidden_layers)
         ]
         self.device = torch.device("cpu")
+        self.decode_kernel = dtype == torch.float32 and cpu_ext.available()
 
     def run(self, batch: SchedulerOutput, seqs: list[Sequence], lora: LoRAContext | None = None):
         """seqs: the batch's sequences in batch order. Returns float32 logits [S, vocab] for
@@ -43,6 +45,7 @@ class ModelRunner:
             self.block_size,
             self.model.config.sliding_window,
             self.device,
+            self.decode_kernel,
         )
         input_tensor = torch.tensor(input_ids, device=self.device)
         hidden = self.model(input_tensor, meta, self.kv_caches, lora)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loraplex.ops import cpu_ext
+
 
 @dataclass
 class AttentionGroup:
@@ -23,6 +25,9 @@ class AttentionGroup:
     valid: torch.Tensor  # [B, Lq] bool
     gather_slots: torch.Tensor  # [B, Lk] cache slot per key (0 for padding)
     mask: torch.Tensor  # [B, 1, Lq, Lk] bool, True = attend
+    # the keys each sequence's last query attends: key_start..key_end of gather_slots
+    key_start: torch.Tensor  # [B]
+    key_end: torch.Tensor  # [B]
 
 
 @dataclass
@@ -31,6 +36,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
     groups: list[AttentionGroup]
     num_tokens: int
+    decode_kernel: bool = False  # decode groups attend with the C++ op (float32 CPU)
 
 
 def build_metadata(
@@ -41,6 +47,7 @@ def build_metadata(
     block_size: int,
     sliding_window: int | None,
     device: torch.device,
+    decode_kernel: bool = False,
 ) -> AttentionMetadata:
     """Positions, cache slots and masks for one step. Lists are per sequence, batch order."""
     total = sum(num_new)
@@ -60,7 +67,7 @@ def build_metadata(
         groups.append(group)
     to = lambda t: t.to(device)  # noqa: E731
     groups = [AttentionGroup(*(to(getattr(g, f)) for f in g.__dataclass_fields__)) for g in groups]
-    return AttentionMetadata(to(positions), to(slot_mapping), groups, total)
+    return AttentionMetadata(to(positions), to(slot_mapping), groups, total, decode_kernel)
 
 
 def _group(members, starts, num_new, num_computed, block_tables, block_size, window, total):
@@ -84,7 +91,9 @@ def _group(members, starts, num_new, num_computed, block_tables, block_size, win
     mask[:, :, 0] |= ~valid  # padding queries attend one key: no NaN rows
     query_index = torch.where(valid, start[:, None] + q_off, total)
     rows = query_index[valid]
-    group = AttentionGroup(rows, query_index, valid, gather, mask[:, None])
+    key_end = c + n
+    key_start = (key_end - window).clamp(min=0) if window is not None else torch.zeros_like(c)
+    group = AttentionGroup(rows, query_index, valid, gather, mask[:, None], key_start, key_end)
     return group, q_pos[valid], _slots(tables, q_pos, block_size)[valid]
 
 
@@ -109,8 +118,17 @@ def paged_attention(
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
+    groups = meta.groups
+    if meta.decode_kernel and groups[0].query_index.shape[1] == 1:
+        g = groups[0]  # the decode group comes first
+        cpu_ext.paged_decode_attention(
+            q, k_cache, v_cache, g.gather_slots, g.rows, g.key_start, g.key_end, out
+        )
+        groups = groups[1:]
+    if not groups:
+        return out
     q_ext = torch.cat([q, q.new_zeros(1, *q.shape[1:])])
-    for g in meta.groups:
+    for g in groups:
         o = F.scaled_dot_product_attention(
             q_ext[g.query_index].transpose(1, 2),
             k_cache[g.gather_slots].transpose(1, 2),

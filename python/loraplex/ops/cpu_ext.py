@@ -1,11 +1,15 @@
-"""The C++ CPU LoRA op (``loraplex/csrc/lora_cpu.cpp``): a merged projection's shrink and
-expand for every segment in one call, short segments in parallel (at::parallel_for) with AVX2
-kernels, long ones through ATen's BLAS, reading only the diagonal blocks of a merged B.
+"""The C++ CPU ops (``loraplex/csrc/cpu_ops.cpp``):
+
+- ``lora_apply``: a merged projection's LoRA shrink and expand for every segment in one call,
+  short segments in parallel (at::parallel_for) with AVX2 kernels, long ones through ATen's
+  BLAS, reading only the diagonal blocks of a merged B;
+- ``paged_decode_attention``: decode attention reading keys and values from the paged cache
+  where they lie (the torch path gathers copies of them for every layer).
 
 Built as a torch extension with the machine's C++ compiler on first use (~10 s; setup.sh does
 it ahead), cached per torch version. float32 on AVX2 CPUs; elsewhere, or if it cannot be
 built (one warning), the torch path (``ops.cpu``) serves. ``LORAPLEX_CPU_KERNELS=torch``
-forces the torch path.
+forces the torch paths.
 
     python -m loraplex.ops.cpu_ext [build_dir]     # builds; prints the .so path
 """
@@ -22,7 +26,7 @@ import torch
 
 from loraplex.ops._library import load_or_warn
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "lora_cpu.cpp"
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_ops.cpp"
 NAME = "loraplex_cpu"
 MAX_ROWS = 1024  # k * max_lora_rank: the kernel's per-token buffer
 _lock = threading.Lock()
@@ -44,7 +48,10 @@ def build(build_dir: str | Path | None = None, verbose: bool = False) -> Path:
     load(
         name=NAME,
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-mavx2", "-mfma", "-Wall", "-Werror"],
+        # -fopenmp: at::parallel_for is a header template over OpenMP (torch's backend here);
+        # compiled without it, it runs serially
+        extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-Wall", "-Werror"],
+        extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=verbose,
@@ -84,6 +91,16 @@ def lora_apply(x, a, bt, segments: torch.Tensor, out, splits: list[int]) -> None
     bt [S, kR, O], out [T, O], float32; ``segments`` from :func:`segment_table`, rows
     disjoint."""
     torch.ops.loraplex_cpu.lora_apply(x, a, bt, segments, out, splits)
+
+
+def paged_decode_attention(q, k_cache, v_cache, slots, rows, key_start, key_end, out) -> None:
+    """For each decode sequence b: ``out[rows[b], h] = softmax(q[rows[b], h] . K^T / sqrt(D))
+    @ V`` over the keys ``key_start[b]..key_end[b]`` of cache slots ``slots[b]``, query head h
+    reading KV head ``h // (H / Hkv)``. q, out [T, H, D]; caches [N, Hkv, D]; float32."""
+    scale = q.shape[-1] ** -0.5
+    torch.ops.loraplex_cpu.paged_decode_attention(
+        q, k_cache, v_cache, slots, rows, key_start, key_end, scale, out
+    )
 
 
 if __name__ == "__main__":

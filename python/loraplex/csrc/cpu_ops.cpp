@@ -1,5 +1,7 @@
-// The CPU LoRA op: for one merged projection, every segment's shrink and expand in one call,
-// split over tokens with at::parallel_for. float32, AVX2 + FMA (the caller checks the CPU).
+// The C++ CPU ops, float32 with AVX2 + FMA (the caller checks the CPU).
+//
+// lora_apply, the LoRA of one merged projection: every segment's shrink and expand in one
+// call, split over tokens with at::parallel_for.
 //
 //   lora_apply(x [T, in], a [S, k*R, in], bt [S, k*R, O], segments [n, 3] int64, out [T, O],
 //              splits [k + 1])
@@ -13,6 +15,9 @@
 // these AVX2 kernels: an item's shrink result stays in a stack buffer and goes straight into
 // its expand. Long segments (prefill) are GEMMs big enough for ATen's BLAS, which runs them
 // near the CPU's peak: one mm for the shrink, one addmm per module for the expand.
+//
+// paged_decode_attention: attention of one query token per sequence over the paged KV cache,
+// reading each sequence's keys and values where they lie instead of gathering copies.
 
 #include <immintrin.h>
 
@@ -22,6 +27,7 @@
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
 
 namespace loraplex {
@@ -206,11 +212,160 @@ void lora_apply(const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt,
   });
 }
 
+// e^x for x <= 0 (softmax arguments after subtracting the max), 8 lanes: Cephes' expf
+// (range reduction by ln 2, degree-5 polynomial), relative error ~1e-7; x < -87 gives ~0.
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+  fx = _mm256_floor_ps(fx);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), _mm256_set1_ps(1.0f));
+  const __m256i n = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23)));
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  }
+  float s = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// acc[i] += w * v[i], i < n
+inline void axpy(float w, const float* v, float* acc, int64_t n) {
+  const __m256 vw = _mm256_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 sum = _mm256_fmadd_ps(vw, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i));
+    _mm256_storeu_ps(acc + i, sum);
+  }
+  for (; i < n; ++i) acc[i] += w * v[i];
+}
+
+// Softmax of p[0..n) in place; returns nothing, the row sums to 1.
+inline void softmax(float* p, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, p[j]);
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 vsum = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + j), vm));
+    _mm256_storeu_ps(p + j, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = hsum(vsum);
+  for (; j < n; ++j) {
+    p[j] = std::exp(p[j] - m);
+    sum += p[j];
+  }
+  const float inv = 1.0f / sum;
+  for (j = 0; j < n; ++j) p[j] *= inv;
+}
+
+// One query token per sequence (decode). For sequence b (query row rows[b]) and each query
+// head h, attends keys key_start[b] .. key_end[b] of its cache slots slots[b, :], with the
+// KV head h / (H / Hkv) (grouped-query attention):
+//   out[rows[b], h] = softmax(q[rows[b], h] . k[slot, g] * scale) @ v[slot, g]
+// q, out [T, H, D] (dense last dim), k_cache, v_cache [N, Hkv, D] contiguous, slots [B, Lk],
+// rows, key_start, key_end [B], all int64.
+void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& slots,
+                            const at::Tensor& rows, const at::Tensor& key_start,
+                            const at::Tensor& key_end, double scale, const at::Tensor& out) {
+  for (const at::Tensor* t : {&q, &k_cache, &v_cache, &out}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 3,
+                "paged_decode_attention: q, k_cache, v_cache, out must be float32 CPU [*, *, D]");
+  }
+  for (const at::Tensor* t : {&slots, &rows, &key_start, &key_end}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(),
+                "paged_decode_attention: slots, rows, key_start, key_end: contiguous int64");
+  }
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t N = k_cache.size(0), Hkv = k_cache.size(1);
+  const int64_t B = rows.size(0), Lk = slots.size(1);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes() && k_cache.size(2) == D,
+              "paged_decode_attention: k_cache and v_cache must be contiguous [N, Hkv, ", D, "]");
+  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1 && out.sizes() == q.sizes(),
+              "paged_decode_attention: q and out must be [T, H, D] with dense rows");
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "paged_decode_attention: ", H,
+              " query heads do not group over ", Hkv, " KV heads");
+  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == B && key_start.numel() == B &&
+                  key_end.numel() == B,
+              "paged_decode_attention: slots [B, Lk], key_start and key_end [B] for B = ", B);
+  const int64_t* row = rows.data_ptr<int64_t>();
+  const int64_t* lo = key_start.data_ptr<int64_t>();
+  const int64_t* hi = key_end.data_ptr<int64_t>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(row[b] >= 0 && row[b] < T, "paged_decode_attention: row ", row[b], " of ", T);
+    TORCH_CHECK(0 <= lo[b] && lo[b] < hi[b] && hi[b] <= Lk, "paged_decode_attention: keys ",
+                lo[b], "..", hi[b], " of sequence ", b, " outside 0..", Lk, " or empty");
+    for (int64_t j = lo[b]; j < hi[b]; ++j) {
+      TORCH_CHECK(slot[b * Lk + j] >= 0 && slot[b * Lk + j] < N, "paged_decode_attention: ",
+                  "cache slot ", slot[b * Lk + j], " of ", N);
+    }
+  }
+  const int64_t group = H / Hkv;
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), os0 = out.stride(0), os1 = out.stride(1);
+  const float sc = static_cast<float>(scale);
+  // one work item per (sequence, KV head): its keys and values are read once for the group
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p, acc(group * D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / Hkv, g = item % Hkv, n = hi[b] - lo[b];
+      const int64_t* sl = slot + b * Lk + lo[b];
+      p.resize(group * n);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* key = kp + (sl[j] * Hkv + g) * D;
+        for (int64_t h = 0; h < group; ++h) {
+          p[h * n + j] = dot(qp + row[b] * qs0 + (g * group + h) * qs1, key, D) * sc;
+        }
+      }
+      for (int64_t h = 0; h < group; ++h) softmax(p.data() + h * n, n);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* value = vp + (sl[j] * Hkv + g) * D;
+        for (int64_t h = 0; h < group; ++h) axpy(p[h * n + j], value, acc.data() + h * D, D);
+      }
+      for (int64_t h = 0; h < group; ++h) {
+        std::copy(acc.begin() + h * D, acc.begin() + (h + 1) * D,
+                  op + row[b] * os0 + (g * group + h) * os1);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(loraplex_cpu, m) {
-  m.def("lora_apply(Tensor x, Tensor a, Tensor bt, Tensor segments, Tensor(a!) out, int[] splits) -> ()");
+  m.def("lora_apply(Tensor x, Tensor a, Tensor bt, Tensor segments, Tensor(a!) out, "
+        "int[] splits) -> ()");
   m.impl("lora_apply", c10::DispatchKey::CPU, TORCH_FN(lora_apply));
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, "
+        "Tensor rows, Tensor key_start, Tensor key_end, float scale, Tensor(a!) out) -> ()");
+  m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));
 }
 
 }  // namespace loraplex
