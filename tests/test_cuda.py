@@ -60,3 +60,21 @@ def test_cuda_kernels_match_reference(problem):
     reference.sgmv_expand(y_ref, b, segments, out_ref, 5)
     cuda.sgmv_expand(y_ref.cuda(), b.cuda(), segments, out, 5)
     check(out.cpu(), out_ref, dtype)  # the same dtype-keyed tolerances as the CPU path
+
+
+@no_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_expand_stages_ranks_beyond_shared_memory(dtype):
+    """k * max_lora_rank above the 512 columns staged at a time (e.g. q/k/v at rank 256)."""
+    from loraplex.ops import cuda
+
+    assert cuda.available()
+    problem = (64, 300, 768, 2, [5, 0, 9, 17], [1, -1, 0, 1], dtype, 7)
+    x, a, b, segments, total = make(problem)
+    y = torch.empty(total, 768, dtype=dtype)
+    reference.sgmv_shrink(x, a, segments, y)
+    base = torch.randn(total, b.shape[1]).to(dtype)
+    out_ref, out = base.clone(), base.cuda()
+    reference.sgmv_expand(y, b, segments, out_ref)
+    cuda.sgmv_expand(y.cuda(), b.cuda(), segments, out)
+    check(out.cpu(), out_ref, dtype)

@@ -182,14 +182,16 @@ def merged_problems(draw):
     slots = draw(
         st.lists(st.integers(-1, num_slots - 1), min_size=len(lengths), max_size=len(lengths))
     )
-    return fan_in, outs, rank, num_slots, lengths, slots, draw(st.integers(0, 2**16))
+    # the engine calls it in inference mode, which its worker threads must share
+    inference = draw(st.booleans())
+    return fan_in, outs, rank, num_slots, lengths, slots, inference, draw(st.integers(0, 2**16))
 
 
 @needs_avx2
 @settings(max_examples=60)
 @given(merged_problems())
 def test_cpp_lora_apply_matches_reference(cpp_ops, problem):
-    fan_in, outs, rank, num_slots, lengths, slots, seed = problem
+    fan_in, outs, rank, num_slots, lengths, slots, inference, seed = problem
     g = torch.Generator().manual_seed(seed)
     segments, start = [], 0
     for n, s in zip(lengths, slots):
@@ -212,8 +214,9 @@ def test_cpp_lora_apply_matches_reference(cpp_ops, problem):
         y = torch.empty(total, rank)
         reference.sgmv_shrink(x, a[:, rows], segments, y)
         reference.sgmv_expand(y, bt[:, rows, cols].transpose(1, 2), segments, want, splits[i])
-    got = base.clone()
-    cpu_ext.lora_apply(x, a, bt, cpu_ext.segment_table(segments), got, splits)
+    with torch.inference_mode(inference):
+        got = base.clone()
+        cpu_ext.lora_apply(x, a, bt, cpu_ext.segment_table(segments), got, splits)
     check(got, want, torch.float32)
     for start, n, slot in segments:
         if slot < 0:

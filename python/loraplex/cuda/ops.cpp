@@ -83,7 +83,6 @@ void sgmv_expand(const at::Tensor& y, const at::Tensor& b, const at::Tensor& sta
   CHECK_EQ(y.size(1), b.size(2));
   CHECK_EQ(y.size(0), out.size(0));
   TORCH_CHECK(offset >= 0 && offset + b.size(1) <= out.size(1), "offset + O exceeds out's width");
-  TORCH_CHECK(b.size(2) <= 512, "rank above 512 is not supported by the CUDA kernels");
   TORCH_CHECK(y.scalar_type() == b.scalar_type() && y.scalar_type() == out.scalar_type(),
               "y, b and out must share a dtype");
   const c10::cuda::CUDAGuard guard(y.device());

@@ -30,7 +30,8 @@ constexpr int kWarp = 32;
 constexpr int kShrinkWarps = 4;     // rank rows per shrink block (one per warp)
 constexpr int kTokensPerBlock = 8;  // tokens per block along a segment
 constexpr int kExpandThreads = 128; // output columns per expand block
-constexpr int kMaxRank = 512;    // shared staging: kTokensPerBlock * kMaxRank floats (16 KiB)
+constexpr int kMaxRank = 512;    // rank columns staged at a time: kTokensPerBlock * kMaxRank
+                                 // floats (16 KiB) of shared memory
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -93,18 +94,27 @@ __global__ void sgmv_expand_kernel(const T* __restrict__ y, int64_t y_stride,
   if (slot < 0 || first >= length) return;
   const int start = segs.starts[seg];
   const int count = min(kTokensPerBlock, length - first);
-  for (int k = threadIdx.x; k < count * rank; k += blockDim.x)
-    ys[k / rank][k % rank] = to_float(y[(start + first + k / rank) * y_stride + k % rank]);
-  __syncthreads();
   const int o = blockIdx.y * kExpandThreads + threadIdx.x;
-  if (o >= out_features) return;
-  const T* w = b + (static_cast<int64_t>(slot) * out_features + o) * rank;
+  const bool active = o < out_features;  // every thread stages; only these accumulate
+  const T* w = b + (static_cast<int64_t>(slot) * out_features + (active ? o : 0)) * rank;
   float acc[kTokensPerBlock] = {};
-  for (int k = 0; k < rank; ++k) {
-    const float wk = to_float(w[k]);
+  // the segment's low-rank rows pass through shared memory kMaxRank columns at a time
+  for (int k0 = 0; k0 < rank; k0 += kMaxRank) {
+    const int chunk = min(kMaxRank, rank - k0);
+    __syncthreads();  // everyone is done with the previous chunk
+    for (int k = threadIdx.x; k < count * chunk; k += blockDim.x) {
+      const int64_t row = start + first + k / chunk;
+      ys[k / chunk][k % chunk] = to_float(y[row * y_stride + k0 + k % chunk]);
+    }
+    __syncthreads();
+    if (!active) continue;
+    for (int k = 0; k < chunk; ++k) {
+      const float wk = to_float(w[k0 + k]);
 #pragma unroll
-    for (int i = 0; i < kTokensPerBlock; ++i) acc[i] += ys[i][k] * wk;
+      for (int i = 0; i < kTokensPerBlock; ++i) acc[i] += ys[i][k] * wk;
+    }
   }
+  if (!active) return;
   for (int i = 0; i < count; ++i) {
     T* dst = out + (start + first + i) * out_stride + out_offset + o;
     *dst = from_float<T>(to_float(*dst) + acc[i]);
@@ -140,7 +150,6 @@ cudaError_t sgmv_expand(const T* y, int64_t y_stride, const T* b, T* out, int64_
                         int32_t out_offset, Segments segs, int32_t rank, int32_t out_features,
                         cudaStream_t stream) {
   using namespace detail;
-  if (rank > kMaxRank) return cudaErrorInvalidValue;
   if (segs.num_segments == 0 || segs.max_length == 0 || out_features == 0) return cudaSuccess;
   dim3 grid(segs.num_segments, (out_features + kExpandThreads - 1) / kExpandThreads,
             (segs.max_length + kTokensPerBlock - 1) / kTokensPerBlock);
