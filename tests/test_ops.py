@@ -340,3 +340,22 @@ def test_cpp_decode_attention_names_bad_inputs(cpp_ops, change, message):
         args["v_cache"] = torch.zeros(8, 3, 4)
     with pytest.raises(RuntimeError, match=message):
         cpu_ext.paged_decode_attention(**args)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+@pytest.mark.parametrize("rows", [1, 5, 64, 300])
+def test_packed_linear_matches_plain_and_drops_the_plain_weight(rows):
+    from loraplex.model.llama import Linear
+
+    g = torch.Generator().manual_seed(rows)
+    layer = Linear(37, 53)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(53, 37, generator=g))
+        layer.bias.copy_(torch.randn(53, generator=g))
+    x = torch.randn(rows, 37, generator=g)
+    want = x.double() @ layer.weight.double().T + layer.bias.double()
+    with torch.inference_mode():
+        layer.pack()
+        got = layer(x)
+    assert layer.weight.numel() == 0  # not kept twice
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)

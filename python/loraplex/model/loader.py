@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 
 from loraplex.model.config import ModelConfig
-from loraplex.model.llama import PROJECTIONS, LlamaForCausalLM
+from loraplex.model.llama import PROJECTIONS, Linear, LlamaForCausalLM
 from loraplex.model.rope import RotaryEmbedding
+from loraplex.ops import cpu_ext
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -70,6 +71,10 @@ def load_model(
     for layer in model.layers:
         layer.self_attn.rope = rope
     _load_weights(model, folder, cfg)
+    if dtype == torch.float32 and cpu_ext.enabled() and torch.backends.mkldnn.is_available():
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.pack()
     return model.eval()
 
 

@@ -64,10 +64,16 @@ def cache_dir() -> Path:
     return root / f"cpu-torch{torch.__version__}"
 
 
+def enabled() -> bool:
+    """False when ``LORAPLEX_CPU_KERNELS=torch`` asks for the plain torch paths (no C++ ops,
+    no oneDNN-packed weights)."""
+    return os.environ.get("LORAPLEX_CPU_KERNELS", "").lower() != "torch"
+
+
 def available() -> bool:
-    """Whether the op is loaded (building it on first call); False when disabled by
-    ``LORAPLEX_CPU_KERNELS=torch``, on a CPU without AVX2, or when the build fails."""
-    if os.environ.get("LORAPLEX_CPU_KERNELS", "").lower() == "torch":
+    """Whether the ops are loaded (building them on first call); False when not
+    :func:`enabled`, on a CPU without AVX2, or when the build fails."""
+    if not enabled():
         return False
     with _lock:
         if "ok" not in _state:
