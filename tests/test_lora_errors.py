@@ -163,6 +163,41 @@ def test_failure_inside_a_step_fails_only_that_adapters_requests(base, good, tmp
     assert ref.mismatches([done["o1"]], ["other"]) == []
 
 
+def test_failing_reload_is_read_before_anything_is_evicted_for_it(base, good, tmp_path):
+    """An adapter whose validated copy is gone (the host tier holds one) and whose files went
+    bad: it is read again before the scheduler picks a slot for it, so its requests fail and
+    the adapter in the slot stays there."""
+    other = build_adapter(base, tmp_path / "other", r=8, alpha=16, seed=6)
+    doomed = copy(good, tmp_path, "doomed")
+    engine = engine_for(base, max_loras=1, max_cpu_loras=1)
+    doomed_req, other_req = (
+        LoRARequest("doomed", 1, str(doomed)),
+        LoRARequest("other", 2, str(other)),
+    )
+    engine.add_lora(doomed_req)
+    engine.add_lora(other_req)  # one staged copy: doomed's is dropped
+    engine.add_request("o1", "a", GREEDY, lora_request=other_req)
+    assert run(engine)["o1"].error is None  # 'other' now holds the only slot
+    edit_weights(doomed, lambda t: t[first_key(t, "lora_A")].fill_(float("nan")))
+    traffic = []
+    real_prepare = engine.lora.prepare
+
+    def spy(batch):
+        traffic.append((batch.loads, batch.evictions))
+        return real_prepare(batch)
+
+    engine.lora.prepare = spy
+    engine.add_request("d1", "a", GREEDY, lora_request=doomed_req)
+    engine.add_request("b1", "a", GREEDY)
+    engine.add_request("o2", "a", GREEDY, lora_request=other_req)
+    done = run(engine)
+    assert done["d1"].outputs[0].finish_reason == "abort"
+    assert "adapter 'doomed' (id 1" in done["d1"].error and "non-finite" in done["d1"].error
+    assert done["b1"].error is None and done["o2"].error is None
+    assert all(loads == [] and evictions == [] for loads, evictions in traffic)
+    assert PeftReference(base, {"other": other}).mismatches([done["o2"]], ["other"]) == []
+
+
 def test_unresolvable_hub_adapter_offline(base, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     engine = engine_for(base)

@@ -226,6 +226,10 @@ class Scheduler:
     def abort_request(self, request_id: int) -> None: ...
     def schedule(self) -> SchedulerOutput:
         """Form the next batch; call ``postprocess`` after running it."""
+    def upcoming_reads(self, limit: int) -> list[int]:
+        """Up to ``limit`` adapter ids the next steps may read from disk: those of waiting
+        requests (submissions drained first), in admission order, held neither in a device
+        slot nor in the host tier. Read and validate them before ``schedule`` evicts for them."""
     def postprocess(self, finished: list[int]) -> list[int]:
         """Apply the step (one sampled token per request that sampled) and free ``finished``.
         Returns requests the scheduler finished itself for reaching ``max_model_len``."""

@@ -500,6 +500,10 @@ impl PyScheduler {
         }
     }
 
+    fn upcoming_reads(&self, py: Python<'_>, limit: usize) -> Vec<i64> {
+        py.detach(|| self.core.lock().upcoming_reads(limit))
+    }
+
     fn postprocess(&self, py: Python<'_>, finished: Vec<u64>) -> Vec<u64> {
         py.detach(|| self.core.lock().postprocess(&finished))
     }

@@ -194,6 +194,22 @@ impl Scheduler {
         })
     }
 
+    /// Up to `limit` adapters that the next steps may have to read from disk: those of
+    /// waiting requests (submissions drained first), in the order admission considers them,
+    /// held neither in a device slot nor in the host tier. The engine reads and validates them
+    /// before [`Scheduler::schedule`] can evict anything for them.
+    pub fn upcoming_reads(&mut self, limit: usize) -> Vec<AdapterId> {
+        let mut pending = std::mem::take(&mut self.pending);
+        self.drain_queue(&mut pending);
+        self.pending = pending;
+        self.waiting
+            .adapters_in_order()
+            .flatten()
+            .filter(|a| self.device.get(a).is_none() && self.host.get(a).is_none())
+            .take(limit)
+            .collect()
+    }
+
     /// Forms the next batch. Call [`Scheduler::postprocess`] after running it.
     pub fn schedule(&mut self) -> SchedulerOutput {
         if !self.last.is_empty() {
@@ -373,6 +389,7 @@ impl Scheduler {
             .iter()
             .filter_map(|(id, _)| self.seqs[id].adapter)
             .collect();
+        let mut acquisitions = Vec::new();
         for a in adapters {
             if slots.contains_key(&a) {
                 continue;
@@ -387,6 +404,11 @@ impl Scheduler {
             if !acquired.hit {
                 loading.insert(a);
             }
+            acquisitions.push((a, acquired));
+        }
+        // Host-tier traffic once every load of the step is known: no adapter loses its host
+        // copy to another loaded in the same step and then has to be read from disk.
+        for (a, acquired) in acquisitions {
             self.record_acquired(a, acquired, &loading);
         }
         let pending = std::mem::take(&mut self.pending);

@@ -82,6 +82,11 @@ impl WaitingQueues {
     }
 
     /// The first waiting request overall.
+    /// Each queue's adapter, oldest head first: the order admission considers them in.
+    pub fn adapters_in_order(&self) -> impl Iterator<Item = AdapterKey> + '_ {
+        self.heads.iter().map(|(_, adapter)| *adapter)
+    }
+
     pub fn first(&self) -> Option<(OrderKey, AdapterKey)> {
         self.heads.first().copied()
     }

@@ -209,7 +209,18 @@ fn simulate(cfg: &SchedulerConfig, specs: &[Spec], pin: Option<i64>) -> Seen {
         if step > last_event && !sched.has_unfinished() {
             break;
         }
+        // as the engine does: read and validate these before schedule() may evict for them
+        let upcoming = sched.upcoming_reads(cfg.max_loras);
         let out = sched.schedule();
+        for load in &out.loads {
+            if !load.from_host && Some(load.adapter) != pinned {
+                assert!(
+                    upcoming.contains(&load.adapter),
+                    "adapter {} read from disk but not announced by upcoming_reads: {upcoming:?}",
+                    load.adapter
+                );
+            }
+        }
         assert!(out.rejected.is_empty());
         seen.done.extend(out.aborted.iter().copied());
         check_step(cfg, &out, &mut slots, pinned);

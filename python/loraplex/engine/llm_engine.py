@@ -240,9 +240,15 @@ class LLMEngine:
             return len(self._requests)
 
     def step(self) -> list[RequestOutput]:
+        aborted: set[Sequence] = set()
+        if self.lora is not None:
+            # adapters this step may read from disk are read and validated first: one that
+            # fails is dropped before the scheduler can evict anything for it
+            upcoming = self.scheduler.upcoming_reads(self.args.max_loras)
+            aborted = self._fail_adapters(self.lora.prefetch(upcoming))
         batch = self.scheduler.schedule()
         lora, failed = self.lora.prepare(batch) if self.lora else (None, {})
-        aborted = self._fail_adapters(failed)
+        aborted |= self._fail_adapters(failed)
         with self._lock:
             seqs = [self._seqs[i] for i in batch.request_ids]
         sampling = [s for s, smp in zip(seqs, batch.samples) if smp]
@@ -257,7 +263,7 @@ class LLMEngine:
         return self._postprocess(batch, [s for s in sampling if s not in aborted], aborted)
 
     def _fail_adapters(self, failed: dict[int, str]) -> set[Sequence]:
-        """An adapter that failed to load inside a step fails only the requests naming it."""
+        """An adapter that failed to load fails only the requests naming it."""
         hit: set[Sequence] = set()
         for lora_id, error in failed.items():
             seq_ids = self.scheduler.remove_adapter(lora_id, force=True)

@@ -45,10 +45,31 @@ class LoRAManager:
         except Exception:
             self.registry.unregister(request.lora_int_id)
             raise
-        self.staged[request.lora_int_id] = adapter
+        self._stage(request.lora_int_id, adapter)
+        return True
+
+    def prefetch(self, lora_ids: list[int]) -> dict[int, str]:
+        """Reads and validates the adapters the next step may read from disk (the scheduler's
+        ``upcoming_reads``) into the staged copies, before the scheduler can evict anything
+        for them. Returns the ones that failed, with why."""
+        failed: dict[int, str] = {}
+        for lora_id in lora_ids:
+            if lora_id in self.staged:
+                self.staged.move_to_end(lora_id)
+                continue
+            request = self.registry.get(lora_id)
+            if request is None:
+                continue  # removed meanwhile: the scheduler no longer holds its requests
+            try:
+                self._stage(lora_id, self._load(request))
+            except InvalidAdapterError as e:
+                failed[lora_id] = str(e)
+        return failed
+
+    def _stage(self, lora_id: int, adapter: LoRAAdapter) -> None:
+        self.staged[lora_id] = adapter
         while len(self.staged) > self.max_staged:
             self.staged.popitem(last=False)
-        return True
 
     def _load(self, request: LoRARequest) -> LoRAAdapter:
         return load_adapter(request, self.cfg, self.max_lora_rank, self.served_names)
