@@ -177,8 +177,8 @@ def merged_problems(draw):
     outs = draw(st.lists(st.integers(16, 2048), min_size=1, max_size=3))
     rank = draw(st.integers(1, 64))
     num_slots = draw(st.integers(1, 4))
-    # lengths past 32 take the BLAS path, shorter ones the AVX2 work items (blocks of 4)
-    lengths = draw(st.lists(st.integers(0, 40), min_size=1, max_size=16))
+    # lengths from 128 take the BLAS path, shorter ones the AVX2 work items (blocks of 4)
+    lengths = draw(st.lists(st.integers(0, 140), min_size=1, max_size=16))
     slots = draw(
         st.lists(st.integers(-1, num_slots - 1), min_size=len(lengths), max_size=len(lengths))
     )

@@ -36,7 +36,7 @@ namespace {
 
 constexpr int kTok = 4;          // tokens per work item
 constexpr int64_t kMaxRows = 1024;  // k * R, bounded by the stack buffer
-constexpr int64_t kLong = 32;       // segments at least this long go to BLAS
+constexpr int64_t kLong = 128;      // segments at least this long go to BLAS
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
