@@ -93,12 +93,18 @@ def run_loraplex(folder: Path, jobs) -> dict:
     elapsed = time.perf_counter() - start
     new_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     assert new_tokens == sum(m for _, m in jobs)
+    share = round(1 - forward_s / elapsed, 4)
+    return rate_row({"engine": "loraplex"}, new_tokens, elapsed, share_outside_forward=share)
+
+
+def rate_row(label: dict, new_tokens: int, elapsed: float, **extra) -> dict:
+    """One JSON row: ``label``, new tokens, seconds and new tokens per second (+ ``extra``)."""
     return {
-        "engine": "loraplex",
+        **label,
         "new_tokens": new_tokens,
         "seconds": round(elapsed, 2),
         "tokens_per_s": round(new_tokens / elapsed, 1),
-        "share_outside_forward": round(1 - forward_s / elapsed, 4),
+        **extra,
     }
 
 
@@ -140,13 +146,7 @@ def run_transformers(folder: Path, jobs) -> dict:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     elapsed = time_generate(model, jobs)
-    new_tokens = sum(m for _, m in jobs)
-    return {
-        "engine": "transformers.generate",
-        "new_tokens": new_tokens,
-        "seconds": round(elapsed, 2),
-        "tokens_per_s": round(new_tokens / elapsed, 1),
-    }
+    return rate_row({"engine": "transformers.generate"}, sum(m for _, m in jobs), elapsed)
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import build, time_generate, workload  # noqa: E402
+from bench_generate import build, rate_row, time_generate, workload  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -75,13 +75,7 @@ def run_loraplex(base, jobs, adapters, label, **engine_kw):
     start = time.perf_counter()
     outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {
-        "setup": label,
-        "new_tokens": tokens,
-        "seconds": round(elapsed, 2),
-        "tokens_per_s": round(tokens / elapsed, 1),
-    }
+    return rate_row({"setup": label}, sum(len(o.outputs[0].token_ids) for o in outs), elapsed)
 
 
 def run_peft(base, jobs, adapters):
@@ -95,12 +89,7 @@ def run_peft(base, jobs, adapters):
     names = [f"a{i % len(adapters)}" for i in range(len(jobs))]
     elapsed = time_generate(model, jobs, adapter_names=names)
     tokens = sum(m for _, m in jobs)
-    return {
-        "setup": "transformers+peft mixed batch",
-        "new_tokens": tokens,
-        "seconds": round(elapsed, 2),
-        "tokens_per_s": round(tokens / elapsed, 1),
-    }
+    return rate_row({"setup": "transformers+peft mixed batch"}, tokens, elapsed)
 
 
 def _timeit(fn, reps=20):

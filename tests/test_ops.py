@@ -30,14 +30,19 @@ def problems(draw):
     return fan_in, fan_out, rank, num_slots, lengths, slots, dtype, seed
 
 
-def make(problem):
-    fan_in, fan_out, rank, num_slots, lengths, slots, dtype, seed = problem
-    g = torch.Generator().manual_seed(seed)
+def back_to_back(lengths, slots):
+    """``(start, length, slot)`` segments laid end to end, and the rows they cover."""
     segments, start = [], 0
     for n, s in zip(lengths, slots):
         segments.append((start, n, s))
         start += n
-    total = start
+    return segments, start
+
+
+def make(problem):
+    fan_in, fan_out, rank, num_slots, lengths, slots, dtype, seed = problem
+    g = torch.Generator().manual_seed(seed)
+    segments, total = back_to_back(lengths, slots)
     x = torch.randn(total, fan_in, generator=g).to(dtype)
     a = (torch.randn(num_slots, rank, fan_in, generator=g) / fan_in**0.5).to(dtype)
     b = (torch.randn(num_slots, fan_out, rank, generator=g) / rank**0.5).to(dtype)
@@ -193,11 +198,8 @@ def merged_problems(draw):
 def test_cpp_lora_apply_matches_reference(cpp_ops, problem):
     fan_in, outs, rank, num_slots, lengths, slots, inference, seed = problem
     g = torch.Generator().manual_seed(seed)
-    segments, start = [], 0
-    for n, s in zip(lengths, slots):
-        segments.append((start, n, s))
-        start += n
-    total, k = start, len(outs)
+    segments, total = back_to_back(lengths, slots)
+    k = len(outs)
     splits = [sum(outs[:i]) for i in range(k + 1)]
     # x with a row stride wider than its rows, as a view of a bigger buffer
     x = torch.randn(total, fan_in + 3, generator=g)[:, :fan_in]

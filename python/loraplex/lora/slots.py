@@ -25,8 +25,11 @@ class LoRASlots:
 
     def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, dtype: torch.dtype):
         self.max_rank = max_rank
-        # what the C++ CPU op takes: float32, k * R within its per-token buffer
-        self.cpp_ok = dtype == torch.float32 and 3 * max_rank <= cpu_ext.MAX_ROWS
+        # the C++ CPU op (float32, k * R within its per-token buffer), decided (and built)
+        # once, at engine start
+        self.cpp_ok = (
+            dtype == torch.float32 and 3 * max_rank <= cpu_ext.MAX_ROWS and cpu_ext.available()
+        )
         self.a: dict[tuple[int, str], torch.Tensor] = {}
         self.bt: dict[tuple[int, str], torch.Tensor] = {}
         self.offsets: dict[str, list[int]] = {}
@@ -69,7 +72,7 @@ class LoRAContext:
         # segments (decode) take one batched GEMM per stage over a padded grid
         self.table = None
         self.layout = None
-        if on_cpu and self.segments and slots.cpp_ok and cpu_ext.available():
+        if on_cpu and self.segments and slots.cpp_ok:
             self.table = cpu_ext.segment_table(self.segments)
         elif on_cpu:
             self.layout = cpu.padded_layout(self.segments)
