@@ -114,18 +114,24 @@ def test_add_remove_pin_list(base, reqs):
     engine.add_lora(chat)
     with pytest.raises(NoFreeSlotError):
         engine.pin_lora(chat.lora_int_id)
-    # both slots pinned: chat's request waits; sql's runs
+    # both slots pinned: chat's request could never run, so it ends at once with the reason;
+    # sql's runs
     engine.add_request("c", "a", GREEDY, lora_request=chat)
     engine.add_request("s", "a", GREEDY, lora_request=sql)
-    out = engine.step()
-    assert [o.request_id for o in out] == ["s"]
+    out = {o.request_id: o for o in engine.step()}
+    assert sorted(out) == ["c", "s"] and out["c"].finished and not out["s"].finished
+    assert out["c"].outputs[0].finish_reason == "abort"
+    assert (
+        "no free adapter slot" in out["c"].error and f"adapter {chat.lora_int_id}" in out["c"].error
+    )
     with pytest.raises(AdapterInUseError):
         engine.remove_lora(sql.lora_int_id)
     assert engine.remove_lora(code.lora_int_id) is True  # frees a pinned slot at once
+    engine.add_request("c2", "a", GREEDY, lora_request=chat)  # now it has a slot to use
     done = set()
     while engine.has_unfinished_requests():
-        done |= {o.request_id for o in engine.step() if o.finished}
-    assert done == {"c", "s"}
+        done |= {o.request_id for o in engine.step() if o.finished and o.error is None}
+    assert done == {"c2", "s"}
     assert engine.remove_lora(12345) is False
 
 

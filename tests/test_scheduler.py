@@ -123,15 +123,17 @@ def test_pinning():
     s.pin_adapter(2)
     with pytest.raises(NoFreeSlotError, match="adapter 3"):
         s.pin_adapter(3)
-    s.add_request(0, 2, lora_int_id=3)  # no slot while both are pinned
+    s.add_request(0, 2, lora_int_id=3)  # no slot while both are pinned: refused
     s.add_request(1, 2, lora_int_id=1)
     out = s.schedule()
     assert sorted(slot for slot, *_ in out.loads) == [0, 1]  # the two pins
     assert out.request_ids == [1]
+    assert [(i, "all 2 slots are pinned" in e) for i, e in out.rejected] == [(0, True)]
     s.postprocess([1])
     assert s.unpin_adapter(2) is True
+    s.add_request(2, 2, lora_int_id=3)
     out = s.schedule()
-    assert out.request_ids == [0]
+    assert out.request_ids == [2]
     assert out.evictions == [(1, 2)]  # 2 was unpinned; 1 stays pinned
 
 

@@ -28,18 +28,25 @@ from loraplex._core import (
 _LAZY = {
     "LLM": "loraplex.entrypoints.llm",
     "LLMEngine": "loraplex.engine.llm_engine",
-    "EngineArgs": "loraplex.engine.args",
+    "EngineArgs": "loraplex.engine.arg_utils",
+    "AsyncEngineArgs": "loraplex.engine.arg_utils",
     "SamplingParams": "loraplex.sampling_params",
+    "RequestOutputKind": "loraplex.sampling_params",
     "RequestOutput": "loraplex.outputs",
     "CompletionOutput": "loraplex.outputs",
+    "TextPrompt": "loraplex.inputs",
+    "TokensPrompt": "loraplex.inputs",
+    "InvalidAdapterError": "loraplex.errors",
 }
 
 if TYPE_CHECKING:
-    from loraplex.engine.args import EngineArgs
+    from loraplex.engine.arg_utils import AsyncEngineArgs, EngineArgs
     from loraplex.engine.llm_engine import LLMEngine
     from loraplex.entrypoints.llm import LLM
+    from loraplex.errors import InvalidAdapterError
+    from loraplex.inputs import TextPrompt, TokensPrompt
     from loraplex.outputs import CompletionOutput, RequestOutput
-    from loraplex.sampling_params import SamplingParams
+    from loraplex.sampling_params import RequestOutputKind, SamplingParams
 
 
 def __getattr__(name: str) -> Any:
@@ -52,8 +59,13 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "LLM",
+    "AsyncEngineArgs",
     "CompletionOutput",
     "EngineArgs",
+    "InvalidAdapterError",
+    "RequestOutputKind",
+    "TextPrompt",
+    "TokensPrompt",
     "LLMEngine",
     "RequestOutput",
     "SamplingParams",

@@ -73,6 +73,7 @@ class LoRARequest:
         long_lora_max_len: int | None = None,
         base_model_name: str | None = None,
         tensorizer_config_dict: dict[str, Any] | None = None,
+        load_inplace: bool = False,
     ) -> LoRARequest: ...
     @staticmethod
     def from_path(path: str | os.PathLike[str], name: str | None = None) -> LoRARequest:
@@ -100,6 +101,10 @@ class LoRARequest:
     @property
     def tensorizer_config_dict(self) -> dict[str, Any] | None: ...
     @property
+    def load_inplace(self) -> bool:
+        """Read the adapter's weights again even if the engine holds it (vLLM's hot swap):
+        requests already running finish on the weights they started with."""
+    @property
     def adapter_id(self) -> int:
         """Alias of ``lora_int_id``."""
     @property
@@ -123,6 +128,7 @@ def _restore_lora_request(
     long_lora_max_len: int | None,
     base_model_name: str | None,
     tensorizer_config_dict: dict[str, Any] | None,
+    load_inplace: bool,
 ) -> LoRARequest:
     """Unpickling helper: rebuilds a LoRARequest without repeating the deprecation warning."""
 
@@ -234,10 +240,18 @@ class Scheduler:
         """Apply the step (one sampled token per request that sampled) and free ``finished``.
         Returns requests the scheduler finished itself for reaching ``max_model_len``."""
     def pin_adapter(self, lora_int_id: int) -> None:
-        """Keep an adapter in a device slot; ``NoFreeSlotError`` if none can be given."""
+        """Keep an adapter in a device slot and the host tier; ``NoFreeSlotError`` if none
+        can be given, or if pinning the last slot would strand waiting requests of other
+        adapters."""
     def remove_adapter(self, lora_int_id: int, force: bool = False) -> list[int]:
-        """Drop an adapter from device slots and host tier at once. With ``force``, abort the
-        requests that use it and return their ids; else ``AdapterInUseError`` while any do."""
+        """Drop an adapter from device slots and host tier at once; requests still in the
+        submission queue count as users. With ``force``, abort the requests that use it and
+        return their ids; else ``AdapterInUseError`` while any do."""
+    def cache_adapter(self, lora_int_id: int) -> tuple[int, int | None] | None:
+        """Put an adapter in the host tier (LRU, pins kept): its host slot and the adapter
+        evicted for it; ``None`` when every host slot is pinned."""
+    def resident_adapters(self) -> list[int]:
+        """Adapters held in a device slot or the host tier, ascending."""
     def unpin_adapter(self, lora_int_id: int) -> bool: ...
     def has_unfinished_requests(self) -> bool: ...
     @property

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from loraplex.logprobs import Logprob, PromptLogprobs, SampleLogprobs
 
 if TYPE_CHECKING:
     from loraplex._core import LoRARequest
 
-
-@dataclass
-class Logprob:
-    """A token's log-probability, its rank in the distribution (1 = most likely), and text."""
-
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
+__all__ = ["CompletionOutput", "Logprob", "RequestMetrics", "RequestOutput"]
 
 
 @dataclass
@@ -26,7 +21,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None
-    logprobs: list[dict[int, Logprob]] | None
+    logprobs: SampleLogprobs | None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     lora_request: LoRARequest | None = None
@@ -36,15 +31,33 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """vLLM's request timings, in seconds (``time.time()`` clock). ``scheduler_time`` and
+    ``model_forward_time`` add up the steps the request took part in."""
+
+    arrival_time: float
+    last_token_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    time_in_queue: float | None = None
+    finished_time: float | None = None
+    scheduler_time: float = 0.0
+    model_forward_time: float = 0.0
+    model_execute_time: float = 0.0
+
+
+@dataclass
 class RequestOutput:
-    """The state of one request after a step (streaming) or at its end."""
+    """The state of one request after a step (streaming) or at its end. Every list in it is
+    its own: nothing is shared with the engine or with another output."""
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    prompt_logprobs: None
+    prompt_logprobs: PromptLogprobs | None
     outputs: list[CompletionOutput]
     finished: bool
     lora_request: LoRARequest | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: RequestMetrics | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from a prefix cache (none here)
     error: str | None = None  # why the engine aborted the request, when it did

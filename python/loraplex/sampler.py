@@ -1,9 +1,10 @@
-"""Next-token selection for a batch of rows, each with its own ``SamplingParams``: penalties,
-``min_tokens``, greedy or temperature / top-k / top-p / min-p sampling, and logprobs."""
+"""Next-token selection for a batch of rows, each with its own ``SamplingParams``: logit bias,
+allowed tokens, bad words, penalties, ``min_tokens``, greedy or temperature / top-k / top-p /
+min-p sampling, and logprobs (of the raw logits, as vLLM's default ``raw_logprobs``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +20,7 @@ class SampleRow:
     output_ids: list[int]
     generator: torch.Generator | None
     blocked_ids: list[int]  # EOS / stop ids masked while output is shorter than min_tokens
+    bad_word_ids: list[list[int]] = field(default_factory=list)  # token sequences to avoid
 
 
 @dataclass
@@ -30,14 +32,19 @@ class Sampled:
 
 
 class Sampler:
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int | None):
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()  # a random seed, as vLLM's seed=None
+        else:
+            self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> Sampled:
         """logits: [S, V] float32, raw from the model (not modified)."""
         raw = logits
         logits = logits.clone()
         for i, row in enumerate(rows):
+            _apply_constraints(logits[i], row)
             _apply_penalties(logits[i], row)
             if len(row.output_ids) < row.params.min_tokens and row.blocked_ids:
                 logits[i, row.blocked_ids] = -float("inf")
@@ -87,12 +94,32 @@ class Sampler:
             out.logprobs[i] = float(chosen)
             out.ranks[i] = int((logp[j] > chosen).sum()) + 1
             k = rows[i].params.logprobs or 0
+            if k == -1:
+                k = logp.shape[-1]
             if k:
                 values, top_ids = logp[j].topk(k)
                 out.top[i] = list(zip(top_ids.tolist(), values.tolist()))
             else:
                 out.top[i] = []
         return out
+
+
+def _apply_constraints(logits: torch.Tensor, row: SampleRow) -> None:
+    """``logit_bias`` added; tokens outside ``allowed_token_ids`` and the last token of a
+    bad word whose other tokens end the output so far, masked (vLLM's semantics)."""
+    p = row.params
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
+        logits[ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
+    if p.allowed_token_ids is not None:
+        keep = logits[p.allowed_token_ids].clone()
+        logits.fill_(-float("inf"))
+        logits[p.allowed_token_ids] = keep
+    out = row.output_ids
+    for word in row.bad_word_ids:
+        prefix = word[:-1]
+        if not prefix or (len(out) >= len(prefix) and out[len(out) - len(prefix) :] == prefix):
+            logits[word[-1]] = -float("inf")
 
 
 def _apply_penalties(logits: torch.Tensor, row: SampleRow) -> None:

@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+# torch.Generator.manual_seed takes what fits in 64 bits, signed or unsigned
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+
+
+class RequestOutputKind(IntEnum):
+    """What each ``RequestOutput`` of a request carries (vLLM's enum and values)."""
+
+    CUMULATIVE = 0  # everything generated so far, every step
+    DELTA = 1  # only what is new since the last output
+    FINAL_ONLY = 2  # one output, when the request finishes
 
 
 @dataclass
 class SamplingParams:
     """Sampling settings for one request. An invalid value raises ``ValueError`` naming the
-    field. ``temperature=0`` is greedy decoding; ``top_k`` of 0 or -1 disables top-k."""
+    field. ``temperature=0`` is greedy decoding; ``top_k`` of 0 or -1 disables top-k.
+
+    Checked here, on their own: types and ranges. Checked by the engine at ``add_request``,
+    against the model: token ids inside the vocabulary (``stop_token_ids``, ``logit_bias``,
+    ``allowed_token_ids``), ``logprobs`` / ``prompt_logprobs`` within ``max_logprobs``
+    (``-1``: the whole vocabulary).
+    """
 
     n: int = 1
     presence_penalty: float = 0.0
@@ -25,8 +46,16 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    detokenize: bool = True
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    extra_args: dict[str, Any] | None = None
     _stop: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -34,47 +63,80 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.logit_bias is not None:
+            self.logit_bias = dict(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.bad_words is not None:
+            self.bad_words = list(self.bad_words)
         self._verify()
+        self.output_kind = RequestOutputKind(self.output_kind)
 
     def _verify(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
             return ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}.")
 
-        if not isinstance(self.n, int) or self.n < 1:
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not is_int(self.n) or self.n < 1:
             raise bad("n", "at least 1")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise bad("presence_penalty", "in [-2, 2]")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise bad("frequency_penalty", "in [-2, 2]")
-        if not self.repetition_penalty > 0.0:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not is_real(getattr(self, name)) or not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, "in [-2, 2]")
+        if not is_real(self.repetition_penalty) or not self.repetition_penalty > 0.0:
             raise bad("repetition_penalty", "greater than zero")
-        if not self.temperature >= 0.0:
+        if not is_real(self.temperature) or not self.temperature >= 0.0:
             raise bad("temperature", "non-negative")
-        if not 0.0 < self.top_p <= 1.0:
+        if not is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise bad("top_k", "-1, 0 (disable) or at least 1")
-        if not 0.0 <= self.min_p <= 1.0:
+        if not is_real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "in [0, 1]")
-        if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens < 1
-        ):
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", "at least 1")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
             raise bad("min_tokens", "non-negative")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
                 f"got {self.min_tokens}."
             )
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise bad("logprobs", "non-negative")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < -1):
+                raise bad(name, "-1 (the whole vocabulary), 0 or more, or None")
         if any(not isinstance(s, str) or s == "" for s in self._stop):
             raise bad("stop", "a non-empty string or a list of them")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
+        if any(not is_int(t) or t < 0 for t in self.stop_token_ids or []):
             raise bad("stop_token_ids", "a list of non-negative token ids")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "an int or None")
+        if self.seed is not None and (not is_int(self.seed) or not _SEED_MIN <= self.seed):
+            raise bad("seed", f"an int in [{_SEED_MIN}, {_SEED_MAX}] or None")
+        if self.seed is not None and self.seed > _SEED_MAX:
+            raise bad("seed", f"an int in [{_SEED_MIN}, {_SEED_MAX}] or None")
+        if self.logit_bias is not None and not all(
+            is_int(k) and k >= 0 and is_real(v) for k, v in self.logit_bias.items()
+        ):
+            raise bad("logit_bias", "a dict of non-negative token ids to finite floats")
+        if self.allowed_token_ids is not None and (
+            not self.allowed_token_ids
+            or not all(is_int(t) and t >= 0 for t in self.allowed_token_ids)
+        ):
+            raise bad("allowed_token_ids", "a non-empty list of non-negative token ids")
+        if self.bad_words is not None and not all(
+            isinstance(w, str) and w.strip() for w in self.bad_words
+        ):
+            raise bad("bad_words", "a list of non-blank strings")
+        if not self.detokenize and self._stop:
+            raise ValueError("stop strings are only supported when detokenize is True.")
+        try:
+            RequestOutputKind(self.output_kind)
+        except ValueError:
+            raise bad("output_kind", "a RequestOutputKind") from None
 
     @property
     def stop_strings(self) -> list[str]:
@@ -84,3 +146,13 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def clone(self) -> SamplingParams:
+        """A deep copy: nothing is shared with this one."""
+        return copy.deepcopy(self)
+
+    def generator_seed(self, index: int) -> int | None:
+        """The seed of the ``index``-th of ``n`` sequences (wrapping within 64 bits)."""
+        if self.seed is None:
+            return None
+        return (self.seed + index - _SEED_MIN) % 2**64 + _SEED_MIN

@@ -9,6 +9,8 @@ from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from loraplex import chat_template as chat_template_lib
+
 # Tokens of prompt context kept for detokenizing the first generated tokens: enough for the
 # decoder to see a word boundary (SentencePiece-style leading spaces) and byte fallback runs.
 _CONTEXT_TOKENS = 6
@@ -20,6 +22,19 @@ def _read_json(path: Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     return data if isinstance(data, dict) else {}
+
+
+def _chat_template(folder: Path, tok_config: dict[str, Any]) -> str | None:
+    """The default template: chat_template.jinja, else tokenizer_config.json's
+    ``chat_template`` (a string, or named templates of which 'default' is used)."""
+    path = folder / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    value = tok_config.get("chat_template")
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) else None
 
 
 def _token_text(value: Any) -> str | None:
@@ -44,6 +59,20 @@ class Tokenizer:
         tok_config = _read_json(folder / "tokenizer_config.json")
         gen_config = _read_json(folder / "generation_config.json")
         model_config = model_config or _read_json(folder / "config.json")
+        self.chat_template = _chat_template(folder, tok_config)
+        self.special_tokens = {
+            name: text
+            for name in (
+                "bos_token",
+                "eos_token",
+                "unk_token",
+                "pad_token",
+                "sep_token",
+                "cls_token",
+                "mask_token",
+            )
+            if (text := _token_text(tok_config.get(name))) is not None
+        }
         self.special_ids: set[int] = {
             i for i, t in self._tok.get_added_tokens_decoder().items() if t.special
         }
@@ -64,10 +93,40 @@ class Tokenizer:
         token_id = self._tok.token_to_id(text) if text else None
         return [token_id] if token_id is not None else []
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``, with the special tokens the tokenizer's post-processor adds
-        (e.g. BOS), as ``AutoTokenizer(text)`` gives them."""
-        return self._tok.encode(text, add_special_tokens=True).ids
+        (e.g. BOS), as ``AutoTokenizer(text)`` gives them, unless told not to."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def apply_chat_template(
+        self,
+        conversation: list[dict[str, Any]],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """transformers' ``apply_chat_template`` for one conversation: the text, or (with
+        ``tokenize``) its ids without added special tokens, as transformers gives them."""
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError(
+                "this tokenizer has no chat template (tokenizer_config.json 'chat_template' "
+                "or chat_template.jinja); pass chat_template="
+            )
+        text = chat_template_lib.render(
+            template,
+            conversation,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            documents=documents,
+            **{**self.special_tokens, **kwargs},
+        )
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -77,7 +77,8 @@ pub struct SchedulerOutput {
     pub preempted: Vec<RequestId>,
     /// Requests aborted since the last step.
     pub aborted: Vec<RequestId>,
-    /// Submissions refused when drained (duplicate id), with the reason.
+    /// Requests refused (a duplicate id; an adapter that can get no slot because every slot
+    /// is pinned), with the reason. They hold nothing.
     pub rejected: Vec<(RequestId, Error)>,
 }
 

@@ -142,6 +142,7 @@ pub struct PyLoRARequest {
     inner: LoRARequest,
     lora_local_path: Option<String>,
     tensorizer_config_dict: Option<Py<PyAny>>,
+    load_inplace: bool,
 }
 
 /// A Python int as an adapter id; ints beyond `i64` are out of range with the culprit named.
@@ -165,6 +166,7 @@ fn path_string(p: Option<PathBuf>) -> Option<String> {
 }
 
 impl PyLoRARequest {
+    #[allow(clippy::too_many_arguments)]
     fn build(
         lora_name: String,
         lora_int_id: i64,
@@ -173,6 +175,7 @@ impl PyLoRARequest {
         long_lora_max_len: Option<u64>,
         base_model_name: Option<String>,
         tensorizer_config_dict: Option<Py<PyAny>>,
+        load_inplace: bool,
     ) -> PyResult<Self> {
         let lora_path = match (&lora_local_path, lora_path.is_empty()) {
             (Some(local), true) => local.clone(),
@@ -190,6 +193,7 @@ impl PyLoRARequest {
             inner,
             lora_local_path,
             tensorizer_config_dict,
+            load_inplace,
         })
     }
 }
@@ -197,7 +201,7 @@ impl PyLoRARequest {
 #[pymethods]
 impl PyLoRARequest {
     #[new]
-    #[pyo3(signature = (lora_name, lora_int_id, lora_path=None, lora_local_path=None, long_lora_max_len=None, base_model_name=None, tensorizer_config_dict=None))]
+    #[pyo3(signature = (lora_name, lora_int_id, lora_path=None, lora_local_path=None, long_lora_max_len=None, base_model_name=None, tensorizer_config_dict=None, load_inplace=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -208,6 +212,7 @@ impl PyLoRARequest {
         long_lora_max_len: Option<u64>,
         base_model_name: Option<String>,
         tensorizer_config_dict: Option<Py<PyAny>>,
+        load_inplace: bool,
     ) -> PyResult<Self> {
         let local = path_string(lora_local_path).filter(|p| !p.is_empty());
         if local.is_some() {
@@ -223,6 +228,7 @@ impl PyLoRARequest {
             long_lora_max_len,
             base_model_name,
             tensorizer_config_dict,
+            load_inplace,
         )
     }
 
@@ -236,6 +242,7 @@ impl PyLoRARequest {
             inner,
             lora_local_path: None,
             tensorizer_config_dict: None,
+            load_inplace: false,
         })
     }
 
@@ -268,6 +275,10 @@ impl PyLoRARequest {
         self.tensorizer_config_dict
             .as_ref()
             .map(|d| d.clone_ref(py))
+    }
+    #[getter]
+    fn load_inplace(&self) -> bool {
+        self.load_inplace
     }
     #[getter]
     fn adapter_id(&self) -> i64 {
@@ -323,6 +334,9 @@ impl PyLoRARequest {
         if let Some(d) = &self.tensorizer_config_dict {
             out += &format!(", tensorizer_config_dict={}", d.bind(py).repr()?);
         }
+        if self.load_inplace {
+            out += ", load_inplace=True";
+        }
         Ok(out + ")")
     }
 
@@ -342,6 +356,7 @@ impl PyLoRARequest {
             i.long_lora_max_len,
             i.base_model_name.clone(),
             self.tensorizer_config_dict(py),
+            self.load_inplace,
         );
         Ok((restore, args.into_pyobject(py)?))
     }
@@ -349,6 +364,7 @@ impl PyLoRARequest {
 
 /// Unpickling: rebuilds a request without repeating the deprecation warning.
 #[pyfunction]
+#[allow(clippy::too_many_arguments)]
 fn _restore_lora_request(
     lora_name: String,
     lora_int_id: i64,
@@ -357,6 +373,7 @@ fn _restore_lora_request(
     long_lora_max_len: Option<u64>,
     base_model_name: Option<String>,
     tensorizer_config_dict: Option<Py<PyAny>>,
+    load_inplace: bool,
 ) -> PyResult<PyLoRARequest> {
     PyLoRARequest::build(
         lora_name,
@@ -366,6 +383,7 @@ fn _restore_lora_request(
         long_lora_max_len,
         base_model_name,
         tensorizer_config_dict,
+        load_inplace,
     )
 }
 
@@ -374,6 +392,7 @@ fn request_to_py(inner: LoRARequest) -> PyLoRARequest {
         inner,
         lora_local_path: None,
         tensorizer_config_dict: None,
+        load_inplace: false,
     }
 }
 
@@ -518,6 +537,14 @@ impl PyScheduler {
             .lock()
             .remove_adapter(lora_int_id, force)
             .map_err(to_py_err)
+    }
+
+    fn cache_adapter(&self, lora_int_id: i64) -> Option<(usize, Option<i64>)> {
+        self.core.lock().cache_adapter(lora_int_id)
+    }
+
+    fn resident_adapters(&self) -> Vec<i64> {
+        self.core.lock().resident_adapters()
     }
 
     fn unpin_adapter(&self, lora_int_id: i64) -> bool {

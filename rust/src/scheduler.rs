@@ -128,6 +128,11 @@ impl Scheduler {
         if !self.can_admit(Some(adapter)) {
             return Err(no_slot);
         }
+        self.drain_pending();
+        let pinned_after = self.device.num_pinned() + usize::from(!self.device.is_pinned(&adapter));
+        if pinned_after >= self.config.max_loras && self.waits_for_unpinned(Some(adapter)) {
+            return Err(no_slot);
+        }
         let active = &self.active;
         let acquired = self
             .device
@@ -135,7 +140,38 @@ impl Scheduler {
             .ok_or(no_slot)?;
         self.device.set_pinned(&adapter, true);
         self.record_acquired(adapter, acquired, &HashSet::new());
+        self.host.set_pinned(&adapter, true);
         Ok(())
+    }
+
+    /// Whether a waiting request uses an adapter that is not pinned (besides `also_pinned`).
+    fn waits_for_unpinned(&self, also_pinned: AdapterKey) -> bool {
+        self.waiting
+            .adapters_in_order()
+            .flatten()
+            .any(|a| Some(a) != also_pinned && !self.device.is_pinned(&a))
+    }
+
+    /// Keeps `adapter`'s validated weights in the host tier (least recently used unpinned
+    /// adapters make room). Returns its host slot and the adapter evicted for it, or `None`
+    /// when every host slot is pinned: its weights are then read again when it is needed.
+    pub fn cache_adapter(&mut self, adapter: AdapterId) -> Option<(usize, Option<AdapterId>)> {
+        let acquired = self.host.acquire(&adapter, |_| false)?;
+        Some((acquired.slot, acquired.evicted))
+    }
+
+    /// Adapters held in a device slot or the host tier, ascending: what `list_loras` shows.
+    pub fn resident_adapters(&self) -> Vec<AdapterId> {
+        let mut all: Vec<AdapterId> = self
+            .device
+            .entries_by_recency()
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        all.extend(self.host.entries_by_recency().into_iter().map(|e| e.0));
+        all.sort_unstable();
+        all.dedup();
+        all
     }
 
     /// Drops `adapter` from the device slots and the host tier at once. With `force`, first
@@ -145,6 +181,7 @@ impl Scheduler {
     /// # Errors
     /// [`Error::AdapterInUse`] when requests use it and `force` is false.
     pub fn remove_adapter(&mut self, adapter: AdapterId, force: bool) -> Result<Vec<RequestId>> {
+        self.drain_pending();
         let mut users = self.waiting.ids_of(Some(adapter));
         let seqs = &self.seqs;
         users.extend(
@@ -170,6 +207,7 @@ impl Scheduler {
     pub fn unpin_adapter(&mut self, adapter: AdapterId) -> bool {
         let was = self.device.is_pinned(&adapter);
         self.device.set_pinned(&adapter, false);
+        self.host.set_pinned(&adapter, false);
         was
     }
 
@@ -199,13 +237,14 @@ impl Scheduler {
     /// held neither in a device slot nor in the host tier. The engine reads and validates them
     /// before [`Scheduler::schedule`] can evict anything for them.
     pub fn upcoming_reads(&mut self, limit: usize) -> Vec<AdapterId> {
-        let mut pending = std::mem::take(&mut self.pending);
-        self.drain_queue(&mut pending);
-        self.pending = pending;
+        self.drain_pending();
         self.waiting
             .adapters_in_order()
             .flatten()
             .filter(|a| self.device.get(a).is_none() && self.host.get(a).is_none())
+            .filter(|a| {
+                self.device.num_pinned() < self.config.max_loras || self.device.is_pinned(a)
+            })
             .take(limit)
             .collect()
     }
@@ -218,6 +257,7 @@ impl Scheduler {
         self.step += 1;
         let mut out = std::mem::take(&mut self.pending);
         self.drain_queue(&mut out);
+        self.reject_unservable(&mut out);
         let mut tokens_left = self.config.max_num_batched_tokens;
         let mut batch = Vec::new();
         self.schedule_running(&mut batch, &mut tokens_left, &mut out.preempted);
@@ -227,6 +267,38 @@ impl Scheduler {
         self.assign_slots(batch, &mut out);
         out.group_by_slot();
         out
+    }
+
+    /// Drains submissions into the waiting queues between steps (their traffic is reported by
+    /// the next `schedule`).
+    fn drain_pending(&mut self) {
+        let mut pending = std::mem::take(&mut self.pending);
+        self.drain_queue(&mut pending);
+        self.pending = pending;
+    }
+
+    /// With every device slot pinned, a waiting request whose adapter is not pinned can never
+    /// run: it is refused (reported in `rejected`) rather than left to wait forever.
+    fn reject_unservable(&mut self, out: &mut SchedulerOutput) {
+        if self.device.num_pinned() < self.config.max_loras {
+            return;
+        }
+        let stuck: Vec<AdapterId> = self
+            .waiting
+            .adapters_in_order()
+            .flatten()
+            .filter(|a| !self.device.is_pinned(a))
+            .collect();
+        for adapter in stuck {
+            for id in self.waiting.ids_of(Some(adapter)) {
+                self.remove(id);
+                let error = Error::NoFreeSlot {
+                    capacity: self.config.max_loras,
+                    adapter,
+                };
+                out.rejected.push((id, error));
+            }
+        }
     }
 
     fn drain_queue(&mut self, out: &mut SchedulerOutput) {

@@ -5,19 +5,15 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from loraplex._core import (
-    DuplicateRequestError,
-    LoRARequest,
-    QueueFullError,
-    Scheduler,
-    UnknownAdapterError,
-)
-from loraplex.engine.args import DEFAULT_KV_CACHE_BYTES, EngineArgs
+from loraplex._core import DuplicateRequestError, LoRARequest, QueueFullError, Scheduler
+from loraplex.engine.arg_utils import DEFAULT_KV_CACHE_BYTES, EngineArgs
+from loraplex.engine.input_processor import InputProcessor, Prompt
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.output_processor import OutputProcessor
 from loraplex.engine.sequence import Request, Sequence
@@ -29,12 +25,10 @@ from loraplex.sampler import Sampler, SampleRow
 from loraplex.sampling_params import SamplingParams
 from loraplex.tokenizer import Tokenizer
 
-Prompt = str | list[int] | dict[str, Any]
-
 
 class LLMEngine:
-    """Continuous batching over the Rust scheduler. ``add_request`` and ``abort_request`` may
-    be called from any thread; ``step`` from one."""
+    """Continuous batching over the Rust scheduler. ``add_request``, ``abort_request`` and the
+    adapter methods may be called from any thread; ``step`` from one at a time."""
 
     def __init__(self, args: EngineArgs):
         args.verify()
@@ -50,11 +44,17 @@ class LLMEngine:
             )
         tok_folder = resolve_model_path(args.tokenizer) if args.tokenizer else folder
         self.tokenizer = Tokenizer(tok_folder, cfg.raw)
+        self.processor = InputProcessor(
+            self.tokenizer, cfg.vocab_size, self.max_model_len, args.max_logprobs
+        )
         self.model = load_model(folder, cfg, self.dtype, self.max_model_len)
         num_blocks = self._num_kv_blocks(cfg)
+        budget = args.max_num_batched_tokens or max(2048, args.max_num_seqs)
+        if args.enable_chunked_prefill is False:
+            budget = max(budget, self.max_model_len)
         self.scheduler = Scheduler(
             max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens or max(2048, args.max_num_seqs),
+            max_num_batched_tokens=budget,
             max_model_len=self.max_model_len,
             block_size=args.block_size,
             num_blocks=num_blocks,
@@ -66,20 +66,22 @@ class LLMEngine:
         self.lora: LoRAManager | None = None
         if args.enable_lora:
             served = {args.model, str(folder), folder.name, str(folder.resolve())}
-            max_cpu = args.max_cpu_loras or args.max_loras
+            names = args.served_model_name
+            served |= {names} if isinstance(names, str) else set(names or [])
             self.lora = LoRAManager(
-                cfg, args.max_loras, max_cpu, args.max_lora_rank, self.dtype, served
+                cfg, self.scheduler, args.max_loras, args.max_lora_rank, self.dtype, served
             )
         self.sampler = Sampler(args.seed)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._requests: dict[str, Request] = {}
         self._seqs: dict[int, Sequence] = {}
         self._lock = threading.Lock()
+        self._step_lock = threading.Lock()
         self._seq_ids = itertools.count()
         self.num_preemptions = 0
 
     @classmethod
-    def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
+    def from_engine_args(cls, engine_args: EngineArgs, **_: Any) -> LLMEngine:
         return cls(engine_args)
 
     def _num_kv_blocks(self, cfg: ModelConfig) -> int:
@@ -100,35 +102,53 @@ class LLMEngine:
         request_id: str,
         prompt: Prompt,
         params: SamplingParams | None = None,
+        arrival_time: float | None = None,
         lora_request: LoRARequest | None = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        trace_headers: Any = None,
         priority: int = 0,
+        *,
+        sampling_params: SamplingParams | None = None,
     ) -> None:
-        """Queues a request. Errors (bad prompt, duplicate id, LoRA not enabled) are raised
-        here, to this caller; the engine and its other requests are unaffected."""
-        params = params or SamplingParams()
+        """Queues a request (vLLM's signature; ``sampling_params=`` is accepted for
+        ``params``). Every error (bad prompt or params, duplicate id, bad adapter) is raised
+        here, to this caller, naming the culprit; the engine and its other requests are
+        unaffected."""
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
+        if params is not None and sampling_params is not None:
+            raise TypeError("pass params or sampling_params, not both")
+        params = params or sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        text, ids = self._tokenize(request_id, prompt)
-        self._check_lora(lora_request)
-        request = Request(str(request_id), text, ids, params, lora_request)
+        if not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
+            raise ValueError(f"priority must be a 32-bit int, got {priority!r}")
+        if priority != 0 and self.args.scheduling_policy != "priority":
+            raise ValueError(
+                f"request {request_id!r}: priority={priority} needs scheduling_policy='priority'"
+            )
+        text, ids = self.processor.tokenize(request_id, prompt, tokenization_kwargs)
+        bad_words = self.processor.check_params(request_id, params)
+        key = self._adapter_key(lora_request)
+        arrival = time.time() if arrival_time is None else arrival_time
+        request = Request(
+            request_id, text, ids, params.clone(), lora_request, arrival, priority, bad_words
+        )
         with self._lock:
-            if request.request_id in self._requests:
+            if request_id in self._requests:
                 raise DuplicateRequestError(f"request id {request_id!r} is already running")
             for index in range(params.n):
-                seq_id = next(self._seq_ids)
-                seed = None if params.seed is None else params.seed + index
+                seed = params.generator_seed(index)
                 generator = None if seed is None else torch.Generator().manual_seed(seed)
                 detok = self.tokenizer.detokenizer(ids, params.skip_special_tokens)
-                seq = Sequence(seq_id, index, request, detok, generator)
-                request.seqs.append(seq)
-            self._requests[request.request_id] = request
+                request.seqs.append(Sequence(next(self._seq_ids), index, request, detok, generator))
+            self._requests[request_id] = request
             for seq in request.seqs:
                 self._seqs[seq.seq_id] = seq
-        lora_id = lora_request.lora_int_id if lora_request else None
         submitted = 0
         try:
             for seq in request.seqs:
-                self.scheduler.add_request(seq.seq_id, len(ids), lora_id, priority)
+                self.scheduler.add_request(seq.seq_id, len(ids), key, priority)
                 submitted += 1
         except Exception:
             self._withdraw(request, submitted)
@@ -148,81 +168,70 @@ class LLMEngine:
             except QueueFullError:
                 pass  # no room for the abort either: it runs to its end, output and all
 
-    def _check_lora(self, lora_request: LoRARequest | None) -> None:
+    def _adapter_key(self, lora_request: LoRARequest | None) -> int | None:
+        """Registers and validates the adapter; returns the scheduler's key for it."""
         if lora_request is None:
-            return
+            return None
         if not isinstance(lora_request, LoRARequest):
             raise TypeError(
                 f"lora_request must be a LoRARequest, got {type(lora_request).__name__}"
             )
+        lora = self._require_lora(lora_request)
+        lora.add(lora_request, recache=False)
+        return lora.key_of[lora_request.lora_int_id]
+
+    def _require_lora(self, lora_request: Any) -> LoRAManager:
         if self.lora is None:
             raise ValueError(f"got {lora_request!r} but LoRA is not enabled: pass enable_lora=True")
-        self.lora.add(lora_request)
+        return self.lora
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
-        """Registers and validates an adapter ahead of use; ``False`` if already registered."""
-        if self.lora is None:
-            raise ValueError(f"got {lora_request!r} but LoRA is not enabled: pass enable_lora=True")
-        return self.lora.add(lora_request)
+        """Reads, validates and caches an adapter ahead of use (least recently used unpinned
+        adapters make room); ``False`` if it was cached already. With
+        ``lora_request.load_inplace`` its weights are read again: requests already running
+        finish on the old ones."""
+        return self._require_lora(lora_request).add(lora_request)
 
-    def remove_lora(self, lora_int_id: int) -> bool:
-        """Frees the adapter's device slot and host copy at once; ``False`` if unknown.
-        ``AdapterInUseError`` while unfinished requests use it."""
-        if self.lora is None or lora_int_id not in self.lora.registry:
+    def remove_lora(self, lora_id: int) -> bool:
+        """Frees the adapter's device slot, host copy and identity at once; ``False`` if
+        unknown. ``AdapterInUseError`` while unfinished requests (queued ones included) use
+        it."""
+        if self.lora is None:
             return False
-        self.scheduler.remove_adapter(lora_int_id)
-        self.lora.forget(lora_int_id)
+        lora = self.lora
+        with lora.lock:
+            key = lora.key_of.get(lora_id)
+            if key is None:
+                return False
+            self.scheduler.remove_adapter(key)
+            lora.drop_retired()
+            lora.forget(key)
         return True
 
     def list_loras(self) -> set[int]:
-        return set(self.lora.registry.ids()) if self.lora else set()
+        """The adapters the engine's cache holds (a device slot or the host tier), as vLLM:
+        adding past ``max_cpu_loras`` evicts the least recently used unpinned one."""
+        return self.lora.list_ids() if self.lora else set()
 
-    def pin_lora(self, lora_int_id: int) -> bool:
-        """Keeps the adapter in a device slot until removed (``NoFreeSlotError`` if every
-        slot is pinned or busy)."""
-        if self.lora is None or lora_int_id not in self.lora.registry:
-            raise UnknownAdapterError(f"unknown adapter id {lora_int_id}: add_lora it first")
-        self.scheduler.pin_adapter(lora_int_id)
+    def pin_lora(self, lora_id: int) -> bool:
+        """Keeps the adapter in a device slot and the host tier until removed
+        (``NoFreeSlotError`` if every slot is pinned or busy, or pinning the last one would
+        strand other adapters' waiting requests)."""
+        from loraplex._core import UnknownAdapterError
+
+        key = self.lora.key_of.get(lora_id) if self.lora else None
+        if key is None:
+            raise UnknownAdapterError(f"unknown adapter id {lora_id}: add_lora it first")
+        self.scheduler.pin_adapter(key)
         return True
 
-    def _tokenize(self, request_id: str, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            elif "prompt" in prompt:
-                text, ids = prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-            else:
-                raise ValueError(
-                    f"request {request_id!r}: a prompt dict needs 'prompt' or 'prompt_token_ids'"
-                )
-        elif isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        elif isinstance(prompt, list):
-            text, ids = None, list(prompt)
-        else:
-            raise TypeError(
-                f"request {request_id!r}: prompt must be str, token ids or a dict, "
-                f"got {type(prompt).__name__}"
-            )
-        if not ids:
-            raise ValueError(f"request {request_id!r}: the prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(
-                f"request {request_id!r}: token ids {bad[:5]} are outside the vocabulary "
-                f"(size {vocab})"
-            )
-        if len(ids) > self.max_model_len:
-            raise ValueError(
-                f"request {request_id!r}: the prompt ({len(ids)} tokens) is longer than "
-                f"max_model_len ({self.max_model_len})"
-            )
-        return text, ids
-
     def abort_request(self, request_id: str | Iterable[str]) -> None:
-        """Aborts requests; each reports once more, with finish_reason 'abort'."""
+        """Aborts requests; each reports once more, with finish_reason 'abort'. Unknown ids
+        are ignored; ids that are not strings raise ``TypeError``, as in ``add_request``."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            if not isinstance(rid, str):
+                raise TypeError(f"request_id must be a str, got {type(rid).__name__}")
         with self._lock:
             for rid in ids:
                 request = self._requests.get(rid)
@@ -240,35 +249,74 @@ class LLMEngine:
             return len(self._requests)
 
     def step(self) -> list[RequestOutput]:
-        aborted: set[Sequence] = set()
-        if self.lora is not None:
-            # adapters this step may read from disk are read and validated first: one that
-            # fails is dropped before the scheduler can evict anything for it
+        with self._step_lock:
+            t0 = time.time()
+            batch, lora, aborted = self._schedule()
+            with self._lock:
+                seqs = [self._seqs[i] for i in batch.request_ids]
+            t1 = time.time()
+            try:
+                sampled = self._run(batch, seqs, lora, aborted)
+            except Exception as e:  # the batch fails alone; the engine serves on
+                sampled = self._fail_batch(seqs, e)
+            self._record_times(seqs, t0, t1, time.time())
+            return self._postprocess(batch, sampled, aborted)
+
+    def _schedule(self):
+        """One schedule: adapters this step may read are read and validated first (one that
+        fails is dropped before anything is evicted for it), then the batch, then its loads."""
+        if self.lora is None:
+            return self.scheduler.schedule(), None, set()
+        with self.lora.lock:
             upcoming = self.scheduler.upcoming_reads(self.args.max_loras)
             aborted = self._fail_adapters(self.lora.prefetch(upcoming))
-        batch = self.scheduler.schedule()
-        lora, failed = self.lora.prepare(batch) if self.lora else (None, {})
-        aborted |= self._fail_adapters(failed)
-        with self._lock:
-            seqs = [self._seqs[i] for i in batch.request_ids]
+            batch = self.scheduler.schedule()
+            lora, failed = self.lora.prepare(batch)
+            aborted |= self._fail_adapters(failed)
+            self.lora.drop_retired()
+        return batch, lora, aborted
+
+    def _run(self, batch, seqs: list[Sequence], lora, aborted: set[Sequence]) -> list[Sequence]:
         sampling = [s for s, smp in zip(seqs, batch.samples) if smp]
-        if seqs:  # a prefill chunk that samples nothing still fills the KV cache
-            logits = self.runner.run(batch, seqs, lora)
-            live = [i for i, s in enumerate(sampling) if not s.is_finished]
-            sampled = [sampling[i] for i in live]
-            if sampled:
-                self.output_processor.append(
-                    sampled, self.sampler(logits[live], self._rows(sampled))
-                )
-        return self._postprocess(batch, [s for s in sampling if s not in aborted], aborted)
+        if not seqs:
+            return []
+        wants_prompt = [
+            i
+            for i, (s, c) in enumerate(zip(seqs, batch.num_computed_tokens))
+            if s.index == 0
+            and s.request.prompt_logprobs is not None
+            and c < len(s.request.prompt_token_ids)
+        ]
+        logits, prompt_logits = self.runner.run(batch, seqs, lora, wants_prompt)
+        for i, rows in prompt_logits.items():
+            seq = seqs[i]
+            start = batch.num_computed_tokens[i]
+            self.output_processor.record_prompt_logprobs(seq.request, start, rows)
+        live = [i for i, s in enumerate(sampling) if not s.is_finished]
+        sampled = [sampling[i] for i in live]
+        if sampled:
+            self.output_processor.append(sampled, self.sampler(logits[live], self._rows(sampled)))
+        return [s for s in sampling if s not in aborted]
+
+    def _fail_batch(self, seqs: list[Sequence], e: Exception) -> list[Sequence]:
+        """Aborts every request of a batch whose step raised, with the error."""
+        error = f"the engine step failed ({type(e).__name__}: {e}); its batch was aborted"
+        failed = []
+        with self._lock:
+            for request in {s.request.request_id: s.request for s in seqs}.values():
+                request.error = request.error or error
+                for seq in request.seqs:
+                    seq.finish("abort")
+                    failed.append(seq)
+        return failed
 
     def _fail_adapters(self, failed: dict[int, str]) -> set[Sequence]:
         """An adapter that failed to load fails only the requests naming it."""
         hit: set[Sequence] = set()
-        for lora_id, error in failed.items():
-            seq_ids = self.scheduler.remove_adapter(lora_id, force=True)
-            assert self.lora is not None
-            self.lora.forget(lora_id)
+        assert self.lora is not None or not failed
+        for key, error in failed.items():
+            seq_ids = self.scheduler.remove_adapter(key, force=True)
+            self.lora.forget(key)  # type: ignore[union-attr]
             with self._lock:
                 for seq_id in seq_ids:
                     seq = self._seqs[seq_id]
@@ -281,12 +329,26 @@ class LLMEngine:
         eos = self.tokenizer.eos_token_ids
         rows = []
         for s in seqs:
-            p = s.request.params
+            p, r = s.request.params, s.request
             blocked = list(p.stop_token_ids or []) + ([] if p.ignore_eos else eos)
             rows.append(
-                SampleRow(p, s.request.prompt_token_ids, s.output_ids, s.generator, blocked)
+                SampleRow(p, r.prompt_token_ids, s.output_ids, s.generator, blocked, r.bad_word_ids)
             )
         return rows
+
+    @staticmethod
+    def _record_times(seqs: list[Sequence], t0: float, t1: float, t2: float) -> None:
+        for request in {s.request.request_id: s.request for s in seqs}.values():
+            m = request.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = t0
+                m.time_in_queue = t0 - m.arrival_time
+            m.scheduler_time += t1 - t0
+            m.model_forward_time += t2 - t1
+            m.model_execute_time += t2 - t1
+            if any(s.output_ids for s in request.seqs):
+                m.first_token_time = m.first_token_time or t2
+                m.last_token_time = t2
 
     def _postprocess(self, batch, sampled: list[Sequence], aborted) -> list[RequestOutput]:
         finished = [s.seq_id for s in sampled if s.is_finished]
@@ -296,12 +358,14 @@ class LLMEngine:
         with self._lock:
             for seq_id in capped:
                 self._seqs[seq_id].finish("length")
-            for seq_id in batch.aborted:
+            ended = [(i, None) for i in batch.aborted] + list(batch.rejected)
+            for seq_id, error in ended:
                 seq = self._seqs.get(seq_id)
                 if seq is not None:
                     seq.finish("abort")
+                    seq.request.error = seq.request.error or error
                     touched[seq.request.request_id] = seq.request
-            outputs = [r.output() for r in touched.values()]
+            outputs = [o for r in touched.values() if (o := r.output()) is not None]
             for r in touched.values():
                 if r.is_finished:
                     self._requests.pop(r.request_id, None)

@@ -27,9 +27,16 @@ class ModelRunner:
         self.device = torch.device("cpu")
         self.decode_kernel = dtype == torch.float32 and cpu_ext.available()
 
-    def run(self, batch: SchedulerOutput, seqs: list[Sequence], lora: LoRAContext | None = None):
+    def run(
+        self,
+        batch: SchedulerOutput,
+        seqs: list[Sequence],
+        lora: LoRAContext | None = None,
+        prompt_rows: list[int] = (),  # type: ignore[assignment]
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """seqs: the batch's sequences in batch order. Returns float32 logits [S, vocab] for
-        the S sequences that sample this step, in batch order."""
+        the S sequences that sample this step, in batch order; and for each batch index in
+        ``prompt_rows``, the logits of every token it computed this step (prompt logprobs)."""
         num_new = batch.num_new_tokens
         num_computed = batch.num_computed_tokens
         input_ids: list[int] = []
@@ -50,4 +57,8 @@ class ModelRunner:
         input_tensor = torch.tensor(input_ids, device=self.device)
         hidden = self.model(input_tensor, meta, self.kv_caches, lora)
         rows = [s + n - 1 for s, n, smp in zip(starts, num_new, batch.samples) if smp]
-        return self.model.compute_logits(hidden[rows])
+        extra = {
+            i: self.model.compute_logits(hidden[starts[i] : starts[i] + num_new[i]])
+            for i in prompt_rows
+        }
+        return self.model.compute_logits(hidden[rows]), extra

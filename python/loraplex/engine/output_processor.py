@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from loraplex.engine.sequence import Sequence
-from loraplex.outputs import Logprob
+import torch
+
+from loraplex.engine.sequence import Request, Sequence
+from loraplex.logprobs import Logprob
 from loraplex.sampler import Sampled
 from loraplex.tokenizer import Tokenizer
 
@@ -35,14 +37,18 @@ class OutputProcessor:
         seq.logprobs.append(entry)
 
     def _check_stop(self, seq: Sequence, token: int, new_text: str) -> None:
+        """vLLM's order: EOS (stop_reason None), then stop token ids (stop_reason = the id),
+        whose text is left out unless include_stop_str_in_output; then stop strings, the
+        earliest in the text winning; then max_tokens ('length')."""
         p = seq.request.params
         num_out = len(seq.output_ids)
         if num_out >= p.min_tokens:
+            keep = new_text if p.include_stop_str_in_output else ""
             if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
-                seq.text += new_text
+                seq.text += keep
                 return seq.finish("stop")
             if token in (p.stop_token_ids or ()):
-                seq.text += new_text
+                seq.text += keep
                 return seq.finish("stop", token)
             if p.stop_strings and self._stop_string(seq, new_text):
                 return None
@@ -50,6 +56,33 @@ class OutputProcessor:
         if p.max_tokens is not None and num_out >= p.max_tokens:
             seq.finish("length")
         return None
+
+    def record_prompt_logprobs(self, request: Request, start: int, logits: torch.Tensor) -> None:
+        """Prompt logprobs from one prefill chunk: ``logits`` row j (position ``start + j``)
+        scores prompt token ``start + j + 1``. Positions already recorded (a preempted
+        request computes its prompt again) are skipped."""
+        entries = request.prompt_logprobs
+        assert entries is not None
+        prompt = request.prompt_token_ids
+        k = request.params.prompt_logprobs or 0
+        logp = logits.float().log_softmax(dim=-1)
+        if k == -1:
+            k = logp.shape[-1]
+        decode = self.tokenizer.decode
+        for j in range(logp.shape[0]):
+            pos = start + j + 1
+            if pos >= len(prompt) or pos < len(entries):
+                continue
+            token = prompt[pos]
+            chosen = logp[j, token]
+            entry = {token: Logprob(float(chosen), int((logp[j] > chosen).sum()) + 1)}
+            if k:
+                values, ids = logp[j].topk(k)
+                for rank, (tid, lp) in enumerate(zip(ids.tolist(), values.tolist()), start=1):
+                    entry.setdefault(tid, Logprob(lp, rank))
+            for tid, lp in entry.items():
+                lp.decoded_token = decode([tid], False)
+            entries.append(entry)
 
     @staticmethod
     def _stop_string(seq: Sequence, new_text: str) -> bool:

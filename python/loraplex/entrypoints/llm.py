@@ -1,4 +1,4 @@
-"""``LLM``: offline batched generation, vLLM's class and call shape."""
+"""``LLM``: offline batched generation and chat, vLLM's class and call shapes."""
 
 from __future__ import annotations
 
@@ -9,27 +9,22 @@ from typing import Any
 from tqdm import tqdm
 
 from loraplex._core import LoRARequest
-from loraplex.engine.args import EngineArgs
-from loraplex.engine.llm_engine import LLMEngine, Prompt
+from loraplex.engine.arg_utils import EngineArgs
+from loraplex.engine.input_processor import Prompt
+from loraplex.engine.llm_engine import LLMEngine
 from loraplex.outputs import RequestOutput
-from loraplex.sampling_params import SamplingParams
+from loraplex.sampling_params import RequestOutputKind, SamplingParams
 from loraplex.tokenizer import Tokenizer
+
+Conversation = list[dict[str, Any]]
 
 
 class LLM:
     """Generates for a list of prompts with continuous batching; returns outputs in input
-    order. Keyword arguments are ``EngineArgs`` fields."""
+    order. Keyword arguments are ``EngineArgs`` fields (vLLM's names: see ``EngineArgs``)."""
 
-    def __init__(
-        self,
-        model: str,
-        tokenizer: str | None = None,
-        dtype: Any = "auto",
-        seed: int = 0,
-        **kwargs: Any,
-    ):
-        args = EngineArgs(model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, **kwargs)
-        self.llm_engine = LLMEngine.from_engine_args(args)
+    def __init__(self, model: str, **kwargs: Any):
+        self.llm_engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs))
         self._counter = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:
@@ -39,12 +34,53 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        *,
-        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         priority: Sequence[int] | None = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         prompt_list = _as_prompt_list(prompts)
+        return self._generate(
+            prompt_list, sampling_params, use_tqdm, lora_request, priority, tokenization_kwargs
+        )
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        chat_template: str | None = None,
+        chat_template_content_format: str = "auto",
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Generates a reply for each conversation, rendered with the model's chat template
+        (or ``chat_template``) as transformers' ``apply_chat_template`` renders it, and
+        tokenized without added special tokens (the template writes them)."""
+        if mm_processor_kwargs:
+            raise ValueError("mm_processor_kwargs: loraplex serves text-only models")
+        one = bool(messages) and isinstance(messages[0], dict)
+        conversations = [messages] if one else list(messages)  # type: ignore[list-item]
+        tokenizer = self.get_tokenizer()
+        prompts: list[Prompt] = []
+        for conversation in conversations:
+            ids = tokenizer.apply_chat_template(
+                list(conversation),  # type: ignore[arg-type]
+                chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tools=tools,
+                tokenize=True,
+                **(chat_template_kwargs or {}),
+            )
+            prompts.append({"prompt_token_ids": ids})
+        return self._generate(prompts, sampling_params, use_tqdm, lora_request, None, None)
+
+    def _generate(self, prompt_list, sampling_params, use_tqdm, lora_request, priority, tok_kw):
         n = len(prompt_list)
         params = _per_prompt(
             sampling_params or SamplingParams(), SamplingParams, n, "sampling_params"
@@ -57,8 +93,12 @@ class LLM:
         ids = []
         try:
             for prompt, p, lora, prio in zip(prompt_list, params, loras, priorities):
+                p = p.clone()
+                p.output_kind = RequestOutputKind.FINAL_ONLY  # as vLLM's LLM does
                 rid = str(next(self._counter))
-                engine.add_request(rid, prompt, p, lora_request=lora, priority=prio)
+                engine.add_request(
+                    rid, prompt, p, lora_request=lora, priority=prio, tokenization_kwargs=tok_kw
+                )
                 ids.append(rid)
         except Exception:
             engine.abort_request(ids)

@@ -55,13 +55,13 @@ def resolve_adapter_path(request: LoRARequest) -> Path:
     if path.is_dir():
         return path
     if path.exists() or request.lora_path.startswith(("/", "./", "../", "~")):
-        raise _err(request, f"path {request.lora_path!r} is not a readable folder")
+        raise adapter_error(request, f"path {request.lora_path!r} is not a readable folder")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(request.lora_path))
     except Exception as e:  # the hub client raises many kinds; keep the cause
-        raise _err(
+        raise adapter_error(
             request,
             f"path {request.lora_path!r} is not a local folder and could not be fetched as a "
             f"hub repo ({type(e).__name__}: {e})",
@@ -73,11 +73,11 @@ def load_adapter(
 ) -> LoRAAdapter:
     """Reads and validates ``request``'s adapter; raises ``InvalidAdapterError``."""
     if request.tensorizer_config_dict is not None:
-        raise _err(
+        raise adapter_error(
             request, "tensorizer_config_dict is not supported: load adapters from PEFT folders"
         )
     if request.base_model_name is not None and request.base_model_name not in served_names:
-        raise _err(
+        raise adapter_error(
             request,
             f"base_model_name {request.base_model_name!r} does not match the served model "
             f"({' / '.join(sorted(served_names))})",
@@ -89,7 +89,8 @@ def load_adapter(
     return _build(request, config, tensors, cfg, max_lora_rank)
 
 
-def _err(request: LoRARequest, cause: str) -> InvalidAdapterError:
+def adapter_error(request: LoRARequest, cause: str) -> InvalidAdapterError:
+    """The error for ``request``'s adapter, naming it (name, id, path) and the cause."""
     return InvalidAdapterError(
         f"adapter {request.lora_name!r} (id {request.lora_int_id}, "
         f"path {request.lora_path}): {cause}"
@@ -102,49 +103,85 @@ def _read_config(request: LoRARequest, folder: Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
     except FileNotFoundError:
-        raise _err(request, f"no adapter_config.json in {folder}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _err(request, f"adapter_config.json is malformed ({e})") from e
+        raise adapter_error(request, f"no adapter_config.json in {folder}") from None
+    except (OSError, ValueError, RecursionError) as e:  # JSON, UTF-8, nesting
+        raise adapter_error(request, f"adapter_config.json is malformed ({e})") from e
     if not isinstance(config, dict):
-        raise _err(request, "adapter_config.json is malformed (not a JSON object)")
+        raise adapter_error(request, "adapter_config.json is malformed (not a JSON object)")
     return config
 
 
 def _check_config(request: LoRARequest, c: dict[str, Any], cfg: ModelConfig) -> None:
     peft_type = c.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise _err(
+        raise adapter_error(
             request, f"peft_type {peft_type!r} is not supported: loraplex serves LORA adapters"
         )
     for field in ("r", "lora_alpha"):
         value = c.get(field)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise _err(
+        if not _is_positive(value):
+            raise adapter_error(
                 request, f"adapter_config.json: {field} must be a positive number, got {value!r}"
             )
     if c.get("bias", "none") != "none":
-        raise _err(request, f"bias {c.get('bias')!r} is not supported (only 'none')")
+        raise adapter_error(request, f"bias {c.get('bias')!r} is not supported (only 'none')")
     if c.get("use_dora"):
-        raise _err(request, "DoRA (use_dora) is not supported")
+        raise adapter_error(request, "DoRA (use_dora) is not supported")
     if c.get("modules_to_save"):
-        raise _err(request, f"modules_to_save {c['modules_to_save']} is not supported")
+        raise adapter_error(request, f"modules_to_save {c['modules_to_save']} is not supported")
     if c.get("fan_in_fan_out"):
-        raise _err(request, "fan_in_fan_out is not supported for Llama-family linear layers")
+        raise adapter_error(
+            request, "fan_in_fan_out is not supported for Llama-family linear layers"
+        )
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = c.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise adapter_error(
+                request, f"adapter_config.json: {field} must be a mapping, got {patterns!r}"
+            )
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise adapter_error(
+                    request, f"adapter_config.json: {field} key {pattern!r} is not a regex ({e})"
+                ) from e
+            if not _is_positive(value):
+                raise adapter_error(
+                    request,
+                    f"adapter_config.json: {field}[{pattern!r}] must be a positive number, "
+                    f"got {value!r}",
+                )
     targets = c.get("target_modules")
     if isinstance(targets, list):
+        if not all(isinstance(name, str) for name in targets):
+            raise adapter_error(
+                request, f"adapter_config.json: target_modules must hold strings, got {targets!r}"
+            )
         for name in targets:
             short = str(name).rsplit(".", 1)[-1]
             if short in MODULES:
                 continue
             if short in _UNSUPPORTED:
-                raise _err(
+                raise adapter_error(
                     request,
                     f"target module {name!r} is not supported: loraplex serves LoRA on "
                     f"{', '.join(MODULES)}",
                 )
-            raise _err(request, f"target module {name!r}: {cfg.architecture} has no such module")
-    elif not isinstance(targets, str):
-        raise _err(
+            raise adapter_error(
+                request, f"target module {name!r}: {cfg.architecture} has no such module"
+            )
+    elif isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise adapter_error(
+                request, f"adapter_config.json: target_modules {targets!r} is not a regex ({e})"
+            ) from e
+    else:
+        raise adapter_error(
             request,
             f"adapter_config.json: target_modules must be a list or a regex, got {targets!r}",
         )
@@ -156,12 +193,33 @@ def _read_tensors(request: LoRARequest, folder: Path) -> dict[str, torch.Tensor]
         if st.is_file():
             from safetensors.torch import load_file
 
-            return load_file(str(st))
-        if binary.is_file():
-            return torch.load(binary, map_location="cpu", weights_only=True)
+            tensors = load_file(str(st))
+        elif binary.is_file():
+            tensors = torch.load(binary, map_location="cpu", weights_only=True)
+        else:
+            tensors = None
     except Exception as e:  # corrupt files raise many kinds; keep the cause
-        raise _err(request, f"cannot read adapter weights ({type(e).__name__}: {e})") from e
-    raise _err(request, f"no adapter_model.safetensors or adapter_model.bin in {folder}")
+        raise adapter_error(
+            request, f"cannot read adapter weights ({type(e).__name__}: {e})"
+        ) from e
+    if tensors is None:
+        raise adapter_error(
+            request, f"no adapter_model.safetensors or adapter_model.bin in {folder}"
+        )
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise adapter_error(request, "the adapter weights are not a mapping of names to tensors")
+    return tensors
+
+
+def _is_positive(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def _pattern_value(patterns: dict[str, Any], key: str, default: float) -> float:
@@ -177,31 +235,41 @@ def _build(request, c, tensors, cfg: ModelConfig, max_lora_rank: int) -> LoRAAda
     for key, tensor in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            raise _err(request, f"weight {key!r} is not a LoRA A/B weight of a supported module")
+            raise adapter_error(
+                request, f"weight {key!r} is not a LoRA A/B weight of a supported module"
+            )
         layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
         if module not in MODULES:
-            raise _err(
+            raise adapter_error(
                 request, f"weight {key!r} targets {module!r}, which loraplex does not support"
             )
         if layer >= cfg.num_hidden_layers:
-            raise _err(
+            raise adapter_error(
                 request,
                 f"weight {key!r} is for layer {layer}; the model has {cfg.num_hidden_layers}",
             )
         parts.setdefault((layer, module), {})[ab] = tensor
     if not parts:
-        raise _err(request, "the adapter has no LoRA weights")
+        raise adapter_error(request, "the adapter has no LoRA weights")
     weights, max_rank = {}, 0
     for (layer, module), ab in sorted(parts.items()):
         block = "self_attn" if MODULES[module][0] in ("qkv_proj", "o_proj") else "mlp"
         name = f"model.layers.{layer}.{block}.{module}"
         if set(ab) != {"A", "B"}:
-            raise _err(request, f"{name} has lora_{''.join(ab)} but not both lora_A and lora_B")
-        a, b = ab["A"].float(), ab["B"].float()
+            raise adapter_error(
+                request, f"{name} has lora_{''.join(ab)} but not both lora_A and lora_B"
+            )
+        a, b = ab["A"], ab["B"]
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise adapter_error(
+                request,
+                f"{name}: lora_A / lora_B must be floating point, got {a.dtype} / {b.dtype}",
+            )
+        a, b = a.float(), b.float()
         fan_in, fan_out = module_shape(cfg, module)
-        r = a.shape[0]
+        r = a.shape[0] if a.dim() >= 1 else 0
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape != (fan_out, r):
-            raise _err(
+            raise adapter_error(
                 request,
                 f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
                 f"model's {module} ({fan_in} -> {fan_out}); "
@@ -209,13 +277,25 @@ def _build(request, c, tensors, cfg: ModelConfig, max_lora_rank: int) -> LoRAAda
             )
         expected_r = _pattern_value(c.get("rank_pattern"), name, c["r"])
         if r != expected_r:
-            raise _err(request, f"{name}: lora_A has rank {r} but the config says {expected_r}")
+            raise adapter_error(
+                request, f"{name}: lora_A has rank {r} but the config says {expected_r}"
+            )
         if r > max_lora_rank:
-            raise _err(request, f"rank {r} ({name}) is above max_lora_rank={max_lora_rank}")
+            raise adapter_error(
+                request, f"rank {r} ({name}) is above max_lora_rank={max_lora_rank}"
+            )
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise _err(request, f"{name} has non-finite values (NaN or inf)")
+            raise adapter_error(request, f"{name} has non-finite values (NaN or inf)")
         alpha = _pattern_value(c.get("alpha_pattern"), name, c["lora_alpha"])
+        if r < 1:
+            raise adapter_error(request, f"{name}: lora_A has rank 0")
         scale = alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
-        weights[(layer, module)] = (a.contiguous(), (b * scale).contiguous())
+        scaled = b * scale
+        if not (math.isfinite(scale) and torch.isfinite(scaled).all()):
+            raise adapter_error(
+                request,
+                f"{name}: scaling lora_alpha / r = {alpha} / {r} makes lora_B non-finite",
+            )
+        weights[(layer, module)] = (a.contiguous(), scaled.contiguous())
         max_rank = max(max_rank, r)
     return LoRAAdapter(request, max_rank, weights)

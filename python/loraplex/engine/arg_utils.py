@@ -1,0 +1,188 @@
+"""``EngineArgs``: vLLM's engine arguments by vLLM's names and defaults (``arg_utils``).
+
+Every argument vLLM's ``EngineArgs`` has is a field. The ones loraplex acts on are declared
+below; the rest (``vllm_args.INERT`` / ``REFUSED``) are accepted because they mean nothing on
+this backend, or refused at any value but vLLM's default with an error naming them and why.
+An unknown name is a ``TypeError`` that suggests the nearest known one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from loraplex.engine.vllm_args import INERT, REFUSED
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+# KV cache on the host: the budget vLLM's CPU backend uses by default (VLLM_CPU_KVCACHE_SPACE)
+DEFAULT_KV_CACHE_BYTES = 4 << 30
+
+
+@dataclass
+class _Honoured:
+    """The arguments loraplex acts on."""
+
+    model: str = ""
+    served_model_name: str | list[str] | None = None
+    tokenizer: str | None = None
+    dtype: str | torch.dtype = "auto"
+    seed: int | None = 0  # None: a random seed
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None  # None: 256
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool | None = None  # False: prompts are never split
+    block_size: int | None = None  # None: 16
+    kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks_override: int | None = None  # the KV cache's block count, on any device
+    max_logprobs: int = 20  # -1: the whole vocabulary
+    scheduling_policy: str = "fcfs"  # "priority": lower ``priority`` runs first
+    device: str = "auto"  # "auto" or "cpu"
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # None: max_loras
+    lora_dtype: str | torch.dtype | None = "auto"  # "auto": the model's dtype
+    max_skipped_steps: int = 32  # loraplex: passes over a waiting adapter before it drains
+
+
+_EXTRA = [
+    (name, Any, dataclasses.field(default=default))
+    for table in (INERT, REFUSED)
+    for name, (default, _) in table.items()
+]
+
+
+def _engine_args_base() -> type:
+    return dataclasses.make_dataclass("_AllArgs", _EXTRA, bases=(_Honoured,))
+
+
+@dataclass(init=False)
+class EngineArgs(_engine_args_base()):  # type: ignore[misc]
+    """Arguments for ``LLMEngine`` / ``LLM``, vLLM's names and defaults.
+
+    Honoured: model, served_model_name, tokenizer, dtype, seed (None: random), max_model_len,
+    max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, block_size,
+    kv_cache_memory_bytes, num_gpu_blocks_override, max_logprobs, scheduling_policy, device
+    ("auto"/"cpu"), enable_lora, max_loras, max_lora_rank, max_cpu_loras, lora_dtype
+    ("auto" or the model dtype), max_skipped_steps (loraplex's own).
+
+    Accepted with any value, meaning nothing on this backend: ``vllm_args.INERT`` (for
+    example gpu_memory_utilization, enforce_eager, swap_space, enable_prefix_caching,
+    trust_remote_code, disable_log_stats), each with its reason.
+
+    Refused unless at vLLM's default: ``vllm_args.REFUSED`` (for example
+    tensor_parallel_size=2, quantization, kv_cache_dtype, speculative decoding), each error
+    naming the argument and why.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        known = {f.name for f in dataclasses.fields(self)}
+        for name in kwargs:
+            if name not in known:
+                near = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise TypeError(f"EngineArgs got an unknown argument {name!r}{hint}")
+        super().__init__(*args, **kwargs)
+        self.__post_init__()  # the generated base __init__ does not know of it
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model must name a model folder or hub repo id")
+        if self.max_num_seqs is None:
+            self.max_num_seqs = 256
+        if self.block_size is None:
+            self.block_size = 16
+
+    def torch_dtype(self) -> torch.dtype:
+        """``auto`` is float32: the CPU path computes in float32 unless told otherwise."""
+        if isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        if self.dtype == "auto":
+            return torch.float32
+        if self.dtype not in _DTYPES:
+            raise ValueError(
+                f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}"
+            )
+        return _DTYPES[self.dtype]
+
+    def verify(self) -> None:
+        """Raises ``ValueError`` naming the first argument that cannot be served."""
+        for name, (default, why) in REFUSED.items():
+            value = getattr(self, name)
+            if value != default and not (value is None and default in ("auto", "")):
+                raise ValueError(f"{name}={value!r} is not supported by loraplex: {why}")
+        for name in ("max_num_seqs", "block_size", "max_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})"
+            )
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be -1 or >= 0, got {self.max_logprobs!r}")
+        seed = self.seed
+        if seed is not None and (not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+            raise ValueError(f"seed must be an int within 64 bits or None, got {seed!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(
+                f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
+            )
+        if self.device not in ("auto", "cpu"):
+            raise ValueError(
+                f"device={self.device!r} is not supported by loraplex: the engine runs on CPU"
+            )
+        util = self.gpu_memory_utilization
+        if not isinstance(util, (int, float)) or not 0 < util <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
+        dtype = self.torch_dtype()
+        if self.lora_dtype not in (None, "auto", dtype, str(dtype).removeprefix("torch.")):
+            raise ValueError(
+                f"lora_dtype={self.lora_dtype!r} is not supported by loraplex: adapters are "
+                f"served in the model dtype ({dtype})"
+            )
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Adds ``--<name>`` for every honoured argument (vLLM's flag spellings)."""
+        for f in dataclasses.fields(_Honoured):
+            flag = "--" + f.name.replace("_", "-")
+            if f.name == "model":
+                parser.add_argument(flag, type=str, default=None, help="model folder or hub id")
+            elif f.type in ("bool", "bool | None"):
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            else:
+                kind = int if "int" in str(f.type) and "str" not in str(f.type) else str
+                parser.add_argument(flag, type=_nullable(kind), default=f.default)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        """The ``EngineArgs`` named by parsed CLI arguments (unknown attributes ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _nullable(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        return None if text in ("", "None") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+@dataclass(init=False)
+class AsyncEngineArgs(EngineArgs):
+    """vLLM's ``AsyncEngineArgs``: the same arguments (the async engine is a later issue)."""

@@ -1,0 +1,118 @@
+"""A request's inputs checked against the served model before anything is queued: the prompt
+tokenized and bounded, ``SamplingParams`` token ids inside the vocabulary, logprobs within
+``max_logprobs``, bad words tokenized. Every error names the request and the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loraplex.sampling_params import SamplingParams
+from loraplex.tokenizer import Tokenizer
+
+Prompt = str | list[int] | dict[str, Any]
+
+_TOKENIZATION_KWARGS = {"add_special_tokens", "truncate_prompt_tokens"}
+
+
+class InputProcessor:
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int, max_logprobs):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.max_logprobs = vocab_size if max_logprobs == -1 else max_logprobs
+
+    def tokenize(
+        self, request_id: str, prompt: Prompt, kwargs: dict[str, Any] | None = None
+    ) -> tuple[str | None, list[int]]:
+        kwargs = dict(kwargs or {})
+        unknown = set(kwargs) - _TOKENIZATION_KWARGS
+        if unknown:
+            raise ValueError(
+                f"request {request_id!r}: tokenization_kwargs {sorted(unknown)} are not "
+                f"supported (supported: {sorted(_TOKENIZATION_KWARGS)})"
+            )
+        special = bool(kwargs.get("add_special_tokens", True))
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                text = prompt["prompt"]
+                ids = self._encode(request_id, text, special)
+            else:
+                raise ValueError(
+                    f"request {request_id!r}: a prompt dict needs 'prompt' or 'prompt_token_ids'"
+                )
+        elif isinstance(prompt, str):
+            text, ids = prompt, self._encode(request_id, prompt, special)
+        elif isinstance(prompt, (list, tuple)):
+            text, ids = None, list(prompt)
+        else:
+            raise TypeError(
+                f"request {request_id!r}: prompt must be str, token ids or a dict, "
+                f"got {type(prompt).__name__}"
+            )
+        keep = kwargs.get("truncate_prompt_tokens")
+        if keep is not None:
+            if not isinstance(keep, int) or keep < 1:
+                raise ValueError(
+                    f"request {request_id!r}: truncate_prompt_tokens must be >= 1, got {keep!r}"
+                )
+            ids = ids[-keep:]
+        if not ids:
+            raise ValueError(f"request {request_id!r}: the prompt is empty")
+        bad = self._outside_vocab(ids)
+        if bad:
+            raise ValueError(
+                f"request {request_id!r}: token ids {bad[:5]} are outside the vocabulary "
+                f"(size {self.vocab_size})"
+            )
+        if len(ids) > self.max_model_len:
+            raise ValueError(
+                f"request {request_id!r}: the prompt ({len(ids)} tokens) is longer than "
+                f"max_model_len ({self.max_model_len})"
+            )
+        return text, ids
+
+    def _encode(self, request_id: str, text: Any, special: bool) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"request {request_id!r}: prompt text must be str, got {text!r}")
+        return self.tokenizer.encode(text, add_special_tokens=special)
+
+    def _outside_vocab(self, ids: Any) -> list[Any]:
+        return [
+            t
+            for t in ids
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size
+        ]
+
+    def check_params(self, request_id: str, p: SamplingParams) -> list[list[int]]:
+        """Checks ``p`` against the model; returns the bad words as token id sequences."""
+        where = f"request {request_id!r}: SamplingParams"
+        for name in ("stop_token_ids", "allowed_token_ids", "logit_bias"):
+            ids = getattr(p, name)
+            bad = self._outside_vocab(list(ids or []))
+            if bad:
+                raise ValueError(
+                    f"{where}.{name} has token ids {bad[:5]} outside the vocabulary "
+                    f"(size {self.vocab_size})"
+                )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(p, name)
+            wanted = self.vocab_size if value == -1 else value
+            if wanted is not None and wanted > self.max_logprobs:
+                raise ValueError(
+                    f"{where}.{name}={value} asks for {wanted} logprobs, more than "
+                    f"max_logprobs ({self.max_logprobs}); raise max_logprobs (-1: the "
+                    "whole vocabulary)"
+                )
+        return self._bad_word_ids(p.bad_words or [])
+
+    def _bad_word_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word as it tokenizes alone and after a space (vLLM tries both)."""
+        out: list[list[int]] = []
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
