@@ -228,7 +228,12 @@ class LLMEngine:
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Aborts requests; each reports once more, with finish_reason 'abort'. Unknown ids
         are ignored; ids that are not strings raise ``TypeError``, as in ``add_request``."""
-        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        if isinstance(request_id, str):
+            ids = [request_id]
+        elif isinstance(request_id, Iterable):
+            ids = list(request_id)
+        else:
+            raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
         for rid in ids:
             if not isinstance(rid, str):
                 raise TypeError(f"request_id must be a str, got {type(rid).__name__}")
