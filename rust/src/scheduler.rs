@@ -569,3 +569,85 @@ impl Scheduler {
         length_capped
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scheduler(max_loras: usize, max_cpu_loras: usize) -> Scheduler {
+        Scheduler::new(SchedulerConfig {
+            max_loras,
+            max_cpu_loras,
+            ..SchedulerConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn submit(s: &Scheduler, id: RequestId, adapter: Option<AdapterId>) {
+        let req = NewRequest {
+            id,
+            num_prompt_tokens: 4,
+            adapter,
+            priority: 0,
+        };
+        s.submitter().add(req).unwrap();
+    }
+
+    #[test]
+    fn remove_adapter_counts_queued_requests() {
+        let mut s = scheduler(1, 1);
+        submit(&s, 1, Some(7));
+        let err = s.remove_adapter(7, false).unwrap_err();
+        assert_eq!(
+            err,
+            Error::AdapterInUse {
+                adapter: 7,
+                num_requests: 1
+            }
+        );
+        assert_eq!(s.schedule().seqs.len(), 1); // still served
+    }
+
+    #[test]
+    fn every_slot_pinned_refuses_other_adapters() {
+        let mut s = scheduler(1, 2);
+        s.pin_adapter(1).unwrap();
+        submit(&s, 10, Some(2));
+        submit(&s, 11, Some(1));
+        let out = s.schedule();
+        assert_eq!(out.seqs.len(), 1);
+        assert_eq!(out.rejected.len(), 1);
+        assert_eq!(out.rejected[0].0, 10);
+        assert!(matches!(
+            out.rejected[0].1,
+            Error::NoFreeSlot { adapter: 2, .. }
+        ));
+        s.postprocess(&[11]);
+        assert!(!s.has_unfinished());
+        assert_eq!(s.kv().num_free_blocks(), s.kv().num_blocks());
+    }
+
+    #[test]
+    fn pinning_the_last_slot_past_waiting_requests_is_refused() {
+        let mut s = scheduler(1, 2);
+        submit(&s, 1, Some(2));
+        assert!(matches!(
+            s.pin_adapter(1),
+            Err(Error::NoFreeSlot { adapter: 1, .. })
+        ));
+        assert!(s.pin_adapter(2).is_ok()); // its own requests are not stranded
+    }
+
+    #[test]
+    fn host_tier_caches_lru_and_keeps_pins() {
+        let mut s = scheduler(1, 2);
+        assert_eq!(s.cache_adapter(1), Some((0, None)));
+        assert_eq!(s.cache_adapter(2), Some((1, None)));
+        s.pin_adapter(1).unwrap();
+        assert_eq!(s.cache_adapter(3), Some((1, Some(2)))); // 1 is pinned: 2 goes
+        assert_eq!(s.resident_adapters(), vec![1, 3]);
+        s.unpin_adapter(1);
+        assert_eq!(s.cache_adapter(4), Some((0, Some(1))));
+        assert_eq!(s.resident_adapters(), vec![1, 3, 4]); // 1 is still in its device slot
+    }
+}
