@@ -3,16 +3,15 @@ engine keeps serving every other request. Also when the failure comes inside a s
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from loraplex import EngineArgs, LLMEngine, LoRARequest, SamplingParams
 from loraplex.errors import InvalidAdapterError
-from tiny_adapters import PeftReference, build_adapter
+from tiny_adapters import PeftReference, build_adapter, edit_config, edit_weights, first_key
 from tiny_models import build_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
@@ -42,28 +41,10 @@ def run(engine):
     return done
 
 
-def edit_config(folder, **changes):
-    path = folder / "adapter_config.json"
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
-
-
-def edit_weights(folder, fn):
-    path = folder / "adapter_model.safetensors"
-    tensors = load_file(str(path))
-    fn(tensors)
-    save_file(tensors, str(path))
-
-
 def copy(good, tmp_path, name="bad"):
     dst = tmp_path / name
     shutil.copytree(good, dst)
     return dst
-
-
-def first_key(tensors, part):
-    return next(k for k in sorted(tensors) if part in k)
 
 
 CASES = {

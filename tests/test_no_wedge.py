@@ -6,7 +6,6 @@ keeps stepping, and every KV block comes back."""
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import shutil
 
@@ -14,11 +13,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file, save_file
 
 from loraplex import AdapterInUseError, EngineArgs, LLMEngine, LoRARequest, SamplingParams
 from loraplex.errors import InvalidAdapterError
-from tiny_adapters import build_adapter
+from tiny_adapters import build_adapter, edit_config, edit_weights, first_key
 from tiny_models import build_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
@@ -90,24 +88,6 @@ def copy_adapter(good, tmp_path) -> tuple[LoRARequest, object]:
     folder = tmp_path / f"a{lora_id}"
     shutil.copytree(good, folder)
     return LoRARequest(f"adapter-{lora_id}", lora_id, str(folder)), folder
-
-
-def edit_config(folder, **changes):
-    path = folder / "adapter_config.json"
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
-
-
-def first_key(tensors, part):
-    return next(k for k in sorted(tensors) if part in k)
-
-
-def edit_weights(folder, fn):
-    path = folder / "adapter_model.safetensors"
-    tensors = load_file(str(path))
-    fn(tensors)
-    save_file(tensors, str(path))
 
 
 def as_bin(folder, payload):

@@ -199,7 +199,7 @@ def test_multilora_inference_example(base, alice):
             SamplingParams(temperature=0.8, top_k=5, presence_penalty=0.2, max_tokens=16),
             None,
         ),
-        (query, SamplingParams(**{**vars_of(greedy), "stop_token_ids": [7]}), None),
+        (query, with_stop_token(greedy, 7), None),
         (query, greedy, LoRARequest("sql-lora", 1, str(alice))),
         (query, greedy, LoRARequest("sql-lora2", 2, str(alice))),
     ]
@@ -234,14 +234,10 @@ def test_multilora_inference_example(base, alice):
     assert engine.scheduler.num_free_blocks == engine.scheduler.num_blocks
 
 
-def vars_of(params):
-    fields = (
-        "temperature",
-        "logprobs",
-        "prompt_logprobs",
-        "max_tokens",
-    )
-    return {f: getattr(params, f) for f in fields}
+def with_stop_token(params, token: int):
+    params = params.clone()
+    params.stop_token_ids = [token]
+    return params
 
 
 def test_seed_examples_as_written(base, alice):

@@ -3,6 +3,7 @@ zero in PEFT; here both A and B are drawn at random so every adapter changes the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -66,3 +67,26 @@ class PeftReference:
                         f"{out.request_id} ({name}) token {t}: {tok} vs best {int(row.argmax())}"
                     )
         return bad
+
+
+def edit_config(folder: Path, **changes) -> None:
+    """Overwrites fields of a saved adapter's adapter_config.json."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def edit_weights(folder: Path, fn) -> None:
+    """Applies ``fn`` to a saved adapter's tensors (a dict, edited in place) and saves them."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    fn(tensors)
+    save_file(tensors, str(path))
+
+
+def first_key(tensors, part: str) -> str:
+    """The first tensor name (sorted) containing ``part``."""
+    return next(k for k in sorted(tensors) if part in k)

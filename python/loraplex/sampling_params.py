@@ -114,9 +114,9 @@ class SamplingParams:
             raise bad("stop", "a non-empty string or a list of them")
         if any(not is_int(t) or t < 0 for t in self.stop_token_ids or []):
             raise bad("stop_token_ids", "a list of non-negative token ids")
-        if self.seed is not None and (not is_int(self.seed) or not _SEED_MIN <= self.seed):
-            raise bad("seed", f"an int in [{_SEED_MIN}, {_SEED_MAX}] or None")
-        if self.seed is not None and self.seed > _SEED_MAX:
+        if self.seed is not None and not (
+            is_int(self.seed) and _SEED_MIN <= self.seed <= _SEED_MAX
+        ):
             raise bad("seed", f"an int in [{_SEED_MIN}, {_SEED_MAX}] or None")
         if self.logit_bias is not None and not all(
             is_int(k) and k >= 0 and is_real(v) for k, v in self.logit_bias.items()

@@ -11,7 +11,13 @@ from typing import Any
 
 import torch
 
-from loraplex._core import DuplicateRequestError, LoRARequest, QueueFullError, Scheduler
+from loraplex._core import (
+    DuplicateRequestError,
+    LoRARequest,
+    QueueFullError,
+    Scheduler,
+    UnknownAdapterError,
+)
 from loraplex.engine.arg_utils import DEFAULT_KV_CACHE_BYTES, EngineArgs
 from loraplex.engine.input_processor import InputProcessor, Prompt
 from loraplex.engine.model_runner import ModelRunner
@@ -81,7 +87,15 @@ class LLMEngine:
         self.num_preemptions = 0
 
     @classmethod
-    def from_engine_args(cls, engine_args: EngineArgs, **_: Any) -> LLMEngine:
+    def from_engine_args(
+        cls,
+        engine_args: EngineArgs,
+        usage_context: Any = None,
+        stat_loggers: Any = None,
+        enable_multiprocessing: bool = False,
+    ) -> LLMEngine:
+        """vLLM's constructor; its other arguments mean nothing here (one process, no
+        usage reporting, no stat loggers)."""
         return cls(engine_args)
 
     def _num_kv_blocks(self, cfg: ModelConfig) -> int:
@@ -217,8 +231,6 @@ class LLMEngine:
         """Keeps the adapter in a device slot and the host tier until removed
         (``NoFreeSlotError`` if every slot is pinned or busy, or pinning the last one would
         strand other adapters' waiting requests)."""
-        from loraplex._core import UnknownAdapterError
-
         key = self.lora.key_of.get(lora_id) if self.lora else None
         if key is None:
             raise UnknownAdapterError(f"unknown adapter id {lora_id}: add_lora it first")

@@ -3,6 +3,8 @@ pass, and the logits of the rows that sample."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Rows
+
 import torch
 
 from loraplex._core import SchedulerOutput
@@ -32,7 +34,7 @@ class ModelRunner:
         batch: SchedulerOutput,
         seqs: list[Sequence],
         lora: LoRAContext | None = None,
-        prompt_rows: list[int] = (),  # type: ignore[assignment]
+        prompt_rows: Rows[int] = (),
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """seqs: the batch's sequences in batch order. Returns float32 logits [S, vocab] for
         the S sequences that sample this step, in batch order; and for each batch index in

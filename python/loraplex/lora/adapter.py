@@ -142,12 +142,7 @@ def _check_config(request: LoRARequest, c: dict[str, Any], cfg: ModelConfig) -> 
                 request, f"adapter_config.json: {field} must be a mapping, got {patterns!r}"
             )
         for pattern, value in patterns.items():
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise adapter_error(
-                    request, f"adapter_config.json: {field} key {pattern!r} is not a regex ({e})"
-                ) from e
+            _check_regex(request, f"{field} key", pattern)
             if not _is_positive(value):
                 raise adapter_error(
                     request,
@@ -174,12 +169,7 @@ def _check_config(request: LoRARequest, c: dict[str, Any], cfg: ModelConfig) -> 
                 request, f"target module {name!r}: {cfg.architecture} has no such module"
             )
     elif isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as e:
-            raise adapter_error(
-                request, f"adapter_config.json: target_modules {targets!r} is not a regex ({e})"
-            ) from e
+        _check_regex(request, "target_modules", targets)
     else:
         raise adapter_error(
             request,
@@ -211,6 +201,15 @@ def _read_tensors(request: LoRARequest, folder: Path) -> dict[str, torch.Tensor]
     ):
         raise adapter_error(request, "the adapter weights are not a mapping of names to tensors")
     return tensors
+
+
+def _check_regex(request: LoRARequest, what: str, pattern: Any) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise adapter_error(
+            request, f"adapter_config.json: {what} {pattern!r} is not a regex ({e})"
+        ) from e
 
 
 def _is_positive(value: Any) -> bool:

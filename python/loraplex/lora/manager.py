@@ -150,8 +150,8 @@ class LoRAManager:
         failed: dict[int, str] = {}
         for key in keys:
             request = self.request_of.get(key)
-            if request is None or self._is_cached(key) or key in self.staged:
-                continue
+            if request is None or key in self.staged:
+                continue  # (the core names only adapters that no tier holds)
             try:
                 self._cache(key, self.load(request))
             except InvalidAdapterError as e:
@@ -190,6 +190,8 @@ class LoRAManager:
                 else:
                     failed[key] = str(adapter_error(request, f"{type(e).__name__}: {e}"))
                 self.slots.clear(slot)
+                if host_slot is not None:  # the core gave it to this key: no stale entry
+                    self.host.pop(host_slot, None)
         self.staged.clear()
         return LoRAContext(self.slots, batch.segments), failed
 
