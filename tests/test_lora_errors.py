@@ -146,8 +146,8 @@ def test_failure_inside_a_step_fails_only_that_adapters_requests(base, good, tmp
 
 def test_failing_reload_is_read_before_anything_is_evicted_for_it(base, good, tmp_path):
     """An adapter whose validated copy is gone (the host tier holds one) and whose files went
-    bad: it is read again before the scheduler picks a slot for it, so its requests fail and
-    the adapter in the slot stays there."""
+    bad: it is read again, off the step thread, and nothing is evicted for it before it proves
+    valid, so its requests fail and the adapter in the slot stays there."""
     other = build_adapter(base, tmp_path / "other", r=8, alpha=16, seed=6)
     doomed = copy(good, tmp_path, "doomed")
     engine = engine_for(base, max_loras=1, max_cpu_loras=1)
@@ -161,13 +161,18 @@ def test_failing_reload_is_read_before_anything_is_evicted_for_it(base, good, tm
     assert run(engine)["o1"].error is None  # 'other' now holds the only slot
     edit_weights(doomed, lambda t: t[first_key(t, "lora_A")].fill_(float("nan")))
     traffic = []
-    real_prepare = engine.lora.prepare
+    real = engine.scheduler
 
-    def spy(batch):
-        traffic.append((batch.loads, batch.evictions))
-        return real_prepare(batch)
+    class Spy:  # records every plan's slot traffic
+        def schedule(self):
+            plan = real.schedule()
+            traffic.append((plan.loads, plan.commits))
+            return plan
 
-    engine.lora.prepare = spy
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    engine.scheduler = Spy()
     engine.add_request("d1", "a", GREEDY, lora_request=doomed_req)
     engine.add_request("b1", "a", GREEDY)
     engine.add_request("o2", "a", GREEDY, lora_request=other_req)
@@ -175,7 +180,8 @@ def test_failing_reload_is_read_before_anything_is_evicted_for_it(base, good, tm
     assert done["d1"].outputs[0].finish_reason == "abort"
     assert "adapter 'doomed' (id 1" in done["d1"].error and "non-finite" in done["d1"].error
     assert done["b1"].error is None and done["o2"].error is None
-    assert all(loads == [] and evictions == [] for loads, evictions in traffic)
+    assert all(loads == [] and commits == [] for loads, commits in traffic)
+    assert engine.list_loras() == {2}
     assert PeftReference(base, {"other": other}).mismatches([done["o2"]], ["other"]) == []
 
 

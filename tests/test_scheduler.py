@@ -7,31 +7,53 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from loraplex import (
+    AdapterNotLoadedError,
     InvalidConfigError,
-    InvalidLoRARequestError,
     InvalidRequestError,
+    LoRARequest,
     NoFreeSlotError,
     QueueFullError,
     Scheduler,
 )
 
 
+def load(s: Scheduler, plan) -> None:
+    """An instant loader pool: every read the plan hands out is valid and copied at once."""
+    for key, _request in plan.reads:
+        status, slot = s.adapter_validated(key)
+        if status == "slot":
+            s.adapter_loaded(key, slot)
+    for key, slot in plan.commits:
+        s.adapter_loaded(key, slot)
+
+
+def register(s: Scheduler, lora_id: int, ready: bool = True) -> int:
+    key, _ = s.register_adapter(LoRARequest(f"a{lora_id}", lora_id, f"/adapters/{lora_id}"))
+    if ready:
+        status, _ = s.stage_adapter(key)
+        assert status == "read"
+        status, slot = s.adapter_validated(key, explicit=True)
+        s.adapter_loaded(key, slot)
+    return key
+
+
 def run_to_completion(s: Scheduler, outputs: dict[int, int], max_steps: int = 10_000):
     """Drives the scheduler as the engine will: every request that samples gets one token;
-    a request finishes after ``outputs[id]`` tokens. Returns the step outputs."""
+    a request finishes after ``outputs[id]`` tokens. Returns the step plans."""
     generated: dict[int, int] = {}
     steps = []
     for _ in range(max_steps):
         if not s.has_unfinished_requests():
             return steps
-        out = s.schedule()
-        steps.append(out)
+        plan = s.schedule()
+        steps.append(plan)
+        load(s, plan)
         finished = []
-        for rid, samples in zip(out.request_ids, out.samples):
-            if samples:
-                generated[rid] = generated.get(rid, 0) + 1
-                if generated[rid] == outputs[rid]:
-                    finished.append(rid)
+        for row in plan.sample_rows:
+            rid = plan.request_ids[row]
+            generated[rid] = generated.get(rid, 0) + 1
+            if generated[rid] == outputs[rid]:
+                finished.append(rid)
         s.postprocess(finished)
     raise AssertionError("scheduler did not finish")
 
@@ -64,11 +86,11 @@ def test_bad_requests_are_refused_and_others_still_run():
         s.add_request(1, 0)
     with pytest.raises(InvalidRequestError, match=r"request 2: the prompt \(33 tokens\)"):
         s.add_request(2, 33)
-    with pytest.raises(InvalidLoRARequestError, match="id must be > 0, got 0"):
-        s.add_request(3, 4, lora_int_id=0)
+    s.add_request(3, 4, adapter_key=12345)  # no such adapter: refused when drained
     s.add_request(4, 5)
     steps = run_to_completion(s, {4: 3})
     assert {r for out in steps for r in out.request_ids} == {4}
+    assert steps[0].ended == [(3, "its adapter was removed before the request was scheduled")]
 
 
 def test_duplicate_id_is_rejected_without_losing_the_first():
@@ -77,7 +99,7 @@ def test_duplicate_id_is_rejected_without_losing_the_first():
     s.add_request(7, 3)
     out = s.schedule()
     assert out.request_ids == [7]
-    assert out.rejected == [(7, "request id 7 is already in the scheduler")]
+    assert out.ended == [(7, "request id 7 is already in the scheduler")]
 
 
 def test_full_queue_is_a_clear_error_and_loses_nothing():
@@ -102,7 +124,7 @@ def test_submissions_from_many_threads_arrive_exactly_once():
             rid = t * per + i
             while True:
                 try:
-                    s.add_request(rid, 1 + rid % 5, lora_int_id=None)
+                    s.add_request(rid, 1 + rid % 5, adapter_key=None)
                     break
                 except QueueFullError:
                     pass
@@ -118,23 +140,26 @@ def test_submissions_from_many_threads_arrive_exactly_once():
 
 
 def test_pinning():
-    s = Scheduler(max_loras=2)
-    s.pin_adapter(1)
-    s.pin_adapter(2)
+    s = Scheduler(max_loras=2, max_cpu_loras=3)
+    k1, k2, k3 = register(s, 1), register(s, 2), register(s, 3)
+    with pytest.raises(AdapterNotLoadedError, match="adapter 4 is not loaded"):
+        s.pin_adapter(register(s, 4, ready=False))
+    s.pin_adapter(k1)
+    s.pin_adapter(k2)
     with pytest.raises(NoFreeSlotError, match="adapter 3"):
-        s.pin_adapter(3)
-    s.add_request(0, 2, lora_int_id=3)  # no slot while both are pinned: refused
-    s.add_request(1, 2, lora_int_id=1)
+        s.pin_adapter(k3)
+    s.add_request(0, 2, adapter_key=k3)  # no slot while both are pinned: refused
+    s.add_request(1, 2, adapter_key=k1)
     out = s.schedule()
     assert sorted(slot for slot, *_ in out.loads) == [0, 1]  # the two pins
     assert out.request_ids == [1]
-    assert [(i, "all 2 slots are pinned" in e) for i, e in out.rejected] == [(0, True)]
+    assert [(i, "all 2 slots are pinned" in e) for i, e in out.ended] == [(0, True)]
     s.postprocess([1])
-    assert s.unpin_adapter(2) is True
-    s.add_request(2, 2, lora_int_id=3)
+    assert s.unpin_adapter(k2) is True
+    s.add_request(2, 2, adapter_key=k3)
     out = s.schedule()
     assert out.request_ids == [2]
-    assert out.evictions == [(1, 2)]  # 2 was unpinned; 1 stays pinned
+    assert out.loads == [(1, k3, 2)]  # 2 was unpinned and gives its slot; 1 stays pinned
 
 
 @st.composite
@@ -172,21 +197,27 @@ def workloads(draw):
 def test_property_batches_respect_every_limit(workload):
     cfg, reqs = workload
     s = Scheduler(**cfg)
-    for rid, (prompt, _, lora, prio) in enumerate(reqs):
-        s.add_request(rid, prompt, lora_int_id=lora, priority=prio)
+    keys = {lora: register(s, lora, ready=False) for lora in range(1, 7)}
+    key_of = {rid: keys.get(lora) for rid, (_, _, lora, _) in enumerate(reqs)}
+    for rid, (prompt, _, _, prio) in enumerate(reqs):
+        s.add_request(rid, prompt, adapter_key=key_of[rid], priority=prio)
     slots: dict[int, int] = {}
     steps = run_to_completion(s, {rid: r[1] for rid, r in enumerate(reqs)})
     for out in steps:
         assert out.num_batched_tokens <= cfg["max_num_batched_tokens"]
         assert len(out) <= cfg["max_num_seqs"]
-        adapters = {a for a in out.lora_int_ids if a is not None}
+        adapters = {key_of[r] for r in out.request_ids if key_of[r] is not None}
         assert len(adapters) <= cfg["max_loras"]
-        for slot, lora, _host_slot, _from_host in out.loads:
-            slots[slot] = lora
-        for lora, slot in zip(out.lora_int_ids, out.slots):
-            assert slot == -1 if lora is None else slots[slot] == lora
-        starts = [start for start, _, _ in out.segments]
+        for slot, key, _host_slot in out.loads:
+            slots[slot] = key
+        starts = [start for start, *_ in out.segments]
         assert starts == sorted(starts)
-        assert sum(n for _, n, _ in out.segments) == out.num_batched_tokens
+        assert sum(n for _, n, *_ in out.segments) == out.num_batched_tokens
+        row = 0  # each request's tokens lie in a segment whose slot holds its adapter
+        for rid, n in zip(out.request_ids, out.num_new_tokens):
+            (slot,) = [sl for st, ln, sl, _ in out.segments if st <= row < st + ln]
+            assert slot == -1 if key_of[rid] is None else slots[slot] == key_of[rid]
+            row += n
+        assert len(out.positions) == len(out.slot_mapping) == out.num_batched_tokens
     assert s.num_free_blocks == cfg["num_blocks"]
     assert {r for out in steps for r in out.request_ids} == set(range(len(reqs)))

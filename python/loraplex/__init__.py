@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from loraplex._core import (
     AdapterConflictError,
     AdapterInUseError,
+    AdapterNotLoadedError,
     AdapterRegistry,
     DuplicateRequestError,
     InvalidConfigError,
@@ -21,7 +22,7 @@ from loraplex._core import (
     NoFreeSlotError,
     QueueFullError,
     Scheduler,
-    SchedulerOutput,
+    StepPlan,
     UnknownAdapterError,
 )
 
@@ -71,6 +72,7 @@ __all__ = [
     "SamplingParams",
     "AdapterConflictError",
     "AdapterInUseError",
+    "AdapterNotLoadedError",
     "AdapterRegistry",
     "DuplicateRequestError",
     "InvalidConfigError",
@@ -81,7 +83,7 @@ __all__ = [
     "NoFreeSlotError",
     "QueueFullError",
     "Scheduler",
-    "SchedulerOutput",
+    "StepPlan",
     "UnknownAdapterError",
 ]
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ from typing import Any, final
 __all__ = [
     "AdapterConflictError",
     "AdapterInUseError",
+    "AdapterNotLoadedError",
     "AdapterRegistry",
     "DuplicateRequestError",
     "InvalidConfigError",
@@ -16,7 +17,7 @@ __all__ = [
     "NoFreeSlotError",
     "QueueFullError",
     "Scheduler",
-    "SchedulerOutput",
+    "StepPlan",
     "UnknownAdapterError",
     "_restore_lora_request",
 ]
@@ -35,6 +36,9 @@ class UnknownAdapterError(LoraplexError, LookupError):
 
 class NoFreeSlotError(LoraplexError, RuntimeError):
     """Every adapter slot is pinned or in use."""
+
+class AdapterNotLoadedError(LoraplexError, RuntimeError):
+    """An adapter whose weights are not in the host tier yet."""
 
 class AdapterInUseError(LoraplexError, RuntimeError):
     """An adapter that unfinished requests still use."""
@@ -153,17 +157,13 @@ class AdapterRegistry:
     def __contains__(self, key: int, /) -> bool: ...
 
 @final
-class SchedulerOutput:
-    """One step's batch. Per-request lists are in batch order: grouped by adapter slot (base
-    model, slot -1, first), arrival order kept within a slot."""
+class StepPlan:
+    """One step's plan, converted once. Per-request lists are in batch order: grouped by
+    adapter slot (base model, slot -1, first), arrival order kept within a slot; per-token
+    lists cover the flat batch in the same order."""
 
     @property
     def request_ids(self) -> list[int]: ...
-    @property
-    def lora_int_ids(self) -> list[int | None]: ...
-    @property
-    def slots(self) -> list[int]:
-        """Device slot per request; -1 for the base model."""
     @property
     def num_computed_tokens(self) -> list[int]:
         """Tokens already cached per request: the position of its first token this step."""
@@ -171,39 +171,52 @@ class SchedulerOutput:
     def num_new_tokens(self) -> list[int]:
         """Tokens computed this step per request (a prefill chunk, or 1 for decode)."""
     @property
-    def samples(self) -> list[bool]:
-        """Whether each request samples a token this step (its last prefill chunk, or decode)."""
+    def sample_rows(self) -> list[int]:
+        """Batch indices of the requests that sample a token this step."""
     @property
     def block_tables(self) -> list[list[int]]: ...
     @property
-    def segments(self) -> list[tuple[int, int, int]]:
-        """``(start, length, slot)`` runs of the flat token batch, one per slot."""
+    def positions(self) -> list[int]:
+        """Each batched token's position in its sequence."""
     @property
-    def loads(self) -> list[tuple[int, int, int | None, bool]]:
-        """``(slot, lora_int_id, host_slot, from_host)``: perform in order before running."""
+    def slot_mapping(self) -> list[int]:
+        """Each batched token's KV cache slot (block * block_size + offset)."""
     @property
-    def evictions(self) -> list[tuple[int, int]]:
-        """``(slot, lora_int_id)`` leaving device slots."""
+    def segments(self) -> list[tuple[int, int, int, int]]:
+        """``(start, length, slot, host_slot)`` runs of the flat batch, one per adapter; slot
+        and host slot -1 for the base model."""
     @property
-    def host_evictions(self) -> list[tuple[int, int]]:
-        """``(host_slot, lora_int_id)`` leaving the host tier."""
+    def loads(self) -> list[tuple[int, int, int]]:
+        """``(slot, key, host_slot)``: copy host slot to device slot before running."""
+    @property
+    def reads(self) -> list[tuple[int, LoRARequest]]:
+        """``(key, adapter)``: reads to start off the step thread; each validated one asks
+        ``adapter_validated`` for a host slot, or fails with ``adapter_failed``."""
+    @property
+    def commits(self) -> list[tuple[int, int]]:
+        """``(key, host_slot)``: validated weights that waited for a slot; copy them there,
+        then ``adapter_loaded``."""
+    @property
+    def unheld(self) -> list[int]:
+        """Keys of validated weights, waiting for a slot, whose adapter was forgotten."""
     @property
     def preempted(self) -> list[int]: ...
     @property
-    def aborted(self) -> list[int]: ...
-    @property
-    def rejected(self) -> list[tuple[int, str]]:
-        """Submissions refused when drained (duplicate id), with the reason."""
+    def ended(self) -> list[tuple[int, str | None]]:
+        """Requests that ended in the core: aborted (``None``), or refused or failed with the
+        reason."""
     @property
     def num_batched_tokens(self) -> int: ...
     def __len__(self) -> int: ...
 
 @final
 class Scheduler:
-    """Continuous-batching scheduler with adapter slots and paged KV blocks.
+    """The engine's core: continuous batching with adapter tiers and paged KV blocks.
 
     ``add_request`` / ``abort_request`` may be called from any thread (a lock-free queue; the
-    GIL is released); ``schedule`` then ``postprocess`` once per engine step.
+    GIL is released); ``schedule`` then ``postprocess`` once per engine step; the adapter
+    methods and the loader's reports from any thread (a lock). Adapters are known by *key*
+    (``register_adapter``): one per set of weights, so a reload gets a new key.
     Raises ``InvalidConfigError`` for limits that cannot work together.
     """
 
@@ -219,45 +232,62 @@ class Scheduler:
         max_cpu_loras: int | None = None,
         max_skipped_steps: int = 32,
         queue_capacity: int = 65536,
+        max_loading: int = 4,
     ) -> Scheduler: ...
     def add_request(
         self,
         request_id: int,
         num_prompt_tokens: int,
-        lora_int_id: int | None = None,
+        adapter_key: int | None = None,
         priority: int = 0,
     ) -> None:
         """Submit. ``InvalidRequestError`` for an empty or too long prompt,
-        ``QueueFullError`` when the queue is full (nothing is submitted)."""
+        ``QueueFullError`` when the queue is full (nothing is submitted). A key removed by
+        the time the request is drained refuses it (reported in ``ended``)."""
     def abort_request(self, request_id: int) -> None: ...
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self) -> StepPlan:
         """Form the next batch; call ``postprocess`` after running it."""
-    def upcoming_reads(self, limit: int) -> list[int]:
-        """Up to ``limit`` adapter ids the next steps may read from disk: those of waiting
-        requests (submissions drained first), in admission order, held neither in a device
-        slot nor in the host tier. Read and validate them before ``schedule`` evicts for them."""
     def postprocess(self, finished: list[int]) -> list[int]:
         """Apply the step (one sampled token per request that sampled) and free ``finished``.
         Returns requests the scheduler finished itself for reaching ``max_model_len``."""
-    def pin_adapter(self, lora_int_id: int) -> None:
-        """Keep an adapter in a device slot and the host tier; ``NoFreeSlotError`` if none
-        can be given, or if pinning the last slot would strand waiting requests of other
-        adapters."""
+    def register_adapter(self, request: LoRARequest) -> tuple[int, bool]:
+        """``(key, is_new)``; ``AdapterConflictError`` naming both adapters on a clash."""
+    def reload_adapter(self, request: LoRARequest) -> tuple[int, bool]:
+        """New weights for a registered adapter: ``(key, old_was_pinned)``; the old key is
+        unpinned and dropped once no request uses it."""
+    def adapter_key(self, lora_int_id: int) -> int | None: ...
+    def adapter_state(self, key: int) -> str:
+        """``"absent"``, ``"loading"``, ``"ready"`` or ``"gone"``."""
+    def adapter_request(self, key: int) -> LoRARequest | None: ...
+    def stage_adapter(self, key: int) -> tuple[str, tuple[int, LoRARequest] | None]:
+        """Ask for the weights in the host tier now: ``("ready", None)`` (marked used),
+        ``("loading", None)``, or ``("read", job)`` to perform."""
+    def adapter_validated(self, key: int, explicit: bool = False) -> tuple[str, int | None]:
+        """A read proved valid: ``("slot", host_slot)`` to copy into, ``("wait", None)``
+        (hold the weights until a plan's ``commits`` names a slot; for ``explicit``, no slot
+        could be had and nothing is held), or ``("gone", None)``."""
+    def adapter_loaded(self, key: int, host_slot: int) -> None: ...
+    def adapter_failed(self, key: int, message: str) -> None:
+        """Forget the adapter; its requests end with ``message``."""
+    def pin_adapter(self, key: int) -> None:
+        """Keep the weights in a device slot and the host tier; ``AdapterNotLoadedError``
+        unless they are in the host tier, ``NoFreeSlotError`` if no slot can be given, or if
+        pinning the last one would strand waiting requests of other adapters."""
+    def unpin_adapter(self, key: int) -> bool: ...
     def remove_adapter(self, lora_int_id: int, force: bool = False) -> list[int]:
-        """Drop an adapter from device slots and host tier at once; requests still in the
-        submission queue count as users. With ``force``, abort the requests that use it and
-        return their ids; else ``AdapterInUseError`` while any do."""
-    def cache_adapter(self, lora_int_id: int) -> tuple[int, int | None] | None:
-        """Put an adapter in the host tier (LRU, pins kept): its host slot and the adapter
-        evicted for it; ``None`` when every host slot is pinned."""
+        """Forget an adapter (all its weights) from both tiers and the registry; requests
+        still in the submission queue count as users. With ``force``, abort the requests that
+        use it and return their ids; else ``AdapterInUseError`` while any do;
+        ``UnknownAdapterError`` if it is not registered."""
     def resident_adapters(self) -> list[int]:
-        """Adapters held in a device slot or the host tier, ascending."""
-    def unpin_adapter(self, lora_int_id: int) -> bool: ...
+        """Ids of the adapters held ready in the host tier (and maybe a device slot)."""
     def has_unfinished_requests(self) -> bool: ...
     @property
     def num_waiting(self) -> int: ...
     @property
     def num_running(self) -> int: ...
+    @property
+    def num_loading(self) -> int: ...
     @property
     def num_free_blocks(self) -> int: ...
     @property
@@ -274,3 +304,5 @@ class Scheduler:
     def max_loras(self) -> int: ...
     @property
     def max_cpu_loras(self) -> int: ...
+    @property
+    def max_loading(self) -> int: ...

@@ -1,6 +1,8 @@
 //! What one `schedule()` call returns: the batch, ordered so each adapter's tokens are
-//! contiguous, with its segment table, slot traffic and block tables.
+//! contiguous, with its segment table, slot traffic, block tables and the adapter reads to
+//! start ahead of need.
 
+use crate::adapters::{Key, ReadJob};
 use crate::error::Error;
 use crate::kv::RequestId;
 use crate::request::AdapterId;
@@ -17,6 +19,8 @@ pub struct ScheduledSeq {
     pub adapter: Option<AdapterId>,
     /// Device slot of its adapter, or [`NO_SLOT`].
     pub slot: i32,
+    /// Host slot of its adapter's weights, or [`NO_SLOT`].
+    pub host_slot: i32,
     /// Tokens already in the KV cache: the position of this step's first token.
     pub num_computed_tokens: usize,
     /// Tokens computed this step (a prefill chunk, or 1 for decode).
@@ -36,22 +40,24 @@ pub struct Segment {
     pub len: usize,
     /// Device slot, or [`NO_SLOT`].
     pub slot: i32,
+    /// Host slot of the same adapter, or [`NO_SLOT`] (a backend whose device is the host
+    /// runs on these: no second copy).
+    pub host_slot: i32,
 }
 
-/// An adapter to copy into a device slot before the step runs.
+/// An adapter to copy from its host slot into a device slot before the step runs (its
+/// weights are always in the host tier by then: the step never reads the disk).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotLoad {
     /// Device slot to write.
     pub slot: usize,
-    /// Adapter to load.
+    /// Key of the weights to load.
     pub adapter: AdapterId,
-    /// Host-tier slot holding (or to hold) its weights; `None` if the host tier has no room.
-    pub host_slot: Option<usize>,
-    /// `true`: the weights are already in `host_slot` (copy); `false`: read them from disk.
-    pub from_host: bool,
+    /// Host slot holding them.
+    pub host_slot: usize,
 }
 
-/// An adapter leaving a slot (device or host).
+/// An adapter leaving a device slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Eviction {
     /// The slot it leaves.
@@ -71,14 +77,19 @@ pub struct SchedulerOutput {
     pub loads: Vec<SlotLoad>,
     /// Device evictions the loads cause.
     pub evictions: Vec<Eviction>,
-    /// Host-tier evictions the loads cause.
-    pub host_evictions: Vec<Eviction>,
+    /// Adapter reads to start, in the order admission will want them.
+    pub reads: Vec<ReadJob>,
+    /// Validated weights that waited for a host slot, and the slot to copy them into.
+    pub commits: Vec<(Key, usize)>,
+    /// Validated weights waiting for a slot whose adapter was forgotten: drop them.
+    pub unheld: Vec<Key>,
     /// Requests preempted this step (blocks freed; they will be recomputed).
     pub preempted: Vec<RequestId>,
     /// Requests aborted since the last step.
     pub aborted: Vec<RequestId>,
-    /// Requests refused (a duplicate id; an adapter that can get no slot because every slot
-    /// is pinned), with the reason. They hold nothing.
+    /// Requests refused or failed (a duplicate id; an adapter that can get no slot because
+    /// every slot is pinned; an adapter whose read failed), with the reason. They hold
+    /// nothing.
     pub rejected: Vec<(RequestId, Error)>,
 }
 
@@ -91,6 +102,21 @@ impl SchedulerOutput {
     /// Whether nothing runs this step.
     pub fn is_empty(&self) -> bool {
         self.seqs.is_empty()
+    }
+
+    /// Each batched token's position and the KV cache slot its key and value go to, in batch
+    /// order (`block_size` tokens per block).
+    pub fn positions_and_slots(&self, block_size: usize) -> (Vec<i64>, Vec<i64>) {
+        let n = self.num_batched_tokens();
+        let (mut positions, mut slots) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for s in &self.seqs {
+            for pos in s.num_computed_tokens..s.num_computed_tokens + s.num_new_tokens {
+                let block = s.block_table[pos / block_size] as usize;
+                positions.push(pos as i64);
+                slots.push((block * block_size + pos % block_size) as i64);
+            }
+        }
+        (positions, slots)
     }
 
     /// Sorts `seqs` by slot (stable, so arrival order holds within a slot) and builds the
@@ -106,6 +132,7 @@ impl SchedulerOutput {
                     start,
                     len: seq.num_new_tokens,
                     slot: seq.slot,
+                    host_slot: seq.host_slot,
                 }),
             }
             start += seq.num_new_tokens;

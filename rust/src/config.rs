@@ -24,6 +24,8 @@ pub struct SchedulerConfig {
     pub max_skipped_steps: u64,
     /// Bound of the submission queue.
     pub queue_capacity: usize,
+    /// Most adapter reads in flight at once (handed to the engine's loader pool).
+    pub max_loading: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -38,6 +40,7 @@ impl Default for SchedulerConfig {
             max_cpu_loras: 1,
             max_skipped_steps: 32,
             queue_capacity: 1 << 16,
+            max_loading: 4,
         }
     }
 }
@@ -56,6 +59,7 @@ impl SchedulerConfig {
             ("num_blocks", self.num_blocks),
             ("max_loras", self.max_loras),
             ("queue_capacity", self.queue_capacity),
+            ("max_loading", self.max_loading),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(Error::InvalidConfig(format!("{name} must be >= 1, got 0")));

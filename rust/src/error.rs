@@ -63,6 +63,14 @@ pub enum Error {
         adapter: i64,
     },
 
+    /// An adapter whose weights are not (yet) in the host tier, where an operation needs them.
+    #[error("adapter {0} is not loaded")]
+    AdapterNotLoaded(i64),
+
+    /// A request whose adapter failed to load, or was removed before the request ran.
+    #[error("{0}")]
+    AdapterFailed(String),
+
     /// The bounded submission queue is full; the item was not enqueued.
     #[error(
         "request queue is full ({capacity} pending submissions); retry after the engine steps"

@@ -2,6 +2,7 @@
 //! of a multi-LoRA LLM serving engine. Pure Rust; the Python bindings live in `python.rs`
 //! behind the `python` feature.
 
+pub mod adapters;
 pub mod batch;
 pub mod config;
 pub mod error;
@@ -17,10 +18,12 @@ pub mod waiting;
 /// Hash maps keyed by small integers the core assigns: FxHash, not SipHash (a quarter of
 /// `schedule()`'s time went to SipHash in the criterion bench).
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, rustc_hash::FxBuildHasher>;
+pub(crate) type FastSet<K> = std::collections::HashSet<K, rustc_hash::FxBuildHasher>;
 
 #[cfg(feature = "python")]
 mod python;
 
+pub use adapters::{Adapters, Key, Placement, ReadJob, Residency};
 pub use batch::{Eviction, ScheduledSeq, SchedulerOutput, Segment, SlotLoad, NO_SLOT};
 pub use config::SchedulerConfig;
 pub use error::{Error, Result};
@@ -29,5 +32,5 @@ pub use lru::{Acquired, LruCache};
 pub use queue::RequestQueue;
 pub use registry::AdapterRegistry;
 pub use request::{AdapterId, LoRARequest};
-pub use scheduler::Scheduler;
+pub use scheduler::{Scheduler, Staging};
 pub use submit::{Command, NewRequest, Submitter};

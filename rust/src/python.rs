@@ -8,11 +8,11 @@ use pyo3::exceptions::{
 };
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyInt, PyString, PyTuple, PyType};
+use pyo3::types::{PyDict, PyInt, PyList, PyString, PyTuple, PyType};
 
 use crate::{
-    AdapterRegistry, Error, LoRARequest, NewRequest, Scheduler, SchedulerConfig, SchedulerOutput,
-    Submitter,
+    AdapterRegistry, Error, LoRARequest, NewRequest, Placement, ReadJob, Residency, Scheduler,
+    SchedulerConfig, SchedulerOutput, Staging, Submitter,
 };
 
 /// The error kinds, each a subclass of `LoraplexError` and of a builtin, so that
@@ -24,6 +24,7 @@ struct ErrorTypes {
     unknown_adapter: Py<PyType>,
     no_free_slot: Py<PyType>,
     adapter_in_use: Py<PyType>,
+    adapter_not_loaded: Py<PyType>,
     queue_full: Py<PyType>,
     duplicate_request: Py<PyType>,
     invalid_request: Py<PyType>,
@@ -81,6 +82,11 @@ fn error_types(py: Python<'_>) -> PyResult<&ErrorTypes> {
                 runtime(),
                 "An adapter that unfinished requests still use.",
             )?,
+            adapter_not_loaded: kind(
+                "AdapterNotLoadedError",
+                runtime(),
+                "An adapter whose weights are not in the host tier yet.",
+            )?,
             no_free_slot: kind(
                 "NoFreeSlotError",
                 runtime(),
@@ -127,6 +133,8 @@ fn to_py_err(e: Error) -> PyErr {
             Error::UnknownAdapter(_) => &types.unknown_adapter,
             Error::NoFreeSlot { .. } => &types.no_free_slot,
             Error::AdapterInUse { .. } => &types.adapter_in_use,
+            Error::AdapterNotLoaded(_) => &types.adapter_not_loaded,
+            Error::AdapterFailed(_) => &types.invalid_lora_request,
             Error::QueueFull { .. } => &types.queue_full,
             Error::DuplicateRequest(_) => &types.duplicate_request,
             Error::InvalidRequest { .. } => &types.invalid_request,
@@ -443,7 +451,8 @@ impl PyAdapterRegistry {
     }
 }
 
-/// The scheduler: submissions from any thread, `schedule` / `postprocess` from the engine loop.
+/// The engine's core: submissions from any thread; the step (`schedule` / `postprocess`), the
+/// adapter methods and the loader pool's reports from any thread too, one at a time (a lock).
 #[pyclass(name = "Scheduler", module = "loraplex._core", frozen)]
 pub struct PyScheduler {
     core: Mutex<Scheduler>,
@@ -451,10 +460,16 @@ pub struct PyScheduler {
     config: SchedulerConfig,
 }
 
+type ReadTuple = (i64, PyLoRARequest);
+
+fn read_tuple(job: ReadJob) -> ReadTuple {
+    (job.key, request_to_py(job.request))
+}
+
 #[pymethods]
 impl PyScheduler {
     #[new]
-    #[pyo3(signature = (*, max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=2048, block_size=16, num_blocks=1024, max_loras=1, max_cpu_loras=None, max_skipped_steps=32, queue_capacity=65536))]
+    #[pyo3(signature = (*, max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=2048, block_size=16, num_blocks=1024, max_loras=1, max_cpu_loras=None, max_skipped_steps=32, queue_capacity=65536, max_loading=4))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         max_num_seqs: usize,
@@ -466,6 +481,7 @@ impl PyScheduler {
         max_cpu_loras: Option<usize>,
         max_skipped_steps: u64,
         queue_capacity: usize,
+        max_loading: usize,
     ) -> PyResult<Self> {
         let config = SchedulerConfig {
             max_num_seqs,
@@ -477,6 +493,7 @@ impl PyScheduler {
             max_cpu_loras: max_cpu_loras.unwrap_or(max_loras),
             max_skipped_steps,
             queue_capacity,
+            max_loading,
         };
         let core = Scheduler::new(config.clone()).map_err(to_py_err)?;
         Ok(Self {
@@ -486,23 +503,19 @@ impl PyScheduler {
         })
     }
 
-    #[pyo3(signature = (request_id, num_prompt_tokens, lora_int_id=None, priority=0))]
+    #[pyo3(signature = (request_id, num_prompt_tokens, adapter_key=None, priority=0))]
     fn add_request(
         &self,
         py: Python<'_>,
         request_id: u64,
         num_prompt_tokens: usize,
-        lora_int_id: Option<&Bound<'_, PyAny>>,
+        adapter_key: Option<i64>,
         priority: i32,
     ) -> PyResult<()> {
-        let lora_int_id = lora_int_id.map(lora_id).transpose()?;
-        if let Some(id) = lora_int_id.filter(|id| *id < 1) {
-            return Err(to_py_err(Error::InvalidLoraId(id)));
-        }
         let request = NewRequest {
             id: request_id,
             num_prompt_tokens,
-            adapter: lora_int_id,
+            adapter: adapter_key,
             priority,
         };
         py.detach(|| self.submitter.add(request)).map_err(to_py_err)
@@ -513,22 +526,81 @@ impl PyScheduler {
             .map_err(to_py_err)
     }
 
-    fn schedule(&self, py: Python<'_>) -> PySchedulerOutput {
-        PySchedulerOutput {
-            inner: py.detach(|| self.core.lock().schedule()),
-        }
-    }
-
-    fn upcoming_reads(&self, py: Python<'_>, limit: usize) -> Vec<i64> {
-        py.detach(|| self.core.lock().upcoming_reads(limit))
+    fn schedule(&self, py: Python<'_>) -> PyResult<PyStepPlan> {
+        let out = py.detach(|| self.core.lock().schedule());
+        PyStepPlan::new(py, out, self.config.block_size)
     }
 
     fn postprocess(&self, py: Python<'_>, finished: Vec<u64>) -> Vec<u64> {
         py.detach(|| self.core.lock().postprocess(&finished))
     }
 
-    fn pin_adapter(&self, lora_int_id: i64) -> PyResult<()> {
-        self.core.lock().pin_adapter(lora_int_id).map_err(to_py_err)
+    fn register_adapter(&self, request: PyRef<'_, PyLoRARequest>) -> PyResult<(i64, bool)> {
+        let mut core = self.core.lock();
+        core.register_adapter(&request.inner).map_err(to_py_err)
+    }
+
+    fn reload_adapter(&self, request: PyRef<'_, PyLoRARequest>) -> PyResult<(i64, bool)> {
+        let mut core = self.core.lock();
+        core.reload_adapter(&request.inner).map_err(to_py_err)
+    }
+
+    fn adapter_key(&self, lora_int_id: i64) -> Option<i64> {
+        self.core.lock().adapter_key(lora_int_id)
+    }
+
+    fn stage_adapter(&self, key: i64) -> PyResult<(&'static str, Option<ReadTuple>)> {
+        let staging = self.core.lock().stage_adapter(key).map_err(to_py_err)?;
+        Ok(match staging {
+            Staging::Ready => ("ready", None),
+            Staging::Loading => ("loading", None),
+            Staging::NoRoom => ("no_room", None),
+            Staging::Read(job) => ("read", Some(read_tuple(job))),
+        })
+    }
+
+    /// `"absent"`, `"loading"`, `"ready"`, or `"gone"` (forgotten).
+    fn adapter_state(&self, key: i64) -> &'static str {
+        let core = self.core.lock();
+        let adapters = core.adapters();
+        if !adapters.is_live(key) {
+            return "gone";
+        }
+        match adapters.residency(key) {
+            Residency::Absent => "absent",
+            Residency::Loading => "loading",
+            Residency::Ready => "ready",
+        }
+    }
+
+    fn adapter_request(&self, key: i64) -> Option<PyLoRARequest> {
+        let core = self.core.lock();
+        core.adapters().request(key).cloned().map(request_to_py)
+    }
+
+    #[pyo3(signature = (key, explicit=false))]
+    fn adapter_validated(&self, key: i64, explicit: bool) -> (&'static str, Option<usize>) {
+        match self.core.lock().adapter_validated(key, explicit) {
+            Placement::Slot(slot) => ("slot", Some(slot)),
+            Placement::Wait => ("wait", None),
+            Placement::Gone => ("gone", None),
+        }
+    }
+
+    fn adapter_loaded(&self, key: i64, host_slot: usize) {
+        self.core.lock().adapter_loaded(key, host_slot);
+    }
+
+    fn adapter_failed(&self, key: i64, message: &str) {
+        self.core.lock().adapter_failed(key, message);
+    }
+
+    fn pin_adapter(&self, key: i64) -> PyResult<()> {
+        self.core.lock().pin_adapter(key).map_err(to_py_err)
+    }
+
+    fn unpin_adapter(&self, key: i64) -> bool {
+        self.core.lock().unpin_adapter(key)
     }
 
     #[pyo3(signature = (lora_int_id, force=false))]
@@ -539,16 +611,8 @@ impl PyScheduler {
             .map_err(to_py_err)
     }
 
-    fn cache_adapter(&self, lora_int_id: i64) -> Option<(usize, Option<i64>)> {
-        self.core.lock().cache_adapter(lora_int_id)
-    }
-
     fn resident_adapters(&self) -> Vec<i64> {
         self.core.lock().resident_adapters()
-    }
-
-    fn unpin_adapter(&self, lora_int_id: i64) -> bool {
-        self.core.lock().unpin_adapter(lora_int_id)
     }
 
     fn has_unfinished_requests(&self) -> bool {
@@ -562,6 +626,10 @@ impl PyScheduler {
     #[getter]
     fn num_running(&self) -> usize {
         self.core.lock().num_running()
+    }
+    #[getter]
+    fn num_loading(&self) -> usize {
+        self.core.lock().adapters().num_loading()
     }
     #[getter]
     fn num_free_blocks(&self) -> usize {
@@ -595,106 +663,87 @@ impl PyScheduler {
     fn max_cpu_loras(&self) -> usize {
         self.config.max_cpu_loras
     }
+    #[getter]
+    fn max_loading(&self) -> usize {
+        self.config.max_loading
+    }
 }
 
-/// One step's batch, as plain Python lists in batch order.
-#[pyclass(name = "SchedulerOutput", module = "loraplex._core", frozen)]
-pub struct PySchedulerOutput {
-    inner: SchedulerOutput,
+/// One step's plan, converted to Python objects once: per-request lists in batch order
+/// (grouped by adapter slot), flat per-token lists, and the step's slot traffic.
+#[pyclass(name = "StepPlan", module = "loraplex._core", frozen, get_all)]
+pub struct PyStepPlan {
+    request_ids: Py<PyAny>,
+    num_computed_tokens: Py<PyAny>,
+    num_new_tokens: Py<PyAny>,
+    sample_rows: Py<PyAny>,
+    block_tables: Py<PyAny>,
+    positions: Py<PyAny>,
+    slot_mapping: Py<PyAny>,
+    segments: Py<PyAny>,
+    loads: Py<PyAny>,
+    reads: Py<PyAny>,
+    commits: Py<PyAny>,
+    unheld: Py<PyAny>,
+    preempted: Py<PyAny>,
+    ended: Py<PyAny>,
+    num_batched_tokens: usize,
+}
+
+fn py_list<'py, T: IntoPyObject<'py>>(py: Python<'py>, items: Vec<T>) -> PyResult<Py<PyAny>> {
+    Ok(PyList::new(py, items)?.into_any().unbind())
+}
+
+impl PyStepPlan {
+    fn new(py: Python<'_>, out: SchedulerOutput, block_size: usize) -> PyResult<Self> {
+        let (positions, slot_mapping) = out.positions_and_slots(block_size);
+        let seqs = &out.seqs;
+        let ended: Vec<(u64, Option<String>)> = out
+            .aborted
+            .iter()
+            .map(|id| (*id, None))
+            .chain(
+                out.rejected
+                    .iter()
+                    .map(|(id, e)| (*id, Some(e.to_string()))),
+            )
+            .collect();
+        let segments: Vec<_> = out
+            .segments
+            .iter()
+            .map(|s| (s.start, s.len, s.slot, s.host_slot))
+            .collect();
+        let loads: Vec<_> = out
+            .loads
+            .iter()
+            .map(|l| (l.slot, l.adapter, l.host_slot))
+            .collect();
+        let sample_rows: Vec<usize> = (0..seqs.len()).filter(|i| seqs[*i].samples).collect();
+        let num_batched_tokens = out.num_batched_tokens();
+        Ok(Self {
+            request_ids: py_list(py, seqs.iter().map(|s| s.request_id).collect())?,
+            num_computed_tokens: py_list(py, seqs.iter().map(|s| s.num_computed_tokens).collect())?,
+            num_new_tokens: py_list(py, seqs.iter().map(|s| s.num_new_tokens).collect())?,
+            sample_rows: py_list(py, sample_rows)?,
+            block_tables: py_list(py, seqs.iter().map(|s| s.block_table.clone()).collect())?,
+            positions: py_list(py, positions)?,
+            slot_mapping: py_list(py, slot_mapping)?,
+            segments: py_list(py, segments)?,
+            loads: py_list(py, loads)?,
+            reads: py_list(py, out.reads.into_iter().map(read_tuple).collect())?,
+            commits: py_list(py, out.commits)?,
+            unheld: py_list(py, out.unheld)?,
+            preempted: py_list(py, out.preempted)?,
+            ended: py_list(py, ended)?,
+            num_batched_tokens,
+        })
+    }
 }
 
 #[pymethods]
-impl PySchedulerOutput {
-    #[getter]
-    fn request_ids(&self) -> Vec<u64> {
-        self.inner.seqs.iter().map(|s| s.request_id).collect()
-    }
-    #[getter]
-    fn lora_int_ids(&self) -> Vec<Option<i64>> {
-        self.inner.seqs.iter().map(|s| s.adapter).collect()
-    }
-    #[getter]
-    fn slots(&self) -> Vec<i32> {
-        self.inner.seqs.iter().map(|s| s.slot).collect()
-    }
-    #[getter]
-    fn num_computed_tokens(&self) -> Vec<usize> {
-        self.inner
-            .seqs
-            .iter()
-            .map(|s| s.num_computed_tokens)
-            .collect()
-    }
-    #[getter]
-    fn num_new_tokens(&self) -> Vec<usize> {
-        self.inner.seqs.iter().map(|s| s.num_new_tokens).collect()
-    }
-    #[getter]
-    fn samples(&self) -> Vec<bool> {
-        self.inner.seqs.iter().map(|s| s.samples).collect()
-    }
-    #[getter]
-    fn block_tables(&self) -> Vec<Vec<u32>> {
-        self.inner
-            .seqs
-            .iter()
-            .map(|s| s.block_table.clone())
-            .collect()
-    }
-    #[getter]
-    fn segments(&self) -> Vec<(usize, usize, i32)> {
-        self.inner
-            .segments
-            .iter()
-            .map(|s| (s.start, s.len, s.slot))
-            .collect()
-    }
-    #[getter]
-    fn loads(&self) -> Vec<(usize, i64, Option<usize>, bool)> {
-        self.inner
-            .loads
-            .iter()
-            .map(|l| (l.slot, l.adapter, l.host_slot, l.from_host))
-            .collect()
-    }
-    #[getter]
-    fn evictions(&self) -> Vec<(usize, i64)> {
-        self.inner
-            .evictions
-            .iter()
-            .map(|e| (e.slot, e.adapter))
-            .collect()
-    }
-    #[getter]
-    fn host_evictions(&self) -> Vec<(usize, i64)> {
-        self.inner
-            .host_evictions
-            .iter()
-            .map(|e| (e.slot, e.adapter))
-            .collect()
-    }
-    #[getter]
-    fn preempted(&self) -> Vec<u64> {
-        self.inner.preempted.clone()
-    }
-    #[getter]
-    fn aborted(&self) -> Vec<u64> {
-        self.inner.aborted.clone()
-    }
-    #[getter]
-    fn rejected(&self) -> Vec<(u64, String)> {
-        self.inner
-            .rejected
-            .iter()
-            .map(|(id, e)| (*id, e.to_string()))
-            .collect()
-    }
-    #[getter]
-    fn num_batched_tokens(&self) -> usize {
-        self.inner.num_batched_tokens()
-    }
-    fn __len__(&self) -> usize {
-        self.inner.seqs.len()
+impl PyStepPlan {
+    fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
+        self.request_ids.bind(py).len()
     }
 }
 
@@ -704,7 +753,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyLoRARequest>()?;
     m.add_class::<PyAdapterRegistry>()?;
     m.add_class::<PyScheduler>()?;
-    m.add_class::<PySchedulerOutput>()?;
+    m.add_class::<PyStepPlan>()?;
     m.add_function(wrap_pyfunction!(_restore_lora_request, m)?)?;
     let t = error_types(py)?;
     for (name, ty) in [
@@ -714,6 +763,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("UnknownAdapterError", &t.unknown_adapter),
         ("NoFreeSlotError", &t.no_free_slot),
         ("AdapterInUseError", &t.adapter_in_use),
+        ("AdapterNotLoadedError", &t.adapter_not_loaded),
         ("QueueFullError", &t.queue_full),
         ("DuplicateRequestError", &t.duplicate_request),
         ("InvalidRequestError", &t.invalid_request),

@@ -1,28 +1,29 @@
 //! Batch formation: which requests run this step, with how many tokens, on which adapter
-//! slots and KV blocks.
+//! slots and KV blocks; and which adapters to read ahead of need.
 //!
 //! Each step: running requests first (decode, or the next chunk of a long prompt; when KV
 //! blocks run out the newest running request is preempted), then waiting ones in
-//! (priority, arrival) order. A waiting request whose adapter has no slot is passed over
-//! without blocking those behind it whose adapter is active; if the oldest waiting request is
-//! passed over for `max_skipped_steps` steps, other adapters' admissions stop until a slot
-//! drains for it. Running requests never span more than `max_loras` adapters (pinned ones
-//! included), so every running request's adapter fits on the device at once.
+//! (priority, arrival) order. A waiting request is admitted once its adapter's weights are in
+//! the host tier; until then others run, and the adapter's read is handed to the engine's
+//! loader pool, in the order admission will want it. A waiting request whose adapter has no
+//! device slot is passed over without blocking those behind it whose adapter is active; if the
+//! oldest waiting request is passed over for `max_skipped_steps` steps, other adapters'
+//! admissions stop until it can run. Running requests never span more than `max_loras`
+//! adapters (pinned ones included), so every running request's adapter fits on the device.
 
-use std::collections::HashSet;
-
-use crate::FastMap;
 use std::sync::Arc;
 
+use crate::adapters::{Adapters, Key, Placement, ReadJob, Residency};
 use crate::batch::{Eviction, ScheduledSeq, SchedulerOutput, SlotLoad, NO_SLOT};
 use crate::config::SchedulerConfig;
 use crate::error::{Error, Result};
 use crate::kv::{BlockManager, RequestId};
-use crate::lru::{Acquired, LruCache};
+use crate::lru::Acquired;
 use crate::queue::RequestQueue;
-use crate::request::AdapterId;
+use crate::request::{AdapterId, LoRARequest};
 use crate::submit::{Command, NewRequest, Submitter};
 use crate::waiting::{AdapterKey, OrderKey, WaitingQueues};
+use crate::FastMap;
 
 struct Seq {
     adapter: AdapterKey,
@@ -31,27 +32,39 @@ struct Seq {
     num_computed: usize,
 }
 
-/// The scheduler. Single consumer: one thread calls `schedule` / `postprocess`; any number
-/// submit through [`Submitter`]s.
+/// What [`Scheduler::stage_adapter`] did.
+#[derive(Debug, Clone)]
+pub enum Staging {
+    /// The weights are in the host tier (now most recently used).
+    Ready,
+    /// A read is in flight already.
+    Loading,
+    /// A host slot is reserved: perform this read.
+    Read(ReadJob),
+    /// Every host slot is pinned, in use or being read: nothing was reserved.
+    NoRoom,
+}
+
+/// The scheduler. Single consumer: one thread at a time calls `schedule` / `postprocess`
+/// and the adapter methods; any number submit through [`Submitter`]s.
 pub struct Scheduler {
     config: SchedulerConfig,
     queue: Arc<RequestQueue<Command>>,
     kv: BlockManager,
-    device: LruCache<AdapterId>,
-    host: LruCache<AdapterId>,
+    adapters: Adapters,
     seqs: FastMap<RequestId, Seq>,
     waiting: WaitingQueues,
     /// Admission order; the newest (last) is preempted first.
     running: Vec<RequestId>,
-    /// Running requests per adapter.
-    active: FastMap<AdapterId, usize>,
+    /// Running requests per adapter key.
+    active: FastMap<Key, usize>,
     /// What the last `schedule` ran, for `postprocess`.
     last: Vec<(RequestId, usize)>,
     num_arrivals: u64,
     step: u64,
     /// The oldest waiting request, and the step since which it has been passed over.
     passed_over: Option<(RequestId, u64)>,
-    /// Slot traffic decided between steps (pinning), reported by the next `schedule`.
+    /// Slot traffic and failures decided between steps, reported by the next `schedule`.
     pending: SchedulerOutput,
 }
 
@@ -65,8 +78,7 @@ impl Scheduler {
         Ok(Self {
             queue: Arc::new(RequestQueue::new(config.queue_capacity)?),
             kv: BlockManager::new(config.num_blocks, config.block_size),
-            device: LruCache::new(config.max_loras),
-            host: LruCache::new(config.max_cpu_loras),
+            adapters: Adapters::new(config.max_loras, config.max_cpu_loras),
             config,
             seqs: FastMap::default(),
             waiting: WaitingQueues::default(),
@@ -95,9 +107,9 @@ impl Scheduler {
         &self.kv
     }
 
-    /// Device slots (read-only).
-    pub fn device_slots(&self) -> &LruCache<AdapterId> {
-        &self.device
+    /// Adapter identity and tiers (read-only).
+    pub fn adapters(&self) -> &Adapters {
+        &self.adapters
     }
 
     /// Requests waiting to be admitted.
@@ -115,32 +127,152 @@ impl Scheduler {
         !self.seqs.is_empty() || !self.queue.is_empty()
     }
 
-    /// Pins `adapter` to a device slot: never evicted until unpinned. If it was not resident,
-    /// its load (and any eviction) is reported by the next `schedule()`.
+    /// Registers an adapter (id, name and path uniqueness enforced); returns the key its
+    /// requests are submitted under and whether it is new.
     ///
     /// # Errors
-    /// [`Error::NoFreeSlot`] when every slot is pinned or held by running requests' adapters.
-    pub fn pin_adapter(&mut self, adapter: AdapterId) -> Result<()> {
+    /// [`Error::AdapterConflict`] naming both adapters.
+    pub fn register_adapter(&mut self, request: &LoRARequest) -> Result<(Key, bool)> {
+        self.adapters.register(request)
+    }
+
+    /// New weights for a registered adapter (`load_inplace`): returns their key and whether
+    /// the replaced weights were pinned (they are unpinned, and dropped once unused).
+    ///
+    /// # Errors
+    /// [`Error::AdapterConflict`] when the id is registered under another name.
+    pub fn reload_adapter(&mut self, request: &LoRARequest) -> Result<(Key, bool)> {
+        let (key, old) = self.adapters.reload(request)?;
+        let was_pinned = old.is_some_and(|old| {
+            let pinned = self.unpin_adapter(old);
+            self.drop_if_unused(old);
+            pinned
+        });
+        Ok((key, was_pinned))
+    }
+
+    /// The key of adapter `id`'s current weights.
+    pub fn adapter_key(&self, id: AdapterId) -> Option<Key> {
+        self.adapters.key_of(id)
+    }
+
+    /// Asks for `key`'s weights in the host tier now (`add_lora`).
+    ///
+    /// # Errors
+    /// [`Error::UnknownAdapter`] when `key` was removed.
+    pub fn stage_adapter(&mut self, key: Key) -> Result<Staging> {
+        if !self.adapters.is_live(key) {
+            return Err(Error::UnknownAdapter(key));
+        }
+        Ok(match self.adapters.residency(key) {
+            Residency::Ready => {
+                self.adapters.host.touch(&key);
+                Staging::Ready
+            }
+            Residency::Loading => Staging::Loading,
+            Residency::Absent => match self.adapters.begin_read(key) {
+                Some(job) => Staging::Read(job),
+                None => Staging::Loading,
+            },
+        })
+    }
+
+    fn unready(&mut self, evicted: Option<Key>) {
+        if let Some(e) = evicted {
+            self.waiting.set_ready(e, false);
+        }
+    }
+
+    /// The loader pool read and validated `key`'s weights: where to put them. A read ahead
+    /// of need never evicts an adapter in use, pinned, or wanted sooner by the waiting queue
+    /// (it waits for a slot: [`Placement::Wait`], and a later `schedule` names one in
+    /// `commits`); an `explicit` one (`add_lora`) takes the least recently used adapter that
+    /// nothing uses, and with none is dropped after validation (`Wait`: read again when
+    /// needed).
+    pub fn adapter_validated(&mut self, key: Key, explicit: bool) -> Placement {
+        let wanted = if explicit {
+            Vec::new()
+        } else {
+            self.wanted_before(key)
+        };
+        let active = &self.active;
+        let (placement, evicted) = self
+            .adapters
+            .place(key, |k| active.contains_key(k) || wanted.contains(k));
+        self.unready(evicted);
+        if explicit && placement == Placement::Wait {
+            self.adapters.unplace(key);
+        }
+        placement
+    }
+
+    /// Ready adapters that waiting requests will want before `key`'s (within the host tier's
+    /// reach).
+    fn wanted_before(&self, key: Key) -> Vec<Key> {
+        self.waiting
+            .adapters_in_order()
+            .flatten()
+            .take(self.adapters.host.capacity())
+            .take_while(|a| *a != key)
+            .filter(|a| self.adapters.residency(*a) == Residency::Ready)
+            .collect()
+    }
+
+    /// `key`'s weights are in `host_slot`: its requests can be admitted.
+    pub fn adapter_loaded(&mut self, key: Key, host_slot: usize) {
+        if self.adapters.end_fill(key, host_slot) {
+            self.waiting.set_ready(key, true);
+        }
+    }
+
+    /// The loader pool could not read (or copy) `key`'s weights: the adapter is forgotten
+    /// and every request that uses it fails with `message` (reported by the next
+    /// `schedule`).
+    pub fn adapter_failed(&mut self, key: Key, message: &str) {
+        self.drain_pending();
+        for id in self.waiting.ids_of(Some(key)) {
+            self.remove(id);
+            let error = Error::AdapterFailed(message.to_string());
+            self.pending.rejected.push((id, error));
+        }
+        self.adapters.fail(key);
+        self.waiting.set_ready(key, false);
+    }
+
+    /// Pins `key`'s weights to a device slot (and the host tier): never evicted until
+    /// unpinned. If they were not on the device, the load is reported by the next `schedule`.
+    ///
+    /// # Errors
+    /// [`Error::AdapterNotLoaded`] when they are not in the host tier; [`Error::NoFreeSlot`]
+    /// when every slot is pinned or held by running requests' adapters, or pinning the last
+    /// one would strand other adapters' waiting requests.
+    pub fn pin_adapter(&mut self, key: Key) -> Result<()> {
+        let id = self.adapters.request(key).map_or(key, |r| r.lora_int_id);
+        if self.adapters.residency(key) != Residency::Ready {
+            return Err(Error::AdapterNotLoaded(id));
+        }
         let no_slot = Error::NoFreeSlot {
             capacity: self.config.max_loras,
-            adapter,
+            adapter: id,
         };
-        if !self.can_admit(Some(adapter)) {
+        if !self.can_admit(Some(key)) {
             return Err(no_slot);
         }
         self.drain_pending();
-        let pinned_after = self.device.num_pinned() + usize::from(!self.device.is_pinned(&adapter));
-        if pinned_after >= self.config.max_loras && self.waits_for_unpinned(Some(adapter)) {
+        let device = &self.adapters.device;
+        let pinned_after = device.num_pinned() + usize::from(!device.is_pinned(&key));
+        if pinned_after >= self.config.max_loras && self.waits_for_unpinned(Some(key)) {
             return Err(no_slot);
         }
         let active = &self.active;
         let acquired = self
+            .adapters
             .device
-            .acquire(&adapter, |k| active.contains_key(k))
+            .acquire(&key, |k| active.contains_key(k))
             .ok_or(no_slot)?;
-        self.device.set_pinned(&adapter, true);
-        self.record_acquired(adapter, acquired, &HashSet::new());
-        self.host.set_pinned(&adapter, true);
+        self.adapters.device.set_pinned(&key, true);
+        self.adapters.host.set_pinned(&key, true);
+        self.record_acquired(key, acquired);
         Ok(())
     }
 
@@ -149,76 +281,76 @@ impl Scheduler {
         self.waiting
             .adapters_in_order()
             .flatten()
-            .any(|a| Some(a) != also_pinned && !self.device.is_pinned(&a))
+            .any(|a| Some(a) != also_pinned && !self.adapters.device.is_pinned(&a))
     }
 
-    /// Keeps `adapter`'s validated weights in the host tier (least recently used unpinned
-    /// adapters make room). Returns its host slot and the adapter evicted for it, or `None`
-    /// when every host slot is pinned: its weights are then read again when it is needed.
-    pub fn cache_adapter(&mut self, adapter: AdapterId) -> Option<(usize, Option<AdapterId>)> {
-        let acquired = self.host.acquire(&adapter, |_| false)?;
-        Some((acquired.slot, acquired.evicted))
+    /// Unpins `key`; it stays resident until evicted. Returns whether it was pinned.
+    pub fn unpin_adapter(&mut self, key: Key) -> bool {
+        let was = self.adapters.device.is_pinned(&key);
+        self.adapters.device.set_pinned(&key, false);
+        self.adapters.host.set_pinned(&key, false);
+        was
     }
 
-    /// Adapters held in a device slot or the host tier, ascending: what `list_loras` shows.
+    /// The ids of the adapters held ready in the host tier (and so possibly on the device),
+    /// ascending: what `list_loras` shows.
     pub fn resident_adapters(&self) -> Vec<AdapterId> {
-        let mut all: Vec<AdapterId> = self
-            .device
-            .entries_by_recency()
-            .into_iter()
-            .map(|e| e.0)
-            .collect();
-        all.extend(self.host.entries_by_recency().into_iter().map(|e| e.0));
-        all.sort_unstable();
-        all.dedup();
-        all
+        self.adapters.resident_ids()
     }
 
-    /// Drops `adapter` from the device slots and the host tier at once. With `force`, first
-    /// aborts every request that uses it (returned, so the caller can fail them); without,
-    /// refuses while any does.
+    /// Forgets adapter `id` (every set of its weights) from both tiers and the registry. With
+    /// `force`, first aborts every request that uses it (returned, so the caller can fail
+    /// them); without, refuses while any does.
     ///
     /// # Errors
-    /// [`Error::AdapterInUse`] when requests use it and `force` is false.
-    pub fn remove_adapter(&mut self, adapter: AdapterId, force: bool) -> Result<Vec<RequestId>> {
+    /// [`Error::UnknownAdapter`] when `id` is not registered; [`Error::AdapterInUse`] when
+    /// requests use it and `force` is false.
+    pub fn remove_adapter(&mut self, id: AdapterId, force: bool) -> Result<Vec<RequestId>> {
         self.drain_pending();
-        let mut users = self.waiting.ids_of(Some(adapter));
-        let seqs = &self.seqs;
-        users.extend(
-            self.running
-                .iter()
-                .filter(|id| seqs[*id].adapter == Some(adapter)),
-        );
+        let keys = self.adapters.keys_of(id);
+        if keys.is_empty() {
+            return Err(Error::UnknownAdapter(id));
+        }
+        let mut users = Vec::new();
+        for key in &keys {
+            users.extend(self.waiting.ids_of(Some(*key)));
+            let seqs = &self.seqs;
+            users.extend(
+                self.running
+                    .iter()
+                    .filter(|r| seqs[*r].adapter == Some(*key)),
+            );
+        }
         if !force && !users.is_empty() {
             return Err(Error::AdapterInUse {
-                adapter,
+                adapter: id,
                 num_requests: users.len(),
             });
         }
-        for id in &users {
-            self.remove(*id);
+        for r in &users {
+            self.remove(*r);
         }
-        self.device.remove(&adapter);
-        self.host.remove(&adapter);
+        for key in keys {
+            self.adapters.forget(key);
+            self.waiting.set_ready(key, false);
+        }
         Ok(users)
     }
 
-    /// Unpins `adapter`; it stays resident until evicted. Returns whether it was pinned.
-    pub fn unpin_adapter(&mut self, adapter: AdapterId) -> bool {
-        let was = self.device.is_pinned(&adapter);
-        self.device.set_pinned(&adapter, false);
-        self.host.set_pinned(&adapter, false);
-        was
+    /// Drops a reload's replaced weights once no request uses them.
+    fn drop_if_unused(&mut self, key: Key) {
+        let unused = !self.active.contains_key(&key) && !self.waiting.has(Some(key));
+        if unused && self.adapters.is_retired(key) {
+            self.adapters.forget(key);
+            self.waiting.set_ready(key, false);
+        }
     }
 
     /// Slots that running requests' adapters and pinned adapters hold together.
     fn num_committed_slots(&self) -> usize {
-        let active_pinned = self
-            .active
-            .keys()
-            .filter(|a| self.device.is_pinned(a))
-            .count();
-        self.active.len() + self.device.num_pinned() - active_pinned
+        let device = &self.adapters.device;
+        let active_pinned = self.active.keys().filter(|a| device.is_pinned(a)).count();
+        self.active.len() + device.num_pinned() - active_pinned
     }
 
     /// Whether a slot is left for an adapter that is neither running nor pinned.
@@ -228,25 +360,11 @@ impl Scheduler {
 
     fn can_admit(&self, adapter: AdapterKey) -> bool {
         adapter.is_none_or(|a| {
-            self.active.contains_key(&a) || self.device.is_pinned(&a) || self.has_free_slot()
+            self.adapters.residency(a) == Residency::Ready
+                && (self.active.contains_key(&a)
+                    || self.adapters.device.is_pinned(&a)
+                    || self.has_free_slot())
         })
-    }
-
-    /// Up to `limit` adapters that the next steps may have to read from disk: those of
-    /// waiting requests (submissions drained first), in the order admission considers them,
-    /// held neither in a device slot nor in the host tier. The engine reads and validates them
-    /// before [`Scheduler::schedule`] can evict anything for them.
-    pub fn upcoming_reads(&mut self, limit: usize) -> Vec<AdapterId> {
-        self.drain_pending();
-        self.waiting
-            .adapters_in_order()
-            .flatten()
-            .filter(|a| self.device.get(a).is_none() && self.host.get(a).is_none())
-            .filter(|a| {
-                self.device.num_pinned() < self.config.max_loras || self.device.is_pinned(a)
-            })
-            .take(limit)
-            .collect()
     }
 
     /// Forms the next batch. Call [`Scheduler::postprocess`] after running it.
@@ -266,6 +384,7 @@ impl Scheduler {
         }
         self.assign_slots(batch, &mut out);
         out.group_by_slot();
+        self.read_ahead(&mut out);
         out
     }
 
@@ -280,17 +399,19 @@ impl Scheduler {
     /// With every device slot pinned, a waiting request whose adapter is not pinned can never
     /// run: it is refused (reported in `rejected`) rather than left to wait forever.
     fn reject_unservable(&mut self, out: &mut SchedulerOutput) {
-        if self.device.num_pinned() < self.config.max_loras {
+        let device = &self.adapters.device;
+        if device.num_pinned() < self.config.max_loras {
             return;
         }
-        let stuck: Vec<AdapterId> = self
+        let stuck: Vec<Key> = self
             .waiting
             .adapters_in_order()
             .flatten()
-            .filter(|a| !self.device.is_pinned(a))
+            .filter(|a| !device.is_pinned(a))
             .collect();
-        for adapter in stuck {
-            for id in self.waiting.ids_of(Some(adapter)) {
+        for key in stuck {
+            let adapter = self.adapters.request(key).map_or(key, |r| r.lora_int_id);
+            for id in self.waiting.ids_of(Some(key)) {
                 self.remove(id);
                 let error = Error::NoFreeSlot {
                     capacity: self.config.max_loras,
@@ -322,6 +443,10 @@ impl Scheduler {
         if self.seqs.contains_key(&req.id) {
             return Err(Error::DuplicateRequest(req.id));
         }
+        if req.adapter.is_some_and(|k| !self.adapters.is_live(k)) {
+            let reason = "its adapter was removed before the request was scheduled";
+            return Err(Error::AdapterFailed(reason.to_string()));
+        }
         self.num_arrivals += 1;
         let order = (req.priority, self.num_arrivals);
         self.waiting.push(req.adapter, order, req.id);
@@ -343,6 +468,8 @@ impl Scheduler {
         if self.waiting.remove(seq.adapter, seq.order).is_none() {
             self.running.retain(|r| *r != id);
             self.release(id, seq.adapter);
+        } else if let Some(key) = seq.adapter {
+            self.drop_if_unused(key);
         }
         self.last.retain(|(r, _)| *r != id);
         true
@@ -356,11 +483,11 @@ impl Scheduler {
                 *n -= 1;
                 if *n == 0 {
                     self.active.remove(&a);
+                    self.drop_if_unused(a);
                 }
             }
         }
     }
-
     fn schedule_running(
         &mut self,
         batch: &mut Vec<(RequestId, usize)>,
@@ -407,10 +534,10 @@ impl Scheduler {
                 Some(a) => self
                     .waiting
                     .first_among([a, None].into_iter().filter(|k| self.can_admit(*k))),
-                None if restricted.is_none() && self.has_free_slot() => self.waiting.first(),
+                None if restricted.is_none() && self.has_free_slot() => self.waiting.first_ready(),
                 None => {
                     let keys = restricted.get_or_insert_with(|| {
-                        let pinned = self.device.pinned_keys().into_iter();
+                        let pinned = self.adapters.device.pinned_keys().into_iter();
                         let active = self.active.keys().copied();
                         active.chain(pinned).map(Some).chain([None]).collect()
                     });
@@ -455,44 +582,41 @@ impl Scheduler {
     }
 
     fn assign_slots(&mut self, batch: Vec<(RequestId, usize)>, out: &mut SchedulerOutput) {
-        let mut slots: FastMap<AdapterId, i32> = FastMap::default();
-        let mut loading = HashSet::new();
-        let adapters: Vec<AdapterId> = batch
-            .iter()
-            .filter_map(|(id, _)| self.seqs[id].adapter)
-            .collect();
-        let mut acquisitions = Vec::new();
-        for a in adapters {
+        let mut slots: FastMap<Key, (i32, i32)> = FastMap::default();
+        for (id, _) in &batch {
+            let Some(a) = self.seqs[id].adapter else {
+                continue;
+            };
             if slots.contains_key(&a) {
                 continue;
             }
             let active = &self.active;
             // Admission keeps running + pinned adapters within max_loras, so this succeeds.
             let acquired = self
+                .adapters
                 .device
                 .acquire(&a, |k| active.contains_key(k))
                 .expect("admission reserved a slot");
-            slots.insert(a, acquired.slot as i32);
-            if !acquired.hit {
-                loading.insert(a);
-            }
-            acquisitions.push((a, acquired));
-        }
-        // Host-tier traffic once every load of the step is known: no adapter loses its host
-        // copy to another loaded in the same step and then has to be read from disk.
-        for (a, acquired) in acquisitions {
-            self.record_acquired(a, acquired, &loading);
+            let host_slot = self
+                .adapters
+                .host
+                .touch(&a)
+                .expect("admitted weights are ready");
+            slots.insert(a, (acquired.slot as i32, host_slot as i32));
+            self.record_acquired(a, acquired);
         }
         let pending = std::mem::take(&mut self.pending);
         out.loads.extend(pending.loads);
         out.evictions.extend(pending.evictions);
-        out.host_evictions.extend(pending.host_evictions);
+        out.rejected.extend(pending.rejected);
         for (id, chunk) in batch {
             let seq = &self.seqs[&id];
+            let (slot, host_slot) = seq.adapter.map_or((NO_SLOT, NO_SLOT), |a| slots[&a]);
             out.seqs.push(ScheduledSeq {
                 request_id: id,
                 adapter: seq.adapter,
-                slot: seq.adapter.map_or(NO_SLOT, |a| slots[&a]),
+                slot,
+                host_slot,
                 num_computed_tokens: seq.num_computed,
                 num_new_tokens: chunk,
                 samples: seq.num_computed + chunk == seq.num_tokens,
@@ -503,38 +627,70 @@ impl Scheduler {
     }
 
     /// Queues the slot traffic of a device acquisition for the next output: the eviction,
-    /// and on a miss the load, read from the host tier (filled from disk on a host miss).
-    fn record_acquired(
-        &mut self,
-        adapter: AdapterId,
-        acquired: Acquired<AdapterId>,
-        loading: &HashSet<AdapterId>,
-    ) {
+    /// and on a miss the load from the host tier.
+    fn record_acquired(&mut self, key: Key, acquired: Acquired<Key>) {
         if let Some(evicted) = acquired.evicted {
             self.pending.evictions.push(Eviction {
                 slot: acquired.slot,
                 adapter: evicted,
             });
         }
-        if acquired.hit {
+        if !acquired.hit {
+            let host_slot = self
+                .adapters
+                .host
+                .get(&key)
+                .expect("device keys are host keys");
+            self.pending.loads.push(SlotLoad {
+                slot: acquired.slot,
+                adapter: key,
+                host_slot,
+            });
+        }
+    }
+
+    /// Places validated weights that waited for a host slot, then hands out reads for the
+    /// adapters waiting requests need, in the order admission takes them, as far ahead as the
+    /// host slots that running and pinned adapters leave free reach; at most `max_loading`
+    /// in flight.
+    fn read_ahead(&mut self, out: &mut SchedulerOutput) {
+        out.unheld.append(&mut self.adapters.unheld);
+        for key in self.adapters.validated_keys() {
+            let wanted = self.wanted_before(key);
+            let active = &self.active;
+            let protected = |k: &Key| active.contains_key(k) || wanted.contains(k);
+            let (placement, evicted) = self.adapters.place(key, protected);
+            self.unready(evicted);
+            if let Placement::Slot(slot) = placement {
+                out.commits.push((key, slot));
+            }
+        }
+        let room = self
+            .config
+            .max_loading
+            .saturating_sub(self.adapters.num_loading());
+        if room == 0 {
             return;
         }
-        let host = self.host.acquire(&adapter, |k| loading.contains(k));
-        self.pending.loads.push(SlotLoad {
-            slot: acquired.slot,
-            adapter,
-            host_slot: host.as_ref().map(|h| h.slot),
-            from_host: host.as_ref().is_some_and(|h| h.hit),
-        });
-        if let Some(Acquired {
-            slot,
-            evicted: Some(e),
-            ..
-        }) = host
-        {
-            self.pending
-                .host_evictions
-                .push(Eviction { slot, adapter: e });
+        let reach = self
+            .adapters
+            .host
+            .capacity()
+            .saturating_sub(self.num_committed_slots())
+            .max(1);
+        let upcoming: Vec<Key> = self
+            .waiting
+            .adapters_in_order()
+            .flatten()
+            .take(reach)
+            .collect();
+        for key in upcoming {
+            if out.reads.len() == room {
+                break;
+            }
+            if let Some(job) = self.adapters.begin_read(key) {
+                out.reads.push(job);
+            }
         }
     }
 
@@ -542,7 +698,7 @@ impl Scheduler {
     /// sampled, and `finished` (reported by the caller: EOS, stop strings, `max_tokens`).
     /// Returns the requests the scheduler itself finished for reaching `max_model_len`.
     pub fn postprocess(&mut self, finished: &[RequestId]) -> Vec<RequestId> {
-        let mut done: HashSet<RequestId> = finished.iter().copied().collect();
+        let mut done: std::collections::HashSet<RequestId> = finished.iter().copied().collect();
         let mut length_capped = Vec::new();
         for (id, chunk) in std::mem::take(&mut self.last) {
             let Some(seq) = self.seqs.get_mut(&id) else {
@@ -583,7 +739,19 @@ mod tests {
         .unwrap()
     }
 
-    fn submit(s: &Scheduler, id: RequestId, adapter: Option<AdapterId>) {
+    /// Registers adapter `id` and reads it into the host tier at once.
+    fn ready(s: &mut Scheduler, id: i64) -> Key {
+        let request = LoRARequest::new(format!("a{id}"), id, format!("/a/{id}")).unwrap();
+        let key = s.register_adapter(&request).unwrap().0;
+        if let Staging::Read(_) = s.stage_adapter(key).unwrap() {
+            if let Placement::Slot(slot) = s.adapter_validated(key, true) {
+                s.adapter_loaded(key, slot);
+            }
+        }
+        key
+    }
+
+    fn submit(s: &Scheduler, id: RequestId, adapter: Option<Key>) {
         let req = NewRequest {
             id,
             num_prompt_tokens: 4,
@@ -596,7 +764,8 @@ mod tests {
     #[test]
     fn remove_adapter_counts_queued_requests() {
         let mut s = scheduler(1, 1);
-        submit(&s, 1, Some(7));
+        let k = ready(&mut s, 7);
+        submit(&s, 1, Some(k));
         let err = s.remove_adapter(7, false).unwrap_err();
         assert_eq!(
             err,
@@ -611,9 +780,10 @@ mod tests {
     #[test]
     fn every_slot_pinned_refuses_other_adapters() {
         let mut s = scheduler(1, 2);
-        s.pin_adapter(1).unwrap();
-        submit(&s, 10, Some(2));
-        submit(&s, 11, Some(1));
+        let (k1, k2) = (ready(&mut s, 1), ready(&mut s, 2));
+        s.pin_adapter(k1).unwrap();
+        submit(&s, 10, Some(k2));
+        submit(&s, 11, Some(k1));
         let out = s.schedule();
         assert_eq!(out.seqs.len(), 1);
         assert_eq!(out.rejected.len(), 1);
@@ -630,24 +800,107 @@ mod tests {
     #[test]
     fn pinning_the_last_slot_past_waiting_requests_is_refused() {
         let mut s = scheduler(1, 2);
-        submit(&s, 1, Some(2));
+        let (k1, k2) = (ready(&mut s, 1), ready(&mut s, 2));
+        submit(&s, 1, Some(k2));
         assert!(matches!(
-            s.pin_adapter(1),
+            s.pin_adapter(k1),
             Err(Error::NoFreeSlot { adapter: 1, .. })
         ));
-        assert!(s.pin_adapter(2).is_ok()); // its own requests are not stranded
+        assert!(s.pin_adapter(k2).is_ok()); // its own requests are not stranded
     }
 
     #[test]
-    fn host_tier_caches_lru_and_keeps_pins() {
+    fn waiting_requests_run_once_their_adapter_is_read() {
+        let mut s = scheduler(2, 2);
+        let request = LoRARequest::new("slow", 5, "/a/slow").unwrap();
+        let (key, _) = s.register_adapter(&request).unwrap();
+        submit(&s, 1, Some(key));
+        submit(&s, 2, None);
+        let out = s.schedule();
+        assert_eq!(out.seqs.len(), 1); // the base request runs meanwhile
+        assert_eq!(out.reads.len(), 1);
+        let job = out.reads[0].clone();
+        assert_eq!((job.key, job.request.lora_int_id), (key, 5));
+        assert!(s.schedule().reads.is_empty()); // one read per adapter
+        let Placement::Slot(slot) = s.adapter_validated(key, false) else {
+            panic!("a free host slot")
+        };
+        s.adapter_loaded(key, slot);
+        let out = s.schedule();
+        assert_eq!(
+            out.seqs.iter().map(|q| q.request_id).collect::<Vec<_>>(),
+            [2, 1]
+        );
+        assert_eq!(out.loads[0].host_slot, slot);
+    }
+
+    #[test]
+    fn a_failed_read_fails_only_its_requests() {
+        let mut s = scheduler(2, 2);
+        let bad = LoRARequest::new("bad", 5, "/a/bad").unwrap();
+        let (key, _) = s.register_adapter(&bad).unwrap();
+        let good = ready(&mut s, 6);
+        submit(&s, 1, Some(key));
+        submit(&s, 2, Some(good));
+        assert_eq!(s.schedule().reads[0].key, key);
+        s.adapter_failed(key, "adapter 'bad': corrupt");
+        submit(&s, 3, Some(key)); // submitted after the failure
+        let out = s.schedule();
+        let rejected: Vec<_> = out
+            .rejected
+            .iter()
+            .map(|(id, e)| (*id, e.to_string()))
+            .collect();
+        assert_eq!(rejected[0], (1, "adapter 'bad': corrupt".to_string()));
+        assert_eq!(rejected[1].0, 3);
+        assert_eq!(s.adapter_key(5), None);
+        assert_eq!(s.resident_adapters(), vec![6]);
+    }
+
+    #[test]
+    fn a_read_ahead_waits_rather_than_evict_what_is_wanted_sooner() {
+        let mut s = scheduler(1, 1);
+        let first = ready(&mut s, 1);
+        let request = LoRARequest::new("later", 2, "/a/later").unwrap();
+        let (later, _) = s.register_adapter(&request).unwrap();
+        submit(&s, 1, Some(first));
+        submit(&s, 2, Some(later));
+        let out = s.schedule(); // runs request 1; reads 'later'
+        assert_eq!((out.seqs.len(), out.reads.len()), (1, 1));
+        assert_eq!(s.adapter_validated(later, false), Placement::Wait); // 1 is in use
+        s.postprocess(&[1]);
+        let out = s.schedule(); // adapter 1 is idle now: the waiting weights get its slot
+        assert_eq!(out.commits, vec![(later, 0)]);
+        assert_eq!(s.resident_adapters(), Vec::<i64>::new());
+        s.adapter_loaded(later, 0);
+        assert_eq!(s.schedule().seqs[0].request_id, 2);
+    }
+
+    #[test]
+    fn host_tier_evicts_lru_and_keeps_pins() {
         let mut s = scheduler(1, 2);
-        assert_eq!(s.cache_adapter(1), Some((0, None)));
-        assert_eq!(s.cache_adapter(2), Some((1, None)));
-        s.pin_adapter(1).unwrap();
-        assert_eq!(s.cache_adapter(3), Some((1, Some(2)))); // 1 is pinned: 2 goes
+        let k1 = ready(&mut s, 1);
+        ready(&mut s, 2);
+        s.pin_adapter(k1).unwrap();
+        ready(&mut s, 3); // 1 is pinned: 2 goes
         assert_eq!(s.resident_adapters(), vec![1, 3]);
-        s.unpin_adapter(1);
-        assert_eq!(s.cache_adapter(4), Some((0, Some(1))));
-        assert_eq!(s.resident_adapters(), vec![1, 3, 4]); // 1 is still in its device slot
+        s.unpin_adapter(k1);
+        ready(&mut s, 4);
+        assert_eq!(s.resident_adapters(), vec![3, 4]);
+    }
+
+    #[test]
+    fn a_reload_serves_running_requests_on_the_old_weights() {
+        let mut s = scheduler(2, 3);
+        let old = ready(&mut s, 1);
+        submit(&s, 1, Some(old));
+        assert_eq!(s.schedule().seqs.len(), 1);
+        let request = LoRARequest::new("a1", 1, "/a/1").unwrap();
+        let (new, was_pinned) = s.reload_adapter(&request).unwrap();
+        assert!(new != old && !was_pinned);
+        assert!(s.adapters().is_live(old)); // still running
+        s.postprocess(&[1]);
+        assert!(!s.adapters().is_live(old));
+        assert_eq!(s.adapter_key(1), Some(new));
     }
 }

@@ -1,10 +1,12 @@
-//! Waiting requests: one queue per adapter, each ordered by (priority, arrival), plus an
-//! index of every queue's head, so the scheduler finds the next admissible request in
-//! O(log n) without scanning requests whose adapter has no slot.
+//! Waiting requests: one queue per adapter, each ordered by (priority, arrival), plus two
+//! indexes of the queues' heads: all of them (the order adapters are read ahead in), and those
+//! whose adapter is ready to run (the order admission takes them in). The scheduler finds the
+//! next admissible request in O(log n), never scanning requests whose adapter is not loaded.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::FastMap;
+use crate::FastSet;
 
 use crate::kv::RequestId;
 use crate::request::AdapterId;
@@ -20,6 +22,9 @@ pub type OrderKey = (i32, u64);
 pub struct WaitingQueues {
     queues: FastMap<AdapterKey, BTreeMap<OrderKey, RequestId>>,
     heads: BTreeSet<(OrderKey, AdapterKey)>,
+    /// The heads of the queues whose adapter is ready (the base model's always is).
+    ready_heads: BTreeSet<(OrderKey, AdapterKey)>,
+    ready: FastSet<AdapterId>,
     len: usize,
 }
 
@@ -34,6 +39,42 @@ impl WaitingQueues {
         self.len == 0
     }
 
+    fn is_ready(&self, adapter: AdapterKey) -> bool {
+        adapter.is_none_or(|a| self.ready.contains(&a))
+    }
+
+    fn set_head(&mut self, head: (OrderKey, AdapterKey), present: bool) {
+        let ready = self.is_ready(head.1);
+        if present {
+            self.heads.insert(head);
+            if ready {
+                self.ready_heads.insert(head);
+            }
+        } else {
+            self.heads.remove(&head);
+            self.ready_heads.remove(&head);
+        }
+    }
+
+    /// Marks `adapter`'s weights ready to run (or not): its queue joins (or leaves) admission.
+    pub fn set_ready(&mut self, adapter: AdapterId, ready: bool) {
+        let changed = if ready {
+            self.ready.insert(adapter)
+        } else {
+            self.ready.remove(&adapter)
+        };
+        if !changed {
+            return;
+        }
+        if let Some((k, _)) = self.head(Some(adapter)) {
+            if ready {
+                self.ready_heads.insert((k, Some(adapter)));
+            } else {
+                self.ready_heads.remove(&(k, Some(adapter)));
+            }
+        }
+    }
+
     /// Adds a request; `key` must be unique.
     pub fn push(&mut self, adapter: AdapterKey, key: OrderKey, id: RequestId) {
         let queue = self.queues.entry(adapter).or_default();
@@ -42,9 +83,9 @@ impl WaitingQueues {
         self.len += 1;
         if old_head.is_none_or(|h| key < h) {
             if let Some(h) = old_head {
-                self.heads.remove(&(h, adapter));
+                self.set_head((h, adapter), false);
             }
-            self.heads.insert((key, adapter));
+            self.set_head((key, adapter), true);
         }
     }
 
@@ -55,14 +96,13 @@ impl WaitingQueues {
         let id = queue.remove(&key)?;
         self.len -= 1;
         if was_head {
-            self.heads.remove(&(key, adapter));
-            match queue.first_key_value() {
-                Some((k, _)) => {
-                    self.heads.insert((*k, adapter));
-                }
-                None => {
-                    self.queues.remove(&adapter);
-                }
+            let next = queue.first_key_value().map(|(k, _)| *k);
+            if next.is_none() {
+                self.queues.remove(&adapter);
+            }
+            self.set_head((key, adapter), false);
+            if let Some(k) = next {
+                self.set_head((k, adapter), true);
             }
         }
         Some(id)
@@ -81,14 +121,24 @@ impl WaitingQueues {
             .map_or_else(Vec::new, |q| q.values().copied().collect())
     }
 
-    /// The first waiting request overall.
+    /// Whether any request waits for `adapter`.
+    pub fn has(&self, adapter: AdapterKey) -> bool {
+        self.queues.contains_key(&adapter)
+    }
+
     /// Each queue's adapter, oldest head first: the order admission considers them in.
     pub fn adapters_in_order(&self) -> impl Iterator<Item = AdapterKey> + '_ {
         self.heads.iter().map(|(_, adapter)| *adapter)
     }
 
+    /// The first waiting request overall, ready or not.
     pub fn first(&self) -> Option<(OrderKey, AdapterKey)> {
         self.heads.first().copied()
+    }
+
+    /// The first waiting request whose adapter is ready.
+    pub fn first_ready(&self) -> Option<(OrderKey, AdapterKey)> {
+        self.ready_heads.first().copied()
     }
 
     /// The first request among the given adapters' queues.
@@ -122,5 +172,24 @@ mod tests {
         assert_eq!(w.remove(Some(2), (0, 3)), Some(30));
         assert_eq!(w.first(), Some(((0, 5), Some(1))));
         assert_eq!(w.len(), 1);
+    }
+
+    #[test]
+    fn only_ready_adapters_are_admitted() {
+        let mut w = WaitingQueues::default();
+        w.push(Some(1), (0, 1), 10);
+        w.push(Some(2), (0, 2), 20);
+        assert_eq!(w.first_ready(), None);
+        w.set_ready(2, true);
+        assert_eq!(w.first_ready(), Some(((0, 2), Some(2))));
+        w.push(None, (0, 3), 30);
+        w.set_ready(1, true);
+        assert_eq!(w.first_ready(), Some(((0, 1), Some(1))));
+        w.set_ready(1, false);
+        w.remove(Some(2), (0, 2));
+        assert_eq!(w.first_ready(), Some(((0, 3), None)));
+        w.set_ready(3, true); // no queue yet: remembered for when one forms
+        w.push(Some(3), (0, 0), 40);
+        assert_eq!(w.first_ready(), Some(((0, 0), Some(3))));
     }
 }

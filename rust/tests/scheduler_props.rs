@@ -3,7 +3,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use loraplex::{NewRequest, Scheduler, SchedulerConfig, SchedulerOutput, NO_SLOT};
+use loraplex::{
+    LoRARequest, NewRequest, Placement, Scheduler, SchedulerConfig, SchedulerOutput, NO_SLOT,
+};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -48,6 +50,7 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
                     max_cpu_loras: max_loras + extra_cpu,
                     max_skipped_steps: skips,
                     queue_capacity: 1024,
+                    max_loading: 2,
                 }
             },
         )
@@ -83,6 +86,29 @@ fn workload() -> impl Strategy<Value = (SchedulerConfig, Vec<Spec>, Option<i64>)
         let len = c.max_model_len;
         (Just(c), specs(len), prop::option::of(1i64..7))
     })
+}
+
+/// Registers adapter `id` (every test adapter is named `a{id}`); returns its key.
+fn register(sched: &mut Scheduler, id: i64) -> i64 {
+    let request = LoRARequest::new(format!("a{id}"), id, format!("/adapters/{id}")).unwrap();
+    sched.register_adapter(&request).unwrap().0
+}
+
+/// The loader pool, at once: every read the step handed out succeeds, and is copied into its
+/// host slot when it gets one.
+fn load_all(sched: &mut Scheduler, out: &SchedulerOutput, host: &mut HashMap<i64, usize>) {
+    let placed = out
+        .reads
+        .iter()
+        .filter_map(|job| match sched.adapter_validated(job.key, false) {
+            Placement::Slot(slot) => Some((job.key, slot)),
+            _ => None,
+        });
+    let placed: Vec<(i64, usize)> = placed.collect();
+    for (key, slot) in placed.into_iter().chain(out.commits.iter().copied()) {
+        host.insert(key, slot);
+        sched.adapter_loaded(key, slot);
+    }
 }
 
 /// What the simulation saw, for assertions after the run.
@@ -141,7 +167,7 @@ fn check_step(
     assert!(seq_iter.next().is_none(), "seqs not grouped by slot");
     for s in &out.seqs {
         match s.adapter {
-            None => assert_eq!(s.slot, NO_SLOT),
+            None => assert_eq!((s.slot, s.host_slot), (NO_SLOT, NO_SLOT)),
             Some(a) => assert_eq!(
                 slots.get(&(s.slot as usize)),
                 Some(&a),
@@ -174,7 +200,20 @@ fn check_kv(sched: &Scheduler) {
 fn simulate(cfg: &SchedulerConfig, specs: &[Spec], pin: Option<i64>) -> Seen {
     let mut sched = Scheduler::new(cfg.clone()).unwrap();
     let sub = sched.submitter();
-    let pinned = pin.filter(|p| cfg.max_loras >= 2 && sched.pin_adapter(*p).is_ok());
+    let keys: HashMap<i64, i64> = (1..7).map(|id| (id, register(&mut sched, id))).collect();
+    let mut host = HashMap::new(); // key -> host slot of its finished read
+    let pinned = pin.map(|p| keys[&p]).filter(|k| {
+        if cfg.max_loras < 2 {
+            return false;
+        }
+        if let Ok(loraplex::Staging::Read(_)) = sched.stage_adapter(*k) {
+            if let Placement::Slot(slot) = sched.adapter_validated(*k, true) {
+                host.insert(*k, slot);
+                sched.adapter_loaded(*k, slot);
+            }
+        }
+        sched.pin_adapter(*k).is_ok()
+    });
     let mut slots = HashMap::new();
     let mut generated = vec![0usize; specs.len()];
     let mut seen = Seen::default();
@@ -195,7 +234,7 @@ fn simulate(cfg: &SchedulerConfig, specs: &[Spec], pin: Option<i64>) -> Seen {
                 let req = NewRequest {
                     id: id as u64,
                     num_prompt_tokens: s.prompt,
-                    adapter: s.adapter,
+                    adapter: s.adapter.map(|a| keys[&a]),
                     priority: s.priority,
                 };
                 sub.add(req).unwrap();
@@ -209,18 +248,30 @@ fn simulate(cfg: &SchedulerConfig, specs: &[Spec], pin: Option<i64>) -> Seen {
         if step > last_event && !sched.has_unfinished() {
             break;
         }
-        // as the engine does: read and validate these before schedule() may evict for them
-        let upcoming = sched.upcoming_reads(cfg.max_loras);
         let out = sched.schedule();
         for load in &out.loads {
-            if !load.from_host && Some(load.adapter) != pinned {
-                assert!(
-                    upcoming.contains(&load.adapter),
-                    "adapter {} read from disk but not announced by upcoming_reads: {upcoming:?}",
-                    load.adapter
-                );
-            }
+            assert_eq!(
+                host.get(&load.adapter),
+                Some(&load.host_slot),
+                "loaded before read"
+            );
         }
+        for s in out.seqs.iter().filter(|s| s.adapter.is_some()) {
+            let read_into = host[&s.adapter.unwrap()] as i32;
+            assert_eq!(
+                s.host_slot, read_into,
+                "request {} runs on another host slot",
+                s.request_id
+            );
+        }
+        assert!(out.reads.len() <= cfg.max_loading);
+        let hosted: HashSet<usize> = out.commits.iter().map(|c| c.1).collect();
+        assert_eq!(
+            hosted.len(),
+            out.commits.len(),
+            "two copies into one host slot"
+        );
+        load_all(&mut sched, &out, &mut host);
         assert!(out.rejected.is_empty());
         seen.done.extend(out.aborted.iter().copied());
         check_step(cfg, &out, &mut slots, pinned);
@@ -286,17 +337,21 @@ fn skipped_request_does_not_block_active_adapter() {
     };
     let mut sched = Scheduler::new(cfg).unwrap();
     let sub = sched.submitter();
+    let (k1, k2) = (register(&mut sched, 1), register(&mut sched, 2));
     let req = |id, adapter| NewRequest {
         id,
         num_prompt_tokens: 4,
         adapter: Some(adapter),
         priority: 0,
     };
-    sub.add(req(0, 1)).unwrap();
+    let mut host = HashMap::new();
+    sub.add(req(0, k1)).unwrap();
+    let out = sched.schedule(); // reads adapter 1
+    load_all(&mut sched, &out, &mut host);
     assert_eq!(sched.schedule().seqs.len(), 1);
     sched.postprocess(&[]);
-    sub.add(req(1, 2)).unwrap(); // no slot: adapter 1 holds the only one
-    sub.add(req(2, 1)).unwrap(); // adapter 1 is active: admitted past request 1
+    sub.add(req(1, k2)).unwrap(); // no slot: adapter 1 holds the only one
+    sub.add(req(2, k1)).unwrap(); // adapter 1 is active: admitted past request 1
     let out = sched.schedule();
     let ids: Vec<u64> = out.seqs.iter().map(|s| s.request_id).collect();
     assert_eq!(ids, vec![0, 2]);
@@ -314,21 +369,26 @@ fn aging_bounds_skips() {
     };
     let mut sched = Scheduler::new(cfg).unwrap();
     let sub = sched.submitter();
+    let (k1, k2) = (register(&mut sched, 1), register(&mut sched, 2));
     let req = |id, adapter| NewRequest {
         id,
         num_prompt_tokens: 2,
         adapter: Some(adapter),
         priority: 0,
     };
-    sub.add(req(0, 1)).unwrap();
-    sub.add(req(1, 2)).unwrap();
+    let mut host = HashMap::new();
+    sub.add(req(0, k1)).unwrap();
+    let out = sched.schedule(); // reads adapter 1
+    load_all(&mut sched, &out, &mut host);
+    sub.add(req(1, k2)).unwrap();
     let mut samples: HashMap<u64, usize> = HashMap::new();
     let mut admitted_at = None;
     for (step, next) in (0..40).zip(2u64..) {
         // a steady stream for adapter 1 whose requests overlap (each samples 3 tokens), so
         // adapter 1 always has running requests and never gives its slot up by itself
-        sub.add(req(next, 1)).unwrap();
+        sub.add(req(next, k1)).unwrap();
         let out = sched.schedule();
+        load_all(&mut sched, &out, &mut host);
         if out.seqs.iter().any(|s| s.request_id == 1) {
             admitted_at = Some(step);
             break;
@@ -344,6 +404,7 @@ fn aging_bounds_skips() {
         sched.postprocess(&finished);
     }
     let at = admitted_at.expect("adapter 2's request starved");
-    // passed over for 2 steps, then adapter 1's running requests drain (3 steps each)
-    assert!(at <= 2 + 3 + 1, "admitted only at step {at}");
+    // passed over for 2 steps, then adapter 1's running requests drain (3 steps each), then
+    // adapter 2 is read into the host slot adapter 1 held (one step)
+    assert!(at <= 2 + 3 + 2, "admitted only at step {at}");
 }

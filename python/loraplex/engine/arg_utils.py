@@ -55,6 +55,7 @@ class _Honoured:
     max_cpu_loras: int | None = None  # None: max_loras
     lora_dtype: str | torch.dtype | None = "auto"  # "auto": the model's dtype
     max_skipped_steps: int = 32  # loraplex: passes over a waiting adapter before it drains
+    lora_loader_threads: int = 2  # loraplex: threads reading adapters off the step thread
 
 
 _EXTRA = [
@@ -76,7 +77,7 @@ class EngineArgs(_engine_args_base()):  # type: ignore[misc]
     max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, block_size,
     kv_cache_memory_bytes, num_gpu_blocks_override, max_logprobs, scheduling_policy, device
     ("auto"/"cpu"), enable_lora, max_loras, max_lora_rank, max_cpu_loras, lora_dtype
-    ("auto" or the model dtype), max_skipped_steps (loraplex's own).
+    ("auto" or the model dtype); loraplex's own: max_skipped_steps, lora_loader_threads.
 
     Accepted with any value, meaning nothing on this backend: ``vllm_args.INERT`` (for
     example gpu_memory_utilization, enforce_eager, swap_space, enable_prefix_caching,
@@ -123,7 +124,8 @@ class EngineArgs(_engine_args_base()):  # type: ignore[misc]
             value = getattr(self, name)
             if value != default and not (value is None and default in ("auto", "")):
                 raise ValueError(f"{name}={value!r} is not supported by loraplex: {why}")
-        for name in ("max_num_seqs", "block_size", "max_loras", "max_lora_rank"):
+        positive = ("max_num_seqs", "block_size", "max_loras", "max_lora_rank")
+        for name in (*positive, "lora_loader_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -185,4 +187,4 @@ def _nullable(kind: type) -> Any:
 
 @dataclass(init=False)
 class AsyncEngineArgs(EngineArgs):
-    """vLLM's ``AsyncEngineArgs``: the same arguments (the async engine is a later issue)."""
+    """vLLM's ``AsyncEngineArgs``: the same arguments, for ``AsyncLLM``."""

@@ -67,6 +67,7 @@ class LLMEngine:
             max_loras=args.max_loras,
             max_cpu_loras=args.max_cpu_loras,
             max_skipped_steps=args.max_skipped_steps,
+            max_loading=2 * args.lora_loader_threads,
         )
         self.runner = ModelRunner(self.model, num_blocks, args.block_size, self.dtype)
         self.lora: LoRAManager | None = None
@@ -75,7 +76,12 @@ class LLMEngine:
             names = args.served_model_name
             served |= {names} if isinstance(names, str) else set(names or [])
             self.lora = LoRAManager(
-                cfg, self.scheduler, args.max_loras, args.max_lora_rank, self.dtype, served
+                cfg,
+                self.scheduler,
+                args.max_lora_rank,
+                self.dtype,
+                served,
+                args.lora_loader_threads,
             )
         self.sampler = Sampler(args.seed)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -183,16 +189,15 @@ class LLMEngine:
                 pass  # no room for the abort either: it runs to its end, output and all
 
     def _adapter_key(self, lora_request: LoRARequest | None) -> int | None:
-        """Registers and validates the adapter; returns the scheduler's key for it."""
+        """Registers the adapter (a new one is read and validated first); returns the
+        scheduler's key for it."""
         if lora_request is None:
             return None
         if not isinstance(lora_request, LoRARequest):
             raise TypeError(
                 f"lora_request must be a LoRARequest, got {type(lora_request).__name__}"
             )
-        lora = self._require_lora(lora_request)
-        lora.add(lora_request, recache=False)
-        return lora.key_of[lora_request.lora_int_id]
+        return self._require_lora(lora_request).register(lora_request)
 
     def _require_lora(self, lora_request: Any) -> LoRAManager:
         if self.lora is None:
@@ -207,20 +212,9 @@ class LLMEngine:
         return self._require_lora(lora_request).add(lora_request)
 
     def remove_lora(self, lora_id: int) -> bool:
-        """Frees the adapter's device slot, host copy and identity at once; ``False`` if
-        unknown. ``AdapterInUseError`` while unfinished requests (queued ones included) use
-        it."""
-        if self.lora is None:
-            return False
-        lora = self.lora
-        with lora.lock:
-            key = lora.key_of.get(lora_id)
-            if key is None:
-                return False
-            self.scheduler.remove_adapter(key)
-            lora.drop_retired()
-            lora.forget(key)
-        return True
+        """Frees the adapter's slots and identity at once; ``False`` if unknown.
+        ``AdapterInUseError`` while unfinished requests (queued ones included) use it."""
+        return self.lora.remove(lora_id) if self.lora else False
 
     def list_loras(self) -> set[int]:
         """The adapters the engine's cache holds (a device slot or the host tier), as vLLM:
@@ -231,10 +225,9 @@ class LLMEngine:
         """Keeps the adapter in a device slot and the host tier until removed
         (``NoFreeSlotError`` if every slot is pinned or busy, or pinning the last one would
         strand other adapters' waiting requests)."""
-        key = self.lora.key_of.get(lora_id) if self.lora else None
-        if key is None:
-            raise UnknownAdapterError(f"unknown adapter id {lora_id}: add_lora it first")
-        self.scheduler.pin_adapter(key)
+        if self.lora is None:
+            raise UnknownAdapterError(f"unknown adapter id {lora_id}: LoRA is not enabled")
+        self.lora.pin(lora_id)
         return True
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
@@ -266,54 +259,48 @@ class LLMEngine:
             return len(self._requests)
 
     def step(self) -> list[RequestOutput]:
+        """One step: the core's plan (one crossing), the model, the core told what finished
+        (one crossing back)."""
         with self._step_lock:
             t0 = time.time()
-            batch, lora, aborted = self._schedule()
+            reads_done = self.lora.num_reads_done if self.lora else 0
+            plan = self.scheduler.schedule()
+            if self.lora is not None:
+                self.lora.start(plan)
             with self._lock:
-                seqs = [self._seqs[i] for i in batch.request_ids]
+                seqs = [self._seqs[i] for i in plan.request_ids]
             t1 = time.time()
             try:
-                sampled = self._run(batch, seqs, lora, aborted)
+                sampled = self._run(plan, seqs)
             except Exception as e:  # the batch fails alone; the engine serves on
                 sampled = self._fail_batch(seqs, e)
             self._record_times(seqs, t0, t1, time.time())
-            return self._postprocess(batch, sampled, aborted)
+            outputs = self._postprocess(plan, sampled)
+            if not seqs and self.lora is not None:  # nothing to run until an adapter loads
+                self.lora.wait_for_reads(reads_done)
+            return outputs
 
-    def _schedule(self):
-        """One schedule: adapters this step may read are read and validated first (one that
-        fails is dropped before anything is evicted for it), then the batch, then its loads."""
-        if self.lora is None:
-            return self.scheduler.schedule(), None, set()
-        with self.lora.lock:
-            upcoming = self.scheduler.upcoming_reads(self.args.max_loras)
-            aborted = self._fail_adapters(self.lora.prefetch(upcoming))
-            batch = self.scheduler.schedule()
-            lora, failed = self.lora.prepare(batch)
-            aborted |= self._fail_adapters(failed)
-            self.lora.drop_retired()
-        return batch, lora, aborted
-
-    def _run(self, batch, seqs: list[Sequence], lora, aborted: set[Sequence]) -> list[Sequence]:
-        sampling = [s for s, smp in zip(seqs, batch.samples) if smp]
+    def _run(self, plan, seqs: list[Sequence]) -> list[Sequence]:
         if not seqs:
             return []
+        sampling = [seqs[i] for i in plan.sample_rows]
+        computed = plan.num_computed_tokens
         wants_prompt = [
             i
-            for i, (s, c) in enumerate(zip(seqs, batch.num_computed_tokens))
+            for i, s in enumerate(seqs)
             if s.index == 0
             and s.request.prompt_logprobs is not None
-            and c < len(s.request.prompt_token_ids)
+            and computed[i] < len(s.request.prompt_token_ids)
         ]
-        logits, prompt_logits = self.runner.run(batch, seqs, lora, wants_prompt)
+        lora = self.lora.context(plan.segments) if self.lora is not None else None
+        logits, prompt_logits = self.runner.run(plan, seqs, lora, wants_prompt)
         for i, rows in prompt_logits.items():
-            seq = seqs[i]
-            start = batch.num_computed_tokens[i]
-            self.output_processor.record_prompt_logprobs(seq.request, start, rows)
+            self.output_processor.record_prompt_logprobs(seqs[i].request, computed[i], rows)
         live = [i for i, s in enumerate(sampling) if not s.is_finished]
         sampled = [sampling[i] for i in live]
         if sampled:
             self.output_processor.append(sampled, self.sampler(logits[live], self._rows(sampled)))
-        return [s for s in sampling if s not in aborted]
+        return [s for s in sampling if s.finish_reason != "abort"]
 
     def _fail_batch(self, seqs: list[Sequence], e: Exception) -> list[Sequence]:
         """Aborts every request of a batch whose step raised, with the error."""
@@ -326,21 +313,6 @@ class LLMEngine:
                     seq.finish("abort")
                     failed.append(seq)
         return failed
-
-    def _fail_adapters(self, failed: dict[int, str]) -> set[Sequence]:
-        """An adapter that failed to load fails only the requests naming it."""
-        hit: set[Sequence] = set()
-        assert self.lora is not None or not failed
-        for key, error in failed.items():
-            seq_ids = self.scheduler.remove_adapter(key, force=True)
-            self.lora.forget(key)  # type: ignore[union-attr]
-            with self._lock:
-                for seq_id in seq_ids:
-                    seq = self._seqs[seq_id]
-                    seq.finish("abort")
-                    seq.request.error = error
-                    hit.add(seq)
-        return hit
 
     def _rows(self, seqs: list[Sequence]) -> list[SampleRow]:
         eos = self.tokenizer.eos_token_ids
@@ -367,16 +339,15 @@ class LLMEngine:
                 m.first_token_time = m.first_token_time or t2
                 m.last_token_time = t2
 
-    def _postprocess(self, batch, sampled: list[Sequence], aborted) -> list[RequestOutput]:
+    def _postprocess(self, plan, sampled: list[Sequence]) -> list[RequestOutput]:
         finished = [s.seq_id for s in sampled if s.is_finished]
         capped = self.scheduler.postprocess(finished)
-        touched = {s.request.request_id: s.request for s in [*sampled, *aborted]}
-        self.num_preemptions += len(batch.preempted)
+        touched = {s.request.request_id: s.request for s in sampled}
+        self.num_preemptions += len(plan.preempted)
         with self._lock:
             for seq_id in capped:
                 self._seqs[seq_id].finish("length")
-            ended = [(i, None) for i in batch.aborted] + list(batch.rejected)
-            for seq_id, error in ended:
+            for seq_id, error in plan.ended:  # aborted, refused, or their adapter failed
                 seq = self._seqs.get(seq_id)
                 if seq is not None:
                     seq.finish("abort")

@@ -7,7 +7,7 @@ from collections.abc import Sequence as Rows
 
 import torch
 
-from loraplex._core import SchedulerOutput
+from loraplex._core import StepPlan
 from loraplex.engine.sequence import Sequence
 from loraplex.lora.slots import LoRAContext
 from loraplex.model.attention import build_metadata
@@ -31,26 +31,24 @@ class ModelRunner:
 
     def run(
         self,
-        batch: SchedulerOutput,
+        plan: StepPlan,
         seqs: list[Sequence],
         lora: LoRAContext | None = None,
         prompt_rows: Rows[int] = (),
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """seqs: the batch's sequences in batch order. Returns float32 logits [S, vocab] for
-        the S sequences that sample this step, in batch order; and for each batch index in
-        ``prompt_rows``, the logits of every token it computed this step (prompt logprobs)."""
-        num_new = batch.num_new_tokens
-        num_computed = batch.num_computed_tokens
+        """seqs: the plan's sequences in batch order. Returns float32 logits [S, vocab] for
+        the S sequences that sample this step (``plan.sample_rows``), in batch order; and for
+        each batch index in ``prompt_rows``, the logits of every token it computed this step
+        (prompt logprobs)."""
+        num_new = plan.num_new_tokens
         input_ids: list[int] = []
         starts = []
-        for seq, c, n in zip(seqs, num_computed, num_new):
+        for seq, c, n in zip(seqs, plan.num_computed_tokens, num_new):
             starts.append(len(input_ids))
             input_ids.extend(seq.tokens(c, c + n))
         meta = build_metadata(
+            plan,
             starts,
-            num_new,
-            num_computed,
-            batch.block_tables,
             self.block_size,
             self.model.config.sliding_window,
             self.device,
@@ -58,7 +56,7 @@ class ModelRunner:
         )
         input_tensor = torch.tensor(input_ids, device=self.device)
         hidden = self.model(input_tensor, meta, self.kv_caches, lora)
-        rows = [s + n - 1 for s, n, smp in zip(starts, num_new, batch.samples) if smp]
+        rows = [starts[i] + num_new[i] - 1 for i in plan.sample_rows]
         extra = {
             i: self.model.compute_logits(hidden[starts[i] : starts[i] + num_new[i]])
             for i in prompt_rows

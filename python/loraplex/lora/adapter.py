@@ -68,14 +68,20 @@ def resolve_adapter_path(request: LoRARequest) -> Path:
         ) from e
 
 
-def load_adapter(
-    request: LoRARequest, cfg: ModelConfig, max_lora_rank: int, served_names: set[str]
-) -> LoRAAdapter:
-    """Reads and validates ``request``'s adapter; raises ``InvalidAdapterError``."""
+def check_request(request: LoRARequest) -> None:
+    """What can be refused without reading anything (the core keeps only the adapter's
+    name, id, path and base model)."""
     if request.tensorizer_config_dict is not None:
         raise adapter_error(
             request, "tensorizer_config_dict is not supported: load adapters from PEFT folders"
         )
+
+
+def load_adapter(
+    request: LoRARequest, cfg: ModelConfig, max_lora_rank: int, served_names: set[str]
+) -> LoRAAdapter:
+    """Reads and validates ``request``'s adapter; raises ``InvalidAdapterError``."""
+    check_request(request)
     if request.base_model_name is not None and request.base_model_name not in served_names:
         raise adapter_error(
             request,

@@ -1,108 +1,177 @@
-"""The adapters of one engine: identity (the Rust registry), validated weights in the host tier
-and the device slots. The Rust scheduler owns both tiers' LRUs and pins and decides every
-load; this keeps the tensors by slot and performs the loads.
+"""The adapters of one engine, torch side: the host tier's weights, by slot, and the loader
+pool that fills it. The Rust core decides everything else (identity, which tier holds what,
+pins, what to read next and into which slot); this performs its reads, off the step thread,
+and reports each back.
 
-The scheduler knows adapters by *key*: an adapter's first weights use its ``lora_int_id``; a
-``load_inplace`` reload gets a fresh key, so requests already running finish on the weights
-they started with while new ones use the new weights. A replaced key is dropped from the tiers
-once no request uses it.
+The CPU backend runs the LoRA kernels on the host slots directly: a device slot is not a
+second copy there. The core still counts device slots (``max_loras``: the most distinct
+adapters in one batch) and names the host slot of every segment.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from loraplex._core import AdapterRegistry, LoRARequest, Scheduler, SchedulerOutput
+from loraplex._core import (
+    AdapterNotLoadedError,
+    LoRARequest,
+    NoFreeSlotError,
+    Scheduler,
+    UnknownAdapterError,
+)
 from loraplex.errors import InvalidAdapterError
-from loraplex.lora.adapter import LoRAAdapter, adapter_error, load_adapter
+from loraplex.lora.adapter import LoRAAdapter, adapter_error, check_request, load_adapter
 from loraplex.lora.slots import LoRAContext, LoRASlots
 from loraplex.model.config import ModelConfig
-
-# keys of reloaded weights: far above any id a user picks in practice, checked anyway
-_RELOAD_KEYS = itertools.count(1 << 62)
 
 
 class LoRAManager:
     def __init__(
         self,
         cfg: ModelConfig,
-        scheduler: Scheduler,
-        max_loras: int,
+        core: Scheduler,
         max_lora_rank: int,
         dtype: torch.dtype,
         served_names: set[str],
+        num_loader_threads: int = 2,
     ):
         self.cfg = cfg
-        self.scheduler = scheduler
+        self.core = core
         self.max_lora_rank = max_lora_rank
         self.served_names = served_names
-        # held from reading a tier's contents to using them: a step's schedule() and its
-        # loads, an add's caching; reentrant for the engine's failure paths
-        self.lock = threading.RLock()
-        self.registry = AdapterRegistry()
-        self.slots = LoRASlots(cfg, max_loras, max_lora_rank, dtype)
-        self.key_of: dict[int, int] = {}  # lora_int_id -> key of its current weights
-        self.request_of: dict[int, LoRARequest] = {}  # key -> the request that loads it
-        self.retired: set[int] = set()  # keys replaced by a reload, dropped once unused
-        self.host: dict[int, tuple[int, LoRAAdapter]] = {}  # host slot -> (key, weights)
-        self.staged: dict[int, LoRAAdapter] = {}  # read for the next step, no host slot free
+        self.host = LoRASlots(cfg, core.max_cpu_loras, max_lora_rank, dtype)
+        self.pool = ThreadPoolExecutor(num_loader_threads, thread_name_prefix="loraplex-loader")
+        # guards the counters below; notified whenever a read ends
+        self.progress = threading.Condition()
+        self.num_reads_done = 0
+        self.failures: dict[int, str] = {}  # key -> why its read failed (keys are never reused)
+        # validated weights waiting for a host slot (at most max_loading); the core names the
+        # slot in a later plan's commits, or the key in its unheld
+        self.held: dict[int, LoRAAdapter] = {}
 
-    def add(self, request: LoRARequest, recache: bool = True) -> bool:
-        """Registers, reads and validates ``request``'s adapter (errors raised to the caller,
-        nothing half-registered) and caches it in the host tier. ``False`` if it was
-        already registered and cached (or registered, without ``recache``: a request's
-        adapter is read again when the scheduler needs it); ``load_inplace`` reads it again
-        regardless."""
-        lora_id = request.lora_int_id
-        known = self.registry.get(lora_id)
-        if known is not None and request.load_inplace:
-            return self._reload(known, request)
-        if not self.registry.register(request):  # identical one registered
-            key = self.key_of[lora_id]
-            if not recache:
-                return False
-            with self.lock:
-                if self._is_cached(key):
-                    self.scheduler.cache_adapter(key)  # marks it used
-                    return False
-            adapter = self.load(request)
-            with self.lock:
-                self._cache(key, adapter)
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- registration (any thread) --
+
+    def register(self, request: LoRARequest) -> int:
+        """Registers ``request``'s adapter for a request and returns its key. A new adapter
+        is read and validated first (errors raised here, nothing left registered); a known
+        one is read again, ahead of need, by the scheduler when its host copy is gone."""
+        check_request(request)
+        key, new = self.core.register_adapter(request)
+        if new:
+            self._stage_and_wait(key)
+        return key
+
+    def add(self, request: LoRARequest) -> bool:
+        """``add_lora``: registers, reads and validates the adapter into the host tier (least
+        recently used adapters that nothing uses make room). ``False`` if it was held already;
+        ``load_inplace`` reads it again (requests already running finish on the old
+        weights)."""
+        check_request(request)
+        if request.load_inplace and self.core.adapter_key(request.lora_int_id) is not None:
+            key, was_pinned = self.core.reload_adapter(request)
+            self._stage_and_wait(key)
+            if was_pinned:
+                self.pin(request.lora_int_id)
             return True
+        key, new = self.core.register_adapter(request)
+        if not new and self.core.adapter_state(key) == "ready":
+            self.core.stage_adapter(key)  # marks it used
+            return False
+        self._stage_and_wait(key)
+        return True
+
+    def pin(self, lora_id: int) -> None:
+        key = self.core.adapter_key(lora_id)
+        if key is None:
+            raise UnknownAdapterError(f"unknown adapter id {lora_id}: add_lora it first")
+        for _ in range(3):  # its host copy can be evicted between the read and the pin
+            try:
+                return self.core.pin_adapter(key)
+            except AdapterNotLoadedError:
+                self._stage_and_wait(key)
+                if self.core.adapter_state(key) != "ready":
+                    raise NoFreeSlotError(
+                        f"no free adapter slot: all {self.core.max_cpu_loras} host slots are "
+                        f"pinned or in use (adapter {lora_id})"
+                    ) from None
+        return self.core.pin_adapter(key)
+
+    def remove(self, lora_id: int) -> bool:
+        try:
+            self.core.remove_adapter(lora_id)
+        except UnknownAdapterError:
+            return False
+        return True
+
+    def list_ids(self) -> set[int]:
+        """The adapters whose weights the engine holds (a device slot or the host tier)."""
+        return set(self.core.resident_adapters())
+
+    def _stage_and_wait(self, key: int) -> None:
+        """Reads ``key``'s weights into the host tier (or joins the read in flight) and waits;
+        raises why the read failed."""
+        status, job = self.core.stage_adapter(key)
+        if status == "read":
+            self.pool.submit(self._read, *job, True).result()
+        with self.progress:
+            while self.core.adapter_state(key) == "loading" and key not in self.held:
+                self.progress.wait()
+        if self.core.adapter_state(key) == "gone":
+            why = self.failures.get(key, "it was removed while it was being read")
+            raise InvalidAdapterError(why)
+
+    # -- reads (the loader pool) --
+
+    def start(self, plan) -> None:
+        """Starts the reads and copies a step's plan hands out (off the step thread)."""
+        for key in plan.unheld:
+            self.held.pop(key, None)
+        for key, host_slot in plan.commits:
+            adapter = self.held.pop(key, None)
+            if adapter is not None:
+                self.pool.submit(self._fill, key, host_slot, adapter)
+        for key, request in plan.reads:
+            self.pool.submit(self._read, key, request, False)
+
+    def _read(self, key: int, request: LoRARequest, explicit: bool) -> None:
+        """Reads and validates; copies into the host slot the core gives, or holds the
+        weights until it gives one (a read ahead of need never evicts what is wanted sooner);
+        an ``explicit`` read (``add_lora``) with no slot to have only validates."""
         try:
             adapter = self.load(request)
-        except Exception:
-            self.registry.unregister(lora_id)
-            raise
-        with self.lock:
-            self.key_of[lora_id] = lora_id
-            self.request_of[lora_id] = request
-            self._cache(lora_id, adapter)
-        return True
+        except InvalidAdapterError as e:
+            return self._failed(key, str(e))
+        status, host_slot = self.core.adapter_validated(key, explicit)
+        if status == "slot":
+            return self._fill(key, host_slot, adapter)
+        if status == "wait" and not explicit:
+            self.held[key] = adapter
+        self._done()
 
-    def _reload(self, known: LoRARequest, request: LoRARequest) -> bool:
-        if known.lora_name != request.lora_name:
-            self.registry.register(request)  # raises the conflict, naming both
-        adapter = self.load(request)
-        key = next(_RELOAD_KEYS)
-        while self.registry.get(key) is not None:
-            key = next(_RELOAD_KEYS)
-        with self.lock:
-            self.registry.unregister(request.lora_int_id)
-            self.registry.register(request)
-            old = self.key_of[request.lora_int_id]
-            pinned = self.scheduler.unpin_adapter(old)
-            self.key_of[request.lora_int_id] = key
-            self.request_of[key] = request
-            self.retired.add(old)
-            self._cache(key, adapter)
-            self.drop_retired()
-            if pinned:
-                self.scheduler.pin_adapter(key)
-        return True
+    def _fill(self, key: int, host_slot: int, adapter: LoRAAdapter) -> None:
+        try:
+            self.host.load(host_slot, adapter)
+        except Exception as e:  # (a copy into preallocated memory: not expected to fail)
+            return self._failed(key, f"{type(e).__name__}: {e}")
+        self.core.adapter_loaded(key, host_slot)
+        self._done()
+
+    def _failed(self, key: int, message: str) -> None:
+        with self.progress:
+            self.failures[key] = message
+        self.core.adapter_failed(key, message)
+        self._done()
+
+    def _done(self) -> None:
+        with self.progress:
+            self.num_reads_done += 1
+            self.progress.notify_all()
 
     def load(self, request: LoRARequest) -> LoRAAdapter:
         """Reads and validates; any failure at all is an ``InvalidAdapterError`` naming it."""
@@ -113,98 +182,14 @@ class LoRAManager:
         except Exception as e:  # RecursionError, re.error, OSError, ...: still its own failure
             raise adapter_error(request, f"cannot be loaded ({type(e).__name__}: {e})") from e
 
-    def _is_cached(self, key: int) -> bool:
-        return any(k == key for k, _ in self.host.values())
+    def wait_for_reads(self, num_done_before: int) -> None:
+        """For a step that found nothing to run while adapters load: blocks until a read or
+        copy ends after ``num_done_before`` had (or a short while passes, so a caller's loop
+        looks again; correctness never depends on it)."""
+        with self.progress:
+            if self.num_reads_done == num_done_before and self.core.num_loading > len(self.held):
+                self.progress.wait(timeout=0.1)
 
-    def _cache(self, key: int, adapter: LoRAAdapter) -> None:
-        placed = self.scheduler.cache_adapter(key)
-        if placed is None:  # every host slot pinned: keep it for the next step only
-            self.staged[key] = adapter
-            return
-        self.host[placed[0]] = (key, adapter)
-
-    def user_id(self, key: int) -> int | None:
-        request = self.request_of.get(key)
-        return None if request is None else request.lora_int_id
-
-    def list_ids(self) -> set[int]:
-        """The adapters the engine's cache holds (a device slot or the host tier)."""
-        with self.lock:
-            keys = self.scheduler.resident_adapters()
-            return {i for k in keys if (i := self.user_id(k)) is not None}
-
-    def drop_retired(self) -> None:
-        """Drops replaced weights that no request uses any more."""
-        for key in list(self.retired):
-            try:
-                self.scheduler.remove_adapter(key)
-            except RuntimeError:
-                continue  # still in use
-            self.retired.discard(key)
-            self._forget_key(key)
-
-    def prefetch(self, keys: list[int]) -> dict[int, str]:
-        """Reads and validates the adapters the next step may read from disk (the scheduler's
-        ``upcoming_reads``) into the host tier, before the scheduler can evict anything for
-        them. Returns the keys that failed, with why."""
-        failed: dict[int, str] = {}
-        for key in keys:
-            request = self.request_of.get(key)
-            if request is None or key in self.staged:
-                continue  # (the core names only adapters that no tier holds)
-            try:
-                self._cache(key, self.load(request))
-            except InvalidAdapterError as e:
-                failed[key] = str(e)
-        return failed
-
-    def forget(self, key: int) -> None:
-        """Forgets a key's weights, and the adapter's identity if they are its current ones."""
-        request = self.request_of.get(key)
-        if request is not None and self.key_of.get(request.lora_int_id) == key:
-            del self.key_of[request.lora_int_id]
-            if self.registry.get(request.lora_int_id) is not None:
-                self.registry.unregister(request.lora_int_id)
-        self.retired.discard(key)
-        self._forget_key(key)
-
-    def _forget_key(self, key: int) -> None:
-        self.request_of.pop(key, None)
-        self.staged.pop(key, None)
-        for slot, (k, _) in list(self.host.items()):
-            if k == key:
-                del self.host[slot]
-
-    def prepare(self, batch: SchedulerOutput) -> tuple[LoRAContext, dict[int, str]]:
-        """Performs the step's slot loads, in order. Returns the step's routing and, for
-        adapters that failed to load, the error (their slot is cleared)."""
-        failed: dict[int, str] = {}
-        for slot, key, host_slot, from_host in batch.loads:
-            try:
-                adapter = self._fetch(key, host_slot, from_host)
-                self.slots.load(slot, adapter)
-            except Exception as e:
-                request = self.request_of.get(key)
-                if isinstance(e, InvalidAdapterError) or request is None:
-                    failed[key] = str(e)
-                else:
-                    failed[key] = str(adapter_error(request, f"{type(e).__name__}: {e}"))
-                self.slots.clear(slot)
-                if host_slot is not None:  # the core gave it to this key: no stale entry
-                    self.host.pop(host_slot, None)
-        self.staged.clear()
-        return LoRAContext(self.slots, batch.segments), failed
-
-    def _fetch(self, key: int, host_slot: int | None, from_host: bool) -> LoRAAdapter:
-        held = self.host.get(host_slot) if host_slot is not None else None
-        if from_host and held is not None and held[0] == key:
-            return held[1]
-        adapter = self.staged.pop(key, None)
-        if adapter is None:
-            request = self.request_of.get(key)
-            if request is None:
-                raise InvalidAdapterError(f"adapter key {key} was removed while requests used it")
-            adapter = self.load(request)
-        if host_slot is not None:
-            self.host[host_slot] = (key, adapter)
-        return adapter
+    def context(self, segments: list[tuple[int, int, int, int]]) -> LoRAContext:
+        """The step's routing: each segment's host slot (the CPU backend runs on those)."""
+        return LoRAContext(self.host, [(start, n, host) for start, n, _, host in segments])

@@ -9,6 +9,7 @@ prompt's length.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,40 +41,36 @@ class AttentionMetadata:
 
 
 def build_metadata(
+    plan: Any,
     starts: list[int],
-    num_new: list[int],
-    num_computed: list[int],
-    block_tables: list[list[int]],
     block_size: int,
     sliding_window: int | None,
     device: torch.device,
     decode_kernel: bool = False,
 ) -> AttentionMetadata:
-    """Positions, cache slots and masks for one step. Lists are per sequence, batch order."""
-    total = sum(num_new)
-    positions = torch.empty(total, dtype=torch.long)
-    slot_mapping = torch.empty(total, dtype=torch.long)
+    """Masks and key gathers for one step. ``plan`` is the core's step plan (its per-sequence
+    lists in batch order, its flat positions and slot mapping); ``starts`` each sequence's
+    first row in the flat batch."""
+    num_new = plan.num_new_tokens
+    total = plan.num_batched_tokens
     decode = [i for i, n in enumerate(num_new) if n == 1]
     prefill = [i for i, n in enumerate(num_new) if n > 1]
     groups = []
     for members in (decode, prefill):
-        if not members:
-            continue
-        group, pos, slots = _group(
-            members, starts, num_new, num_computed, block_tables, block_size, sliding_window, total
-        )
-        positions[group.rows] = pos
-        slot_mapping[group.rows] = slots
-        groups.append(group)
+        if members:
+            groups.append(_group(members, starts, plan, block_size, sliding_window, total))
     to = lambda t: t.to(device)  # noqa: E731
     groups = [AttentionGroup(*(to(getattr(g, f)) for f in g.__dataclass_fields__)) for g in groups]
+    positions = torch.tensor(plan.positions, dtype=torch.long)
+    slot_mapping = torch.tensor(plan.slot_mapping, dtype=torch.long)
     return AttentionMetadata(to(positions), to(slot_mapping), groups, total, decode_kernel)
 
 
-def _group(members, starts, num_new, num_computed, block_tables, block_size, window, total):
+def _group(members, starts, plan, block_size, window, total) -> AttentionGroup:
+    block_tables = plan.block_tables
     start = torch.tensor([starts[i] for i in members])
-    n = torch.tensor([num_new[i] for i in members])
-    c = torch.tensor([num_computed[i] for i in members])
+    n = torch.tensor([plan.num_new_tokens[i] for i in members])
+    c = torch.tensor([plan.num_computed_tokens[i] for i in members])
     max_blocks = max(len(block_tables[i]) for i in members)
     tables = torch.zeros(len(members), max_blocks, dtype=torch.long)
     for row, i in enumerate(members):
@@ -93,8 +90,7 @@ def _group(members, starts, num_new, num_computed, block_tables, block_size, win
     rows = query_index[valid]
     key_end = c + n
     key_start = (key_end - window).clamp(min=0) if window is not None else torch.zeros_like(c)
-    group = AttentionGroup(rows, query_index, valid, gather, mask[:, None], key_start, key_end)
-    return group, q_pos[valid], _slots(tables, q_pos, block_size)[valid]
+    return AttentionGroup(rows, query_index, valid, gather, mask[:, None], key_start, key_end)
 
 
 def _slots(tables: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
