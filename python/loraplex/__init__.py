@@ -31,6 +31,7 @@ _LAZY = {
     "LLMEngine": "loraplex.engine.llm_engine",
     "EngineArgs": "loraplex.engine.arg_utils",
     "AsyncEngineArgs": "loraplex.engine.arg_utils",
+    "AsyncLLM": "loraplex.engine.async_llm",
     "SamplingParams": "loraplex.sampling_params",
     "RequestOutputKind": "loraplex.sampling_params",
     "RequestOutput": "loraplex.outputs",
@@ -42,6 +43,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from loraplex.engine.arg_utils import AsyncEngineArgs, EngineArgs
+    from loraplex.engine.async_llm import AsyncLLM
     from loraplex.engine.llm_engine import LLMEngine
     from loraplex.entrypoints.llm import LLM
     from loraplex.errors import InvalidAdapterError
@@ -61,6 +63,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "LLM",
     "AsyncEngineArgs",
+    "AsyncLLM",
     "CompletionOutput",
     "EngineArgs",
     "InvalidAdapterError",
