@@ -123,8 +123,9 @@ class LoRAManager:
             while self.core.adapter_state(key) == "loading" and key not in self.held:
                 self.progress.wait()
         if self.core.adapter_state(key) == "gone":
-            why = self.failures.get(key, "it was removed while it was being read")
-            raise InvalidAdapterError(why)
+            if key in self.failures:
+                raise InvalidAdapterError(self.failures[key])
+            raise UnknownAdapterError("the adapter was removed (remove_lora) while it was read")
 
     # -- reads (the loader pool) --
 
