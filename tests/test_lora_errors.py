@@ -4,6 +4,7 @@ engine keeps serving every other request. Also when the failure comes inside a s
 from __future__ import annotations
 
 import shutil
+import threading
 
 import pytest
 import torch
@@ -193,3 +194,69 @@ def test_unresolvable_hub_adapter_offline(base, monkeypatch):
     ):
         engine.add_lora(LoRARequest("hub", 4, "no-such-org/no-such-adapter"))
     assert engine.list_loras() == set()
+
+
+def test_a_read_that_fails_in_the_loader_fails_only_its_requests(base, good, tmp_path):
+    """The adapter was valid when registered; its host copy was then evicted and its next
+    read, in the loader pool ahead of need, raises: its queued requests end with that error,
+    the others run as they would alone, and the step thread never read the disk."""
+    other = build_adapter(base, tmp_path / "other", r=8, alpha=16, seed=6)
+    flaky, other_req = LoRARequest("flaky", 1, str(good)), LoRARequest("other", 2, str(other))
+    engine = engine_for(base, max_loras=1, max_cpu_loras=1)
+    engine.add_lora(flaky)
+    engine.add_lora(other_req)  # one host slot: flaky's copy goes
+    readers = []
+    real_load = engine.lora.load
+
+    def load(request):
+        readers.append(threading.current_thread().name)
+        if request.lora_name == "flaky":
+            raise OSError("disk on fire")
+        return real_load(request)
+
+    engine.lora.load = load
+    engine.add_request("f1", "a", GREEDY, lora_request=flaky)
+    engine.add_request("o1", "a", GREEDY, lora_request=other_req)
+    engine.add_request("f2", "the quick", GREEDY, lora_request=flaky)
+    engine.add_request("b1", "a", GREEDY)
+    done = run(engine)
+    for rid in ("f1", "f2"):
+        assert done[rid].outputs[0].finish_reason == "abort"
+        assert "adapter 'flaky' (id 1" in done[rid].error and "disk on fire" in done[rid].error
+    assert done["o1"].error is None and done["b1"].error is None
+    assert PeftReference(base, {"other": other}).mismatches([done["o1"]], ["other"]) == []
+    assert readers and all(name.startswith("loraplex-loader") for name in readers)
+    assert engine.list_loras() == {2}
+    assert engine.scheduler.num_free_blocks == engine.scheduler.num_blocks
+    engine.lora.load = real_load  # registered again from scratch, it serves
+    engine.add_request("f3", "a", GREEDY, lora_request=flaky)
+    assert run(engine)["f3"].error is None
+
+
+def test_other_requests_run_while_an_adapter_is_read(base, good, tmp_path):
+    """A read in flight holds up only the requests that need it: the step thread keeps
+    stepping the others (counted in steps, not time)."""
+    slow_req = LoRARequest("slow", 1, str(good))
+    engine = engine_for(base, max_loras=1, max_cpu_loras=1)
+    engine.add_lora(slow_req)
+    engine.add_lora(LoRARequest("evictor", 2, str(good)))  # slow's host copy goes
+    release = threading.Event()
+    real_load = engine.lora.load
+
+    def load(request):
+        if request.lora_name == "slow":
+            release.wait()
+        return real_load(request)
+
+    engine.lora.load = load
+    engine.add_request("s", "a", GREEDY, lora_request=slow_req)
+    engine.add_request("b", "a", GREEDY)
+    done = {}
+    for _ in range(20):  # the base request finishes while slow's read is held up
+        done |= {o.request_id: o for o in engine.step() if o.finished}
+        if "b" in done:
+            break
+    assert "b" in done and "s" not in done
+    release.set()
+    done |= run(engine)
+    assert done["s"].error is None and done["s"].outputs[0].finish_reason == "length"

@@ -146,7 +146,9 @@ class LoRAManager:
         an ``explicit`` read (``add_lora``) with no slot to have only validates."""
         try:
             adapter = self.load(request)
-        except InvalidAdapterError as e:
+        except Exception as e:  # whatever it is, it fails this adapter's requests only
+            if not isinstance(e, InvalidAdapterError):
+                e = adapter_error(request, f"cannot be loaded ({type(e).__name__}: {e})")
             return self._failed(key, str(e))
         status, host_slot = self.core.adapter_validated(key, explicit)
         if status == "slot":
