@@ -10,10 +10,15 @@
    max_loras=8, max_cpu_loras=32, beside the same 512 requests over 8 adapters.
    Adapters are registered (read, validated) before the timed run; with 256 adapters and a
    32-adapter host tier most loads during the run still read the disk again.
+3b. A thousand adapters (``--thousand``): 1,000 rank-8 adapters on q/k/v/o, 1,000 shorter
+   requests (one per adapter), max_loras=64, max_cpu_loras=128, beside the same requests
+   over 8 adapters: once with every adapter registered before the timed run, once on demand
+   (first seen by the timed ``generate``, read from disk by the loader pool during it). The
+   host tier holds 128, so either way most are read from disk inside the timed run.
 4. Ops: the CPU paths (torch SGMV loop, BGMV, padded grid; the C++ op) vs the per-segment
    float64 loop reference, at decode and prefill shapes (576 -> rank 16 -> 1536).
 
-    .venv/bin/python benches/bench_lora.py [--threads 2] [--skip-many]
+    .venv/bin/python benches/bench_lora.py [--threads 2] [--skip-many] [--thousand-only]
 
 Prints one JSON line per setup.
 """
@@ -57,21 +62,52 @@ def make_adapters(base: Path, root: Path, n: int, rank: int = 16) -> list[Path]:
     return paths
 
 
-def run_loraplex(base, jobs, adapters, label, **engine_kw):
+def make_raw_adapters(base: Path, root: Path, n: int, rank: int = 8) -> list[Path]:
+    """n PEFT adapters on q/k/v/o: one saved by PEFT as the template, the rest its config
+    with fresh random tensors of the same names and shapes (fast to write at n = 1,000)."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    peft_model = get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets)
+    )
+    template = root / "template"
+    peft_model.save_pretrained(template)
+    shapes = {k: v.shape for k, v in load_file(template / "adapter_model.safetensors").items()}
+    paths = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        path = root / f"t{i}"
+        path.mkdir(parents=True)
+        shutil.copy(template / "adapter_config.json", path)
+        tensors = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+        save_file(tensors, path / "adapter_model.safetensors")
+        paths.append(path)
+    return paths
+
+
+def run_loraplex(base, jobs, adapters, label, register=True, rank=16, **engine_kw):
     from loraplex import LLM, LoRARequest, SamplingParams
 
     kw = dict(max_model_len=512, **engine_kw)
     if adapters:
-        kw.update(enable_lora=True, max_lora_rank=16)
+        kw.update(enable_lora=True, max_lora_rank=rank)
         kw.setdefault("max_loras", min(8, len(adapters)))
     llm = LLM(model=str(base), **kw)
     reqs = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
     loras = [reqs[i % len(reqs)] if reqs else None for i in range(len(jobs))]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in jobs]
     prompts = [{"prompt_token_ids": p} for p, _ in jobs]
-    for r in reqs:  # adapters registered up front, as a server holds them: the timed run
-        llm.llm_engine.add_lora(r)  # measures serving, not reading adapters from disk
-    llm.generate(prompts[:2], params[:2], lora_request=loras[:2], use_tqdm=False)  # warm up
+    if register:  # adapters registered up front, as a server holds them: the timed run
+        for r in reqs:  # measures serving, not the first validation of each adapter
+            llm.llm_engine.add_lora(r)
+    warm = [None, None] if not register else loras[:2]  # on demand: no adapter seen before
+    llm.generate(prompts[:2], params[:2], lora_request=warm, use_tqdm=False)  # warm up
     start = time.perf_counter()
     outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
     elapsed = time.perf_counter() - start
@@ -155,8 +191,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-many", action="store_true")
+    ap.add_argument("--thousand-only", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.thousand_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            base = Path(tmp) / "base"
+            base.mkdir()
+            build(base)
+            bench_thousand(base, Path(tmp))
+        return
     for row in bench_ops():
         print(json.dumps(row), flush=True)
     jobs = workload(32)
@@ -215,6 +259,40 @@ def main() -> None:
                     }
                 )
             )
+            bench_thousand(base, Path(tmp))
+
+
+def bench_thousand(base: Path, tmp: Path) -> None:
+    rng = random.Random(2)
+    vocab = 49152
+    jobs = [
+        ([rng.randrange(2, vocab) for _ in range(rng.randint(16, 32))], rng.randint(8, 16))
+        for _ in range(1000)
+    ]
+    adapters = make_raw_adapters(base, tmp / "thousand", 1000)
+    kw = dict(max_loras=64, max_cpu_loras=128, rank=8)
+    rows = {
+        "few": run_loraplex(base, jobs, adapters[:8], "1,000 requests over 8 adapters", **kw),
+        "registered": run_loraplex(
+            base, jobs, adapters, "1,000 requests over 1,000 adapters, registered", **kw
+        ),
+        "on_demand": run_loraplex(
+            base,
+            jobs,
+            adapters,
+            "1,000 requests over 1,000 adapters, on demand",
+            register=False,
+            **kw,
+        ),
+    }
+    for row in rows.values():
+        print(json.dumps(row), flush=True)
+    few = rows["few"]["tokens_per_s"]
+    ratios = {
+        f"ratio_{k}_over_8_adapters": round(rows[k]["tokens_per_s"] / few, 3)
+        for k in ("registered", "on_demand")
+    }
+    print(json.dumps(ratios), flush=True)
 
 
 if __name__ == "__main__":

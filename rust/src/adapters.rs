@@ -7,6 +7,8 @@
 //! device-resident key is also host-resident (the host copy is what a device slot is loaded
 //! from), so on a backend whose device is the host a device slot needs no second copy.
 
+use std::collections::BTreeSet;
+
 use crate::error::Result;
 use crate::lru::LruCache;
 use crate::registry::AdapterRegistry;
@@ -80,6 +82,8 @@ pub struct Adapters {
     next_key: Key,
     /// Validated weights forgotten before they got a slot: the engine drops its copy.
     pub(crate) unheld: Vec<Key>,
+    /// Keys whose validated weights wait for a host slot (few: at most `max_loading`).
+    validated: BTreeSet<Key>,
 }
 
 impl Adapters {
@@ -94,6 +98,7 @@ impl Adapters {
             num_loading: 0,
             next_key: 1,
             unheld: Vec::new(),
+            validated: BTreeSet::new(),
         }
     }
 
@@ -196,14 +201,7 @@ impl Adapters {
 
     /// Keys whose validated weights wait for a host slot.
     pub fn validated_keys(&self) -> Vec<Key> {
-        let mut keys: Vec<Key> = self
-            .weights
-            .iter()
-            .filter(|(_, w)| w.state == State::Validated)
-            .map(|(k, _)| *k)
-            .collect();
-        keys.sort_unstable();
-        keys
+        self.validated.iter().copied().collect()
     }
 
     /// Hands out the read of an absent key (`None` otherwise). Nothing is evicted until the
@@ -239,9 +237,11 @@ impl Adapters {
         let w = self.weights.get_mut(&key).expect("checked");
         let Some(acquired) = acquired else {
             w.state = State::Validated;
+            self.validated.insert(key);
             return (Placement::Wait, None);
         };
         w.state = State::Filling;
+        self.validated.remove(&key);
         if let Some(evicted) = acquired.evicted {
             self.device.remove(&evicted);
             if let Some(e) = self.weights.get_mut(&evicted) {
@@ -257,6 +257,7 @@ impl Adapters {
         if let Some(w) = self.weights.get_mut(&key) {
             if matches!(w.state, State::Reading | State::Validated) {
                 w.state = State::Absent;
+                self.validated.remove(&key);
                 self.num_loading -= 1;
             }
         }
@@ -321,6 +322,7 @@ impl Adapters {
                 }
                 if state == State::Validated {
                     self.unheld.push(key);
+                    self.validated.remove(&key);
                 }
                 self.weights.remove(&key);
                 self.host.remove(&key);

@@ -90,6 +90,11 @@ class LLM:
         if len(priorities) != n:
             raise ValueError(f"priority has {len(priorities)} entries for {n} prompts")
         engine = self.llm_engine
+        if engine.lora is not None:
+            # adapters first seen here are read in the background, ahead of need; a bad one
+            # ends its requests with the error (engine.add_request would raise it instead)
+            for lora in dict.fromkeys(x for x in loras if isinstance(x, LoRARequest)):
+                engine.lora.register(lora, validate=False)
         ids = []
         try:
             for prompt, p, lora, prio in zip(prompt_list, params, loras, priorities):

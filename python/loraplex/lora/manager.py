@@ -57,13 +57,14 @@ class LoRAManager:
 
     # -- registration (any thread) --
 
-    def register(self, request: LoRARequest) -> int:
-        """Registers ``request``'s adapter for a request and returns its key. A new adapter
-        is read and validated first (errors raised here, nothing left registered); a known
-        one is read again, ahead of need, by the scheduler when its host copy is gone."""
+    def register(self, request: LoRARequest, validate: bool = True) -> int:
+        """Registers ``request``'s adapter for a request and returns its key. With
+        ``validate``, a new adapter is read and validated first (errors raised here, nothing
+        left registered); otherwise it is read ahead of need like any other, and a failure
+        ends its requests with the error."""
         check_request(request)
         key, new = self.core.register_adapter(request)
-        if new:
+        if new and validate:
             self._stage_and_wait(key)
         return key
 
