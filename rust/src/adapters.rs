@@ -342,11 +342,6 @@ impl Adapters {
         ids.sort_unstable();
         ids
     }
-
-    /// Registered adapters.
-    pub fn num_registered(&self) -> usize {
-        self.current.len()
-    }
 }
 
 #[cfg(test)]

@@ -554,7 +554,6 @@ impl PyScheduler {
         Ok(match staging {
             Staging::Ready => ("ready", None),
             Staging::Loading => ("loading", None),
-            Staging::NoRoom => ("no_room", None),
             Staging::Read(job) => ("read", Some(read_tuple(job))),
         })
     }

@@ -39,10 +39,8 @@ pub enum Staging {
     Ready,
     /// A read is in flight already.
     Loading,
-    /// A host slot is reserved: perform this read.
+    /// Perform this read (a host slot is given once the weights prove valid).
     Read(ReadJob),
-    /// Every host slot is pinned, in use or being read: nothing was reserved.
-    NoRoom,
 }
 
 /// The scheduler. Single consumer: one thread at a time calls `schedule` / `postprocess`

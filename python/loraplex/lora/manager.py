@@ -80,12 +80,8 @@ class LoRAManager:
             if was_pinned:
                 self.pin(request.lora_int_id)
             return True
-        key, new = self.core.register_adapter(request)
-        if not new and self.core.adapter_state(key) == "ready":
-            self.core.stage_adapter(key)  # marks it used
-            return False
-        self._stage_and_wait(key)
-        return True
+        key, _ = self.core.register_adapter(request)
+        return self._stage_and_wait(key) != "ready"  # "ready": held already, now marked used
 
     def pin(self, lora_id: int) -> None:
         key = self.core.adapter_key(lora_id)
@@ -114,9 +110,9 @@ class LoRAManager:
         """The adapters whose weights the engine holds (a device slot or the host tier)."""
         return set(self.core.resident_adapters())
 
-    def _stage_and_wait(self, key: int) -> None:
+    def _stage_and_wait(self, key: int) -> str:
         """Reads ``key``'s weights into the host tier (or joins the read in flight) and waits;
-        raises why the read failed."""
+        raises why the read failed. Returns what the core answered first ("ready": held)."""
         status, job = self.core.stage_adapter(key)
         if status == "read":
             self.pool.submit(self._read, *job, True).result()
@@ -127,6 +123,7 @@ class LoRAManager:
             if key in self.failures:
                 raise InvalidAdapterError(self.failures[key])
             raise UnknownAdapterError("the adapter was removed (remove_lora) while it was read")
+        return status
 
     # -- reads (the loader pool) --
 
@@ -147,7 +144,7 @@ class LoRAManager:
         an ``explicit`` read (``add_lora``) with no slot to have only validates."""
         try:
             adapter = self.load(request)
-        except Exception as e:  # whatever it is, it fails this adapter's requests only
+        except Exception as e:  # RecursionError, re.error, OSError, ...: its requests only
             if not isinstance(e, InvalidAdapterError):
                 e = adapter_error(request, f"cannot be loaded ({type(e).__name__}: {e})")
             return self._failed(key, str(e))
@@ -178,13 +175,8 @@ class LoRAManager:
             self.progress.notify_all()
 
     def load(self, request: LoRARequest) -> LoRAAdapter:
-        """Reads and validates; any failure at all is an ``InvalidAdapterError`` naming it."""
-        try:
-            return load_adapter(request, self.cfg, self.max_lora_rank, self.served_names)
-        except InvalidAdapterError:
-            raise
-        except Exception as e:  # RecursionError, re.error, OSError, ...: still its own failure
-            raise adapter_error(request, f"cannot be loaded ({type(e).__name__}: {e})") from e
+        """Reads and validates (``_read`` makes any failure this adapter's own)."""
+        return load_adapter(request, self.cfg, self.max_lora_rank, self.served_names)
 
     def wait_for_reads(self, num_done_before: int) -> None:
         """For a step that found nothing to run while adapters load: blocks until a read or
