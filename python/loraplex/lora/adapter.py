@@ -187,9 +187,9 @@ def _read_tensors(request: LoRARequest, folder: Path) -> dict[str, torch.Tensor]
     st, binary = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
     try:
         if st.is_file():
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            tensors = load_file(str(st))
+            tensors = load(st.read_bytes())  # one read; faster than load_file's mmap
         elif binary.is_file():
             tensors = torch.load(binary, map_location="cpu", weights_only=True)
         else:
@@ -257,6 +257,7 @@ def _build(request, c, tensors, cfg: ModelConfig, max_lora_rank: int) -> LoRAAda
     if not parts:
         raise adapter_error(request, "the adapter has no LoRA weights")
     weights, max_rank = {}, 0
+    scales: dict[str, tuple[Any, int, torch.Tensor]] = {}  # name -> alpha, r, B unscaled
     for (layer, module), ab in sorted(parts.items()):
         block = "self_attn" if MODULES[module][0] in ("qkv_proj", "o_proj") else "mlp"
         name = f"model.layers.{layer}.{block}.{module}"
@@ -289,18 +290,29 @@ def _build(request, c, tensors, cfg: ModelConfig, max_lora_rank: int) -> LoRAAda
             raise adapter_error(
                 request, f"rank {r} ({name}) is above max_lora_rank={max_lora_rank}"
             )
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise adapter_error(request, f"{name} has non-finite values (NaN or inf)")
         alpha = _pattern_value(c.get("alpha_pattern"), name, c["lora_alpha"])
         if r < 1:
             raise adapter_error(request, f"{name}: lora_A has rank 0")
         scale = alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
-        scaled = b * scale
-        if not (math.isfinite(scale) and torch.isfinite(scaled).all()):
+        if not math.isfinite(scale):
             raise adapter_error(
                 request,
                 f"{name}: scaling lora_alpha / r = {alpha} / {r} makes lora_B non-finite",
             )
-        weights[(layer, module)] = (a.contiguous(), scaled.contiguous())
+        weights[(layer, module)] = (a.contiguous(), (b * scale).contiguous())
+        scales[name] = (alpha, r, b)
         max_rank = max(max_rank, r)
+    # one finiteness check over every weight (a sum: NaN and inf carry through it; the
+    # loader runs beside the step thread); only when it fails (a sum can also overflow) is
+    # each module checked, and the culprit named
+    flat = torch.cat([t.view(-1) for pair in weights.values() for t in pair])
+    if not torch.isfinite(flat.sum()):
+        for (a, scaled), (name, (alpha, r, b)) in zip(weights.values(), scales.items()):
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise adapter_error(request, f"{name} has non-finite values (NaN or inf)")
+            if not torch.isfinite(scaled).all():
+                raise adapter_error(
+                    request,
+                    f"{name}: scaling lora_alpha / r = {alpha} / {r} makes lora_B non-finite",
+                )
     return LoRAAdapter(request, max_rank, weights)

@@ -44,15 +44,35 @@ class LoRASlots:
                 self.bt[(layer, group)] = torch.zeros(
                     num_slots, k * max_rank, sum(outs), dtype=dtype
                 )
+        # per slot, the blocks written (``(layer, module) -> rank``): everything else in the
+        # slot is zero, so a load clears only what the last occupant wrote and the new one
+        # does not overwrite, and a step skips the merged projections a slot leaves empty
+        self.written: list[dict[tuple[int, str], int]] = [{} for _ in range(num_slots)]
+        self.groups: list[frozenset[str]] = [frozenset()] * num_slots
+
+    def _zero(self, slot: int, layer: int, module: str, lo: int, hi: int) -> None:
+        """Zeroes rows ``lo..hi`` of ``module``'s block in ``slot`` (layer ``layer``)."""
+        group, index = MODULES[module]
+        col, row = index * self.max_rank, self.offsets[group][index]
+        end = self.splits[group][index + 1]
+        self.a[(layer, group)][slot, col + lo : col + hi].zero_()
+        self.bt[(layer, group)][slot, col + lo : col + hi, row:end].zero_()
 
     def clear(self, slot: int) -> None:
-        for t in (*self.a.values(), *self.bt.values()):
-            t[slot].zero_()
+        for (layer, module), r in self.written[slot].items():
+            self._zero(slot, layer, module, 0, r)
+        self.written[slot] = {}
+        self.groups[slot] = frozenset()
 
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
         """Copies ``adapter`` into ``slot``; modules it does not target are zero."""
-        self.clear(slot)
         r_max = self.max_rank
+        new = {key: a.shape[0] for key, (a, _) in adapter.weights.items()}
+        for key, r_old in self.written[slot].items():
+            if new.get(key, 0) < r_old:
+                self._zero(slot, *key, new.get(key, 0), r_old)
+        self.written[slot] = new
+        self.groups[slot] = frozenset(MODULES[module][0] for _, module in new)
         for (layer, module), (a, b) in adapter.weights.items():
             group, index = MODULES[module]
             r, col = a.shape[0], index * r_max
@@ -63,31 +83,48 @@ class LoRASlots:
 
 class LoRAContext:
     """One step's routing: the flat batch's segments and their slots. ``apply`` adds the LoRA
-    delta of one merged projection, in place: ``out += expand(shrink(x, A[slot]), B[slot])``."""
+    delta of one merged projection, in place: ``out += expand(shrink(x, A[slot]), B[slot])``.
+    A merged projection runs only the segments whose slot's adapter targets it (an adapter
+    on q/k/v/o reads no MLP weights: zeros cost as much memory traffic as weights)."""
 
     def __init__(self, slots: LoRASlots, segments: list[tuple[int, int, int]], on_cpu=True):
         self.slots = slots
         self.segments = [s for s in segments if s[2] >= 0]
-        # the C++ op (float32, AVX2) when it is built; else the torch path, where short
-        # segments (decode) take one batched GEMM per stage over a padded grid
-        self.table = None
-        self.layout = None
-        if on_cpu and self.segments and slots.cpp_ok:
-            self.table = cpu_ext.segment_table(self.segments)
-        elif on_cpu:
-            self.layout = cpu.padded_layout(self.segments)
+        self.routes: dict[str, _Route] = {}
+        built: dict[tuple, _Route] = {}  # groups with the same segments share one route
+        for group in GROUPS:
+            segs = tuple(s for s in self.segments if group in slots.groups[s[2]])
+            if segs not in built:
+                built[segs] = _Route(slots, list(segs), on_cpu)
+            self.routes[group] = built[segs]
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        if not self.segments:
+        route = self.routes[group]
+        if not route.segments:
             return
         a, bt = self.slots.a[(layer, group)], self.slots.bt[(layer, group)]
-        if self.table is not None:
-            cpu_ext.lora_apply(x, a, bt, self.table, out, self.slots.splits[group])
+        if route.table is not None:
+            cpu_ext.lora_apply(x, a, bt, route.table, out, self.slots.splits[group])
             return
         b = bt.transpose(1, 2)
-        if self.layout is not None:
-            cpu.expand_padded(cpu.shrink_padded(x, a, self.layout), b, self.layout, out)
+        if route.layout is not None:
+            cpu.expand_padded(cpu.shrink_padded(x, a, route.layout), b, route.layout, out)
             return
         y = x.new_empty(x.shape[0], a.shape[1])
-        ops.sgmv_shrink(x, a, self.segments, y)
-        ops.sgmv_expand(y, b, self.segments, out)
+        ops.sgmv_shrink(x, a, route.segments, y)
+        ops.sgmv_expand(y, b, route.segments, out)
+
+
+class _Route:
+    """The segments one merged projection runs, and the kernel's form of them: the C++ op's
+    table (float32, AVX2) when it is built; else, on the CPU, a padded grid where short
+    segments (decode) take one batched GEMM per stage; else the per-segment loop."""
+
+    def __init__(self, slots: LoRASlots, segments: list[tuple[int, int, int]], on_cpu: bool):
+        self.segments = segments
+        self.table = None
+        self.layout = None
+        if on_cpu and segments and slots.cpp_ok:
+            self.table = cpu_ext.segment_table(segments)
+        elif on_cpu and segments:
+            self.layout = cpu.padded_layout(segments)
