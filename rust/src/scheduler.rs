@@ -11,6 +11,7 @@
 //! admissions stop until it can run. Running requests never span more than `max_loras`
 //! adapters (pinned ones included), so every running request's adapter fits on the device.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::adapters::{Adapters, Key, Placement, ReadJob, Residency};
@@ -524,22 +525,30 @@ impl Scheduler {
 
     fn admit_waiting(&mut self, batch: &mut Vec<(RequestId, usize)>, tokens_left: &mut usize) {
         let mut drain_for = self.update_aging();
+        // Slots held by running and pinned adapters, kept up to date as requests join.
+        let mut committed = self.num_committed_slots();
         // Once no slot is free, only running or pinned adapters (and the base model) can be
-        // admitted, and admitting them frees no slot: the candidates stay fixed for the step.
-        let mut restricted: Option<Vec<AdapterKey>> = None;
+        // admitted, and admitting them frees no slot: the candidates stay fixed for the step,
+        // and their queues' heads are kept here, one updated per admission.
+        let mut restricted: Option<BTreeSet<(OrderKey, AdapterKey)>> = None;
         while self.running.len() < self.config.max_num_seqs && *tokens_left > 0 {
             let next = match drain_for {
                 Some(a) => self
                     .waiting
                     .first_among([a, None].into_iter().filter(|k| self.can_admit(*k))),
-                None if restricted.is_none() && self.has_free_slot() => self.waiting.first_ready(),
+                None if restricted.is_none() && committed < self.config.max_loras => {
+                    self.waiting.first_ready()
+                }
                 None => {
-                    let keys = restricted.get_or_insert_with(|| {
+                    let heads = restricted.get_or_insert_with(|| {
                         let pinned = self.adapters.device.pinned_keys().into_iter();
                         let active = self.active.keys().copied();
-                        active.chain(pinned).map(Some).chain([None]).collect()
+                        let keys = active.chain(pinned).map(Some).chain([None]);
+                        let waiting = &self.waiting;
+                        keys.filter_map(|a| waiting.head(a).map(|(k, _)| (k, a)))
+                            .collect()
                     });
-                    self.waiting.first_among(keys.iter().copied())
+                    heads.first().copied()
                 }
             };
             let Some((order, adapter)) = next else { break };
@@ -549,10 +558,23 @@ impl Scheduler {
             if !self.kv.allocate(id, seq.num_computed + chunk) {
                 break; // first come, first served on memory: no overtaking a big prompt
             }
-            self.waiting.remove(adapter, order);
+            if let Some(heads) = restricted.as_mut() {
+                // the global head indexes are synced once, after the loop
+                self.waiting.pop_deferred(adapter);
+                heads.remove(&(order, adapter));
+                if let Some((k, _)) = self.waiting.head(adapter) {
+                    heads.insert((k, adapter));
+                }
+            } else {
+                self.waiting.remove(adapter, order);
+            }
             self.running.push(id);
             if let Some(a) = adapter {
-                *self.active.entry(a).or_insert(0) += 1;
+                let count = self.active.entry(a).or_insert(0);
+                if *count == 0 && !self.adapters.device.is_pinned(&a) {
+                    committed += 1;
+                }
+                *count += 1;
             }
             if self.passed_over.is_some_and(|(p, _)| p == id) {
                 self.passed_over = None;
@@ -561,6 +583,7 @@ impl Scheduler {
             batch.push((id, chunk));
             *tokens_left -= chunk;
         }
+        self.waiting.sync_heads();
     }
 
     /// Tracks how long the oldest waiting request has lacked an adapter slot; returns its

@@ -26,6 +26,9 @@ pub struct WaitingQueues {
     ready_heads: BTreeSet<(OrderKey, AdapterKey)>,
     ready: FastSet<AdapterId>,
     len: usize,
+    /// Queues whose first requests [`WaitingQueues::pop_deferred`] took, with their head
+    /// before: the indexes are brought up to date by [`WaitingQueues::sync_heads`].
+    stale: Vec<(AdapterKey, OrderKey)>,
 }
 
 impl WaitingQueues {
@@ -108,6 +111,37 @@ impl WaitingQueues {
         Some(id)
     }
 
+    /// Removes the first request of `adapter`'s queue, leaving the head indexes as they were
+    /// (one update per queue, not per request, when admission drains a queue):
+    /// [`WaitingQueues::sync_heads`] must follow before anything but [`WaitingQueues::head`]
+    /// and more of these.
+    pub fn pop_deferred(&mut self, adapter: AdapterKey) -> Option<(OrderKey, RequestId)> {
+        let queue = self.queues.get_mut(&adapter)?;
+        let (key, id) = queue.pop_first()?;
+        self.len -= 1;
+        if !self.stale.iter().any(|(a, _)| *a == adapter) {
+            self.stale.push((adapter, key));
+        }
+        Some((key, id))
+    }
+
+    /// Brings the head indexes up to date after [`WaitingQueues::pop_deferred`].
+    pub fn sync_heads(&mut self) {
+        for (adapter, old_head) in std::mem::take(&mut self.stale) {
+            let next = self.queues[&adapter].first_key_value().map(|(k, _)| *k);
+            if next == Some(old_head) {
+                continue;
+            }
+            self.set_head((old_head, adapter), false);
+            match next {
+                Some(k) => self.set_head((k, adapter), true),
+                None => {
+                    self.queues.remove(&adapter);
+                }
+            }
+        }
+    }
+
     /// The first request of `adapter`'s queue.
     pub fn head(&self, adapter: AdapterKey) -> Option<(OrderKey, RequestId)> {
         let (k, id) = self.queues.get(&adapter)?.first_key_value()?;
@@ -172,6 +206,41 @@ mod tests {
         assert_eq!(w.remove(Some(2), (0, 3)), Some(30));
         assert_eq!(w.first(), Some(((0, 5), Some(1))));
         assert_eq!(w.len(), 1);
+    }
+
+    #[test]
+    fn deferred_pops_leave_the_indexes_as_removes_do() {
+        let mut w = WaitingQueues::default();
+        for (adapter, t, id) in [
+            (Some(1), 1, 10),
+            (Some(2), 2, 20),
+            (Some(1), 3, 30),
+            (None, 4, 40),
+        ] {
+            w.push(adapter, (0, t), id);
+        }
+        w.set_ready(1, true);
+        w.set_ready(2, true);
+        assert_eq!(w.pop_deferred(Some(1)), Some(((0, 1), 10)));
+        assert_eq!(w.pop_deferred(Some(2)), Some(((0, 2), 20)));
+        assert_eq!(w.pop_deferred(Some(1)), Some(((0, 3), 30)));
+        assert_eq!(w.head(Some(1)), None);
+        w.sync_heads();
+        assert_eq!(w.len(), 1);
+        assert!(!w.has(Some(1)) && !w.has(Some(2)));
+        assert_eq!(w.first(), Some(((0, 4), None)));
+        assert_eq!(w.first_ready(), Some(((0, 4), None)));
+        w.push(Some(1), (0, 5), 50);
+        w.push(Some(1), (0, 6), 60);
+        assert_eq!(w.pop_deferred(Some(1)), Some(((0, 5), 50)));
+        w.sync_heads();
+        assert_eq!(
+            w.adapters_in_order().collect::<Vec<_>>(),
+            vec![None, Some(1)]
+        );
+        assert_eq!(w.first_ready(), Some(((0, 4), None)));
+        assert_eq!(w.remove(None, (0, 4)), Some(40));
+        assert_eq!(w.first_ready(), Some(((0, 6), Some(1))));
     }
 
     #[test]
