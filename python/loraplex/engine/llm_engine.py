@@ -302,7 +302,8 @@ class LLMEngine:
         live = [i for i, s in enumerate(sampling) if not s.is_finished]
         sampled = [sampling[i] for i in live]
         if sampled:
-            self.output_processor.append(sampled, self.sampler(logits[live], self._rows(sampled)))
+            rows = logits if len(live) == len(sampling) else logits[live]  # no copy if all
+            self.output_processor.append(sampled, self.sampler(rows, self._rows(sampled)))
         return [s for s in sampling if s.finish_reason != "abort"]
 
     def _fail_batch(self, seqs: list[Sequence], e: Exception) -> list[Sequence]:

@@ -72,9 +72,10 @@ def _group(members, starts, plan, block_size, window, total) -> AttentionGroup:
     n = torch.tensor([plan.num_new_tokens[i] for i in members])
     c = torch.tensor([plan.num_computed_tokens[i] for i in members])
     max_blocks = max(len(block_tables[i]) for i in members)
-    tables = torch.zeros(len(members), max_blocks, dtype=torch.long)
-    for row, i in enumerate(members):
-        tables[row, : len(block_tables[i])] = torch.tensor(block_tables[i])
+    tables = torch.tensor(  # one tensor, rows padded with block 0 (masked out below)
+        [block_tables[i] + [0] * (max_blocks - len(block_tables[i])) for i in members],
+        dtype=torch.long,
+    )
     lq, lk = int(n.max()), int((c + n).max())
     q_off = torch.arange(lq)[None, :]
     valid = q_off < n[:, None]
