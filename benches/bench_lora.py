@@ -10,11 +10,13 @@
    max_loras=8, max_cpu_loras=32, beside the same 512 requests over 8 adapters.
    Adapters are registered (read, validated) before the timed run; with 256 adapters and a
    32-adapter host tier most loads during the run still read the disk again.
-3b. A thousand adapters (``--thousand``): 1,000 rank-8 adapters on q/k/v/o, 1,000 shorter
-   requests (one per adapter), max_loras=64, max_cpu_loras=128, beside the same requests
-   over 8 adapters: once with every adapter registered before the timed run, once on demand
-   (first seen by the timed ``generate``, read from disk by the loader pool during it). The
-   host tier holds 128, so either way most are read from disk inside the timed run.
+3b. A thousand adapters (``--thousand-only`` runs just this): 1,000 rank-8 adapters on
+   q/k/v/o, 1,000 shorter requests (one per adapter), beside the same requests over 8
+   adapters: once with every adapter registered before the timed run, once on demand (first
+   seen by the timed ``generate``, read from disk by the loader pool during it). Two slot
+   settings: max_loras=64 / max_cpu_loras=128, and 256 / 512 (slots that do not cap the
+   batch). The host tier holds fewer than 1,000, so either way most are read from disk
+   inside the timed run.
 4. Ops: the CPU paths (torch SGMV loop, BGMV, padded grid; the C++ op) vs the per-segment
    float64 loop reference, at decode and prefill shapes (576 -> rank 16 -> 1536).
 
@@ -270,29 +272,34 @@ def bench_thousand(base: Path, tmp: Path) -> None:
         for _ in range(1000)
     ]
     adapters = make_raw_adapters(base, tmp / "thousand", 1000)
-    kw = dict(max_loras=64, max_cpu_loras=128, rank=8)
-    rows = {
-        "few": run_loraplex(base, jobs, adapters[:8], "1,000 requests over 8 adapters", **kw),
-        "registered": run_loraplex(
-            base, jobs, adapters, "1,000 requests over 1,000 adapters, registered", **kw
-        ),
-        "on_demand": run_loraplex(
-            base,
-            jobs,
-            adapters,
-            "1,000 requests over 1,000 adapters, on demand",
-            register=False,
-            **kw,
-        ),
-    }
-    for row in rows.values():
-        print(json.dumps(row), flush=True)
-    few = rows["few"]["tokens_per_s"]
-    ratios = {
-        f"ratio_{k}_over_8_adapters": round(rows[k]["tokens_per_s"] / few, 3)
-        for k in ("registered", "on_demand")
-    }
-    print(json.dumps(ratios), flush=True)
+    # the slots (64 device, 128 host), and slots that do not cap the batch (256 =
+    # max_num_seqs; host 512, still half the adapters): with one request per adapter, 64
+    # slots hold at most 64 running requests where 8 adapters let 256 run
+    for max_loras, max_cpu_loras in ((64, 128), (256, 512)):
+        kw = dict(max_loras=max_loras, max_cpu_loras=max_cpu_loras, rank=8)
+        tag = f"max_loras={max_loras}, max_cpu_loras={max_cpu_loras}"
+        rows = {
+            "few": run_loraplex(base, jobs, adapters[:8], f"over 8 adapters, {tag}", **kw),
+            "registered": run_loraplex(
+                base, jobs, adapters, f"over 1,000 adapters, registered, {tag}", **kw
+            ),
+            "on_demand": run_loraplex(
+                base,
+                jobs,
+                adapters,
+                f"over 1,000 adapters, on demand, {tag}",
+                register=False,
+                **kw,
+            ),
+        }
+        for row in rows.values():
+            print(json.dumps(row), flush=True)
+        few = rows["few"]["tokens_per_s"]
+        ratios = {
+            f"ratio_{k}_over_8_adapters": round(rows[k]["tokens_per_s"] / few, 3)
+            for k in ("registered", "on_demand")
+        }
+        print(json.dumps({"slots": tag, **ratios}), flush=True)
 
 
 if __name__ == "__main__":
