@@ -16,7 +16,7 @@ from loraplex.engine.arg_utils import EngineArgs
 from loraplex.lora.request import LoRARequest
 from loraplex.v1.engine.llm_engine import LLMEngine
 from tiny_adapters import PeftReference, build_adapter
-from tiny_models import build_model
+from tiny_models import build_model, set_chat_template
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -29,10 +29,7 @@ CHATML = (
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     folder = build_model(tmp_path_factory.mktemp("compat-base"), "llama")
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["chat_template"] = CHATML
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
+    return set_chat_template(folder, CHATML)
 
 
 @pytest.fixture(scope="module")

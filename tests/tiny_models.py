@@ -91,3 +91,11 @@ def hf_model(folder: Path, dtype=torch.float32):
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return model.eval()
+
+
+def set_chat_template(folder: Path, template: str) -> Path:
+    """Writes ``template`` as the tokenizer's chat template (tokenizer_config.json)."""
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder

@@ -281,6 +281,9 @@ class Scheduler:
         ``UnknownAdapterError`` if it is not registered."""
     def resident_adapters(self) -> list[int]:
         """Ids of the adapters held ready in the host tier (and maybe a device slot)."""
+    def adapter_residency(self, lora_int_id: int) -> tuple[bool, bool, bool] | None:
+        """``(on_device, in_host, pinned)`` for the adapter's current weights; None if
+        unknown."""
     def has_unfinished_requests(self) -> bool: ...
     @property
     def num_waiting(self) -> int: ...

@@ -614,6 +614,18 @@ impl PyScheduler {
         self.core.lock().resident_adapters()
     }
 
+    /// Where adapter `lora_int_id`'s current weights are: `(on_device, in_host, pinned)`;
+    /// `None` for an unknown adapter.
+    fn adapter_residency(&self, lora_int_id: i64) -> Option<(bool, bool, bool)> {
+        let core = self.core.lock();
+        let adapters = core.adapters();
+        let key = adapters.key_of(lora_int_id)?;
+        let ready = adapters.residency(key) == crate::adapters::Residency::Ready;
+        let on_device = ready && adapters.device.get(&key).is_some();
+        let pinned = adapters.device.is_pinned(&key) || adapters.host.is_pinned(&key);
+        Some((on_device, ready, pinned))
+    }
+
     fn has_unfinished_requests(&self) -> bool {
         self.core.lock().has_unfinished()
     }

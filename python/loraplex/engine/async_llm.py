@@ -116,30 +116,56 @@ class AsyncLLM:
         """Submits a request and yields its outputs as ``sampling_params.output_kind`` asks
         (cumulative by default, deltas, or only the final one). Errors in the request are
         raised here, before anything is yielded."""
+        stream = await self.add_request(
+            request_id,
+            prompt,
+            sampling_params,
+            lora_request=lora_request,
+            priority=priority,
+            tokenization_kwargs=tokenization_kwargs,
+        )
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.close()
+
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        sampling_params: SamplingParams,
+        *,
+        lora_request: LoRARequest | None = None,
+        priority: int = 0,
+        tokenization_kwargs: dict[str, Any] | None = None,
+    ) -> RequestStream:
+        """Submits a request and returns its outputs' stream once it is queued (errors in
+        the request are raised here). Whoever holds the stream closes it
+        (:meth:`RequestStream.close`): closing it before the end aborts the request."""
         self._check_alive()
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._streams[request_id] = stream
-        finished = False
         try:
             await self._add_request(
                 request_id, prompt, sampling_params, lora_request, tokenization_kwargs, priority
             )
-            self._wake.set()
-            while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
+        except BaseException:
             with self._lock:
                 self._streams.pop(request_id, None)
-            if not finished:  # cancelled, or the consumer left early: nobody wants the rest
-                self.engine.abort_request(request_id)
-                self._wake.set()
+            raise
+        self._wake.set()
+        return RequestStream(self, request_id, stream)
+
+    def _release(self, request_id: str, finished: bool) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+        if not finished:  # cancelled, or the consumer left early: nobody wants the rest
+            self.engine.abort_request(request_id)
+            self._wake.set()
 
     async def _add_request(self, request_id, prompt, params, lora_request, tok_kwargs, priority):
         lora = self.engine.lora
@@ -211,3 +237,33 @@ class AsyncLLM:
             self._thread.join()
         if self.engine.lora is not None:
             self.engine.lora.close()
+
+
+class RequestStream:
+    """One request's outputs, in order: ``async for out in stream``. ``close()`` before the
+    last output aborts the request (its KV blocks are freed); after it, does nothing."""
+
+    def __init__(self, llm: AsyncLLM, request_id: str, stream: _Stream):
+        self.request_id = request_id
+        self.finished = False
+        self._llm, self._stream, self._closed = llm, stream, False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished or self._closed:
+            raise StopAsyncIteration
+        item = await self._stream.queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        if item.finished:
+            self.finished = True
+            self.close()
+        return item
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._llm._release(self.request_id, self.finished)

@@ -54,7 +54,7 @@ class LLMEngine:
             self.tokenizer, cfg.vocab_size, self.max_model_len, args.max_logprobs
         )
         self.model = load_model(folder, cfg, self.dtype, self.max_model_len)
-        num_blocks = self._num_kv_blocks(cfg)
+        self.num_kv_blocks = num_blocks = self._num_kv_blocks(cfg)
         budget = args.max_num_batched_tokens or max(2048, args.max_num_seqs)
         if args.enable_chunked_prefill is False:
             budget = max(budget, self.max_model_len)

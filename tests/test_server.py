@@ -1,0 +1,361 @@
+"""``loraplex serve`` as a real subprocess on 127.0.0.1, driven by the official ``openai``
+client (sync and async) and plain HTTP: outputs equal ``LLM``'s, streams add up, errors keep
+OpenAI's shape, runtime adapters stay inside ``--lora-root``, and disconnects free their
+blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from loraplex import LLM, LoRARequest, SamplingParams
+from tiny_adapters import build_adapter
+from tiny_models import build_model, set_chat_template
+
+KEY = "sk-test-key"
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PROMPTS = ["def add(a, b):", "the quick brown", "hello world and"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, method="GET", body=None, key: str | None = KEY) -> tuple[int, str]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if key is not None:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def start_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "loraplex.cli", "serve", *args, "--port", str(port)]
+    with open(log, "w") as out:  # the child keeps its own handle
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):  # bounded: the engine builds its model first
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            if http(url + "/health", key=None)[0] == 200:
+                return proc, url
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the server did not come up:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    base = set_chat_template(build_model(tmp_path_factory.mktemp("serve-base"), "llama"), CHATML)
+    root = tmp_path_factory.mktemp("lora-root")
+    adapters = {f"a{i}": build_adapter(base, root / f"a{i}", seed=70 + i) for i in range(3)}
+    outside = build_adapter(base, tmp_path_factory.mktemp("outside") / "x", seed=99)
+    corrupt = build_adapter(base, root / "corrupt", seed=98)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    return dict(base=base, root=root, adapters=adapters, outside=outside, corrupt=corrupt)
+
+
+@pytest.fixture(scope="module")
+def server(assets, tmp_path_factory):
+    a = assets["adapters"]
+    args = [
+        str(assets["base"]),
+        "--served-model-name",
+        "tiny",
+        "--api-key",
+        KEY,
+        "--enable-lora",
+        "--max-lora-rank",
+        "8",
+        "--max-loras",
+        "2",
+        "--max-cpu-loras",
+        "4",
+        "--max-model-len",
+        "256",
+        "--lora-modules",
+        f"a0={a['a0']}",
+        json.dumps({"name": "a1", "path": str(a["a1"])}),
+        "--allow-runtime-lora-updating",
+        "--lora-root",
+        str(assets["root"]),
+    ]
+    proc, url = start_server(args, tmp_path_factory.mktemp("logs") / "server.log")
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+
+
+@pytest.fixture(scope="module")
+def reference(assets):
+    """LLM.generate / LLM.chat in this process: what the server must answer, greedy."""
+    llm = LLM(model=str(assets["base"]), enable_lora=True, max_lora_rank=8, max_model_len=256)
+    loras = {
+        n: LoRARequest(n, i + 1, str(p)) for i, (n, p) in enumerate(assets["adapters"].items())
+    }
+    params = SamplingParams(temperature=0, max_tokens=12)
+
+    def complete(prompt: str, adapter: str | None, tokens=False):
+        lora = loras[adapter] if adapter else None
+        out = llm.generate([prompt], params, lora_request=lora, use_tqdm=False)[0].outputs[0]
+        return (out.text, len(out.token_ids)) if tokens else out.text
+
+    def chat(messages, adapter: str | None):
+        lora = loras[adapter] if adapter else None
+        out = llm.chat(messages, params, lora_request=lora, use_tqdm=False)[0]
+        return out.outputs[0].text, len(out.prompt_token_ids), len(out.outputs[0].token_ids)
+
+    return dict(complete=complete, chat=chat)
+
+
+def client(url: str, key: str | None = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key or "none", max_retries=0)
+
+
+def metric(url: str, name: str, **labels) -> float:
+    """A sample's value from /metrics: the one named ``name`` whose labels include
+    ``labels`` (0 when there is none)."""
+    _, text = http(url + "/metrics", key=None)
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        key, _, value = line.rpartition(" ")
+        sample, _, rest = key.partition("{")
+        pairs = dict(p.split("=", 1) for p in rest.rstrip("}").split(",") if p)
+        found = {k: v.strip('"') for k, v in pairs.items()}
+        if sample == name and all(found.get(k) == str(v) for k, v in labels.items()):
+            return float(value)
+    return 0.0
+
+
+def test_models_list_the_base_and_every_adapter(server, assets):
+    data = client(server).models.list().data
+    by_id = {m.id: m for m in data}
+    assert set(by_id) == {"tiny", "a0", "a1"}
+    assert by_id["a0"].model_extra["parent"] == "tiny"
+    assert by_id["tiny"].model_extra["parent"] is None
+
+
+@pytest.mark.parametrize("model", ["tiny", "a0", "a1"])
+def test_greedy_completions_equal_llm_and_streams_add_up(server, reference, model):
+    c = client(server)
+    adapter = None if model == "tiny" else model
+    for prompt in PROMPTS:
+        whole = c.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+        text, num_tokens = reference["complete"](prompt, adapter, tokens=True)
+        assert whole.choices[0].text == text
+        assert whole.usage.completion_tokens == num_tokens
+        pieces = c.completions.create(
+            model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True
+        )
+        assert "".join(ch.choices[0].text for ch in pieces) == whole.choices[0].text
+
+
+@pytest.mark.parametrize("model", ["tiny", "a1"])
+def test_chat_equals_the_template_rendering_and_streams_add_up(server, reference, model):
+    c = client(server)
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    want, prompt_tokens, num_tokens = reference["chat"](
+        messages, None if model == "tiny" else model
+    )
+    whole = c.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+    assert whole.choices[0].message.content == want
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.usage.prompt_tokens == prompt_tokens
+    chunks = list(
+        c.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == want
+    assert chunks[-1].usage.completion_tokens == num_tokens
+
+
+def test_vllm_extra_fields_in_the_body(server):
+    out = client(server).completions.create(
+        model="tiny",
+        prompt="the quick brown",
+        max_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True, "min_tokens": 6, "top_k": 1},
+    )
+    assert out.usage.completion_tokens == 6
+
+
+def test_errors_keep_openai_shape(server):
+    c = client(server)
+    with pytest.raises(openai.NotFoundError, match="nope"):
+        c.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        c.completions.create(model="tiny", prompt="x", max_tokens=2, temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        c.completions.create(model="tiny", prompt="x", max_tokens="many")  # type: ignore
+    status, body = http(server + "/v1/completions", "POST", {"prompt": "x"})  # no model: base
+    assert status == 200, body
+    status, body = http(server + "/v1/completions", "POST", {"model": "tiny"})
+    assert status == 400 and "prompt" in json.loads(body)["error"]["message"]
+    assert http(server + "/health", key=None)[0] == 200  # serving on
+
+
+@pytest.mark.parametrize("route", ["/v1/models", "/version"])
+def test_wrong_or_missing_key_is_401(server, route):
+    assert http(server + route, key=None)[0] == 401
+    assert http(server + route, key="sk-wrong")[0] == 401
+    assert http(server + route)[0] == 200
+    with pytest.raises(openai.AuthenticationError):
+        client(server, key="sk-wrong").models.list()
+
+
+def test_health_and_metrics_need_no_key(server):
+    assert http(server + "/health", key=None)[0] == 200
+    status, text = http(server + "/metrics", key=None)
+    assert status == 200 and "loraplex:num_requests_running" in text
+
+
+def test_runtime_load_stays_inside_the_root(server, assets, reference):
+    load = lambda name, path: http(  # noqa: E731
+        server + "/v1/load_lora_adapter", "POST", {"lora_name": name, "lora_path": str(path)}
+    )
+    root = assets["root"]
+    status, body = load("a2", assets["adapters"]["a2"])
+    assert status == 200, body
+    out = client(server).completions.create(
+        model="a2", prompt=PROMPTS[0], max_tokens=12, temperature=0
+    )
+    assert out.choices[0].text == reference["complete"](PROMPTS[0], "a2")
+    for name, path in [
+        ("out", assets["outside"]),
+        ("dots", root / ".." / assets["outside"].parent.name / "x"),
+        ("link", root / "link"),
+    ]:
+        status, body = load(name, path)
+        assert 400 <= status < 500 and status != 404, (name, status, body)
+        assert name not in {m.id for m in client(server).models.list().data}
+    status, body = load("bad", assets["corrupt"])
+    assert status == 400 and "bad" in body and "corrupt" in body, body
+    assert "bad" not in {m.id for m in client(server).models.list().data}
+    ok = client(server).completions.create(model="a0", prompt="x", max_tokens=2)
+    assert ok.usage.completion_tokens == 2  # serves on
+
+
+def test_unload_frees_residency_and_the_name_404s(server, assets):
+    status, body = http(
+        server + "/v1/load_lora_adapter",
+        "POST",
+        {"lora_name": "gone", "lora_path": str(assets["adapters"]["a2"])},
+    )
+    assert status == 200, body
+    client(server).completions.create(model="gone", prompt="x", max_tokens=2)
+    assert (
+        metric(server, "loraplex:lora_adapter_loaded", adapter="gone", tier="host", pinned="false")
+        == 1
+    )
+    status, body = http(server + "/v1/unload_lora_adapter", "POST", {"lora_name": "gone"})
+    assert status == 200, body
+    assert (
+        metric(server, "loraplex:lora_adapter_loaded", adapter="gone", tier="host", pinned="false")
+        == 0
+    )
+    _, text = http(server + "/metrics", key=None)
+    assert 'adapter="gone",tier=' not in text
+    with pytest.raises(openai.NotFoundError):
+        client(server).completions.create(model="gone", prompt="x", max_tokens=2)
+    status, _ = http(server + "/v1/unload_lora_adapter", "POST", {"lora_name": "gone"})
+    assert status == 404
+
+
+def test_concurrent_streams_with_disconnects_free_everything(server, reference):
+    models = ["tiny", "a0", "a1"]
+    url = server
+
+    async def main():
+        c = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+
+        async def one(i: int):
+            model, prompt = models[i % 3], PROMPTS[i % len(PROMPTS)]
+            stream = await c.completions.create(
+                model=model,
+                prompt=prompt,
+                max_tokens=12 if i % 8 else 200,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            text = ""
+            async for chunk in stream:
+                text += chunk.choices[0].text if chunk.choices else ""
+                if i % 8 == 0 and len(text) > 0:
+                    await stream.close()  # disconnect mid-stream
+                    return None
+            return model, prompt, text
+
+        results = await asyncio.gather(*(one(i) for i in range(64)))
+        await c.close()
+        return results
+
+    results = asyncio.run(main())
+    finished = [r for r in results if r is not None]
+    assert len(finished) == 56
+    for model, prompt, text in finished:
+        # ignore_eos: the reference may stop early at EOS; the server's text starts with it
+        assert text.startswith(reference["complete"](prompt, None if model == "tiny" else model))
+    for _ in range(300):  # bounded: the aborts land within a few engine steps
+        if metric(url, "loraplex:num_requests_running") == 0 and metric(
+            url, "loraplex:kv_cache_free_blocks"
+        ) == metric(url, "loraplex:kv_cache_total_blocks"):
+            break
+        time.sleep(0.1)
+    assert metric(url, "loraplex:num_requests_running") == 0
+    assert metric(url, "loraplex:num_requests_waiting") == 0
+    assert metric(url, "loraplex:kv_cache_free_blocks") == metric(
+        url, "loraplex:kv_cache_total_blocks"
+    )
+
+
+def test_sigterm_with_streams_in_flight_exits_zero(assets, tmp_path):
+    proc, url = start_server([str(assets["base"]), "--shutdown-timeout", "5"], tmp_path / "log")
+    c = client(url, key=None)
+    stream = c.completions.create(
+        model=str(assets["base"]),
+        prompt="x",
+        max_tokens=200,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    next(iter(stream))  # in flight
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert os.path.exists(tmp_path / "log")
