@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from loraplex import LLM, AsyncEngineArgs, LoRARequest, RequestOutputKind, SamplingParams
+from loraplex import LLM, AsyncEngineArgs, RequestOutputKind, SamplingParams
 from loraplex.v1.engine.async_llm import AsyncLLM
-from tiny_adapters import build_adapter
+from tiny_adapters import lora_requests
 from tiny_models import build_model
 
 PROMPTS = ["a", "the quick brown fox", "SELECT name FROM users", "def add(a, b):", "zz", "héllo"]
@@ -25,11 +25,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loras(base, tmp_path_factory):
-    root = tmp_path_factory.mktemp("async-adapters")
-    return [
-        LoRARequest(f"a{i}", i + 1, str(build_adapter(base, root / f"a{i}", seed=40 + i)))
-        for i in range(8)
-    ]
+    return lora_requests(base, tmp_path_factory.mktemp("async-adapters"), "a", 8, seed=40)
 
 
 def new_engine(base, **kw) -> AsyncLLM:

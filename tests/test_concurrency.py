@@ -19,12 +19,11 @@ from loraplex import (
     AdapterInUseError,
     EngineArgs,
     LLMEngine,
-    LoRARequest,
     NoFreeSlotError,
     SamplingParams,
     UnknownAdapterError,
 )
-from tiny_adapters import build_adapter
+from tiny_adapters import lora_requests
 from tiny_models import build_model
 
 PROMPTS = ["a", "the quick brown fox", "SELECT name FROM users"]
@@ -42,11 +41,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loras(base, tmp_path_factory):
-    root = tmp_path_factory.mktemp("conc-adapters")
-    return [
-        LoRARequest(f"c{i}", i + 1, str(build_adapter(base, root / f"c{i}", seed=60 + i)))
-        for i in range(4)
-    ]
+    return lora_requests(base, tmp_path_factory.mktemp("conc-adapters"), "c", 4, seed=60)
 
 
 def new_engine(base) -> LLMEngine:

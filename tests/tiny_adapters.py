@@ -90,3 +90,16 @@ def edit_weights(folder: Path, fn) -> None:
 def first_key(tensors, part: str) -> str:
     """The first tensor name (sorted) containing ``part``."""
     return next(k for k in sorted(tensors) if part in k)
+
+
+def lora_requests(base: Path, root: Path, prefix: str, n: int, seed: int) -> list:
+    """``n`` adapters built under ``root`` (``{prefix}{i}``, seeds ``seed + i``), as
+    ``LoRARequest``s with ids 1..n."""
+    from loraplex import LoRARequest
+
+    return [
+        LoRARequest(
+            f"{prefix}{i}", i + 1, str(build_adapter(base, root / f"{prefix}{i}", seed=seed + i))
+        )
+        for i in range(n)
+    ]

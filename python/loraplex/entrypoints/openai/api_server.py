@@ -64,10 +64,13 @@ _TYPES = {
 }
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     kind = _TYPES.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status)
 
 
 class Server:
@@ -344,9 +347,7 @@ async def serve_completion(server: Server, body: CompletionRequest, request: Req
                     live -= 1
                     continue
                 if out.error:
-                    yield _sse(
-                        {"error": {"message": out.error, "type": "BadRequestError", "code": 400}}
-                    )
+                    yield _sse(error_body(400, out.error))  # ended by the engine
                     continue
                 if i not in first_of:
                     first_of.add(i)
@@ -523,9 +524,7 @@ async def serve_chat(server: Server, body: ChatCompletionRequest, request: Reque
         try:
             async for out in _outputs(server, lora, stream):
                 if out.error:
-                    yield _sse(
-                        {"error": {"message": out.error, "type": "BadRequestError", "code": 400}}
-                    )
+                    yield _sse(error_body(400, out.error))  # ended by the engine
                     continue
                 for c in out.outputs:
                     if c.index not in started:
@@ -625,7 +624,6 @@ async def unload_adapter(server: Server, body: UnloadLoRAAdapterRequest):
         except UnknownAdapterError:
             pass  # already gone from the engine: forget the name too
         del server.loras[name]
-        server.metrics.unloaded(name)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 

@@ -122,9 +122,6 @@ class Metrics:
         self.loads.labels(name, source).inc()
         self.load_seconds.observe(seconds)
 
-    def unloaded(self, name: str) -> None:
-        """An unloaded adapter's residency leaves the scrape (it reads the live table)."""
-
     def request(self, lora: LoRARequest | None) -> RequestTracker:
         return RequestTracker(self, lora.lora_name if lora else self.server.base)
 
