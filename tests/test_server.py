@@ -359,3 +359,58 @@ def test_sigterm_with_streams_in_flight_exits_zero(assets, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     assert os.path.exists(tmp_path / "log")
+
+
+def test_echo_and_n_choices(server, reference):
+    c = client(server)
+    want = reference["complete"](PROMPTS[1], "a0")
+    out = c.completions.create(model="a0", prompt=PROMPTS[1], max_tokens=12, temperature=0, n=2)
+    assert [ch.text for ch in out.choices] == [want, want]
+    assert [ch.index for ch in out.choices] == [0, 1]
+    out = c.completions.create(
+        model="a0", prompt=PROMPTS[1], max_tokens=12, temperature=0, echo=True
+    )
+    assert out.choices[0].text == PROMPTS[1] + want
+
+
+def load(url: str, name: str, path, **extra) -> tuple[int, str]:
+    body = {"lora_name": name, "lora_path": str(path), **extra}
+    return http(url + "/v1/load_lora_adapter", "POST", body)
+
+
+def test_load_inplace_replaces_the_weights_under_the_same_name(server, assets, reference):
+    c = client(server)
+    complete = lambda: c.completions.create(  # noqa: E731
+        model="swap", prompt=PROMPTS[0], max_tokens=12, temperature=0
+    )
+    assert load(server, "swap", assets["adapters"]["a2"])[0] == 200
+    assert complete().choices[0].text == reference["complete"](PROMPTS[0], "a2")
+    status, body = load(server, "swap", assets["adapters"]["a0"])
+    assert status == 400 and "swap" in body  # already loaded, and not in place
+    assert complete().choices[0].text == reference["complete"](PROMPTS[0], "a2")
+    status, body = load(server, "swap", assets["adapters"]["a0"], load_inplace=True)
+    assert status == 200, body
+    assert complete().choices[0].text == reference["complete"](PROMPTS[0], "a0")
+    assert [m.id for m in c.models.list().data].count("swap") == 1
+
+
+def test_unload_while_in_use_is_409_then_succeeds(server, assets):
+    assert load(server, "busy", assets["adapters"]["a1"])[0] == 200
+    unload = lambda: http(  # noqa: E731
+        server + "/v1/unload_lora_adapter", "POST", {"lora_name": "busy"}
+    )
+    stream = client(server).completions.create(
+        model="busy", prompt="x", max_tokens=200, stream=True, extra_body={"ignore_eos": True}
+    )
+    next(iter(stream))  # in flight
+    status, body = unload()
+    assert status == 409 and "busy" in body, body
+    stream.close()  # the disconnect aborts it
+    for _ in range(300):  # bounded: the abort lands within a few steps
+        status, body = unload()
+        if status != 409:
+            break
+        time.sleep(0.1)
+    assert status == 200, body
+    with pytest.raises(openai.NotFoundError):
+        client(server).completions.create(model="busy", prompt="x", max_tokens=2)

@@ -1,0 +1,205 @@
+"""Serving load: N concurrent streaming clients over M adapters against ``loraplex serve``.
+
+Requests arrive as a Poisson process (``--rate`` per second; ``inf`` sends them all at once),
+at most ``--clients`` in flight at a time; each names one of the base model and M adapters in
+turn as its ``model``, streams a completion (the official ``openai`` client, async) and
+records when each piece arrived. Reports throughput (requests and generated tokens per
+second), time to first token, inter-token latency (the gap between streamed pieces) and
+end-to-end latency, p50 and p99, overall and per adapter.
+
+By default it builds a SmolLM-135M-shaped random model and M rank-16 adapters on all seven
+projections (offline, as ``bench_lora.py`` does), starts ``loraplex serve`` on 127.0.0.1 and
+stops it afterwards. ``--url`` points it at a server already running instead (``--models``
+then names what to ask for).
+
+    .venv/bin/python benches/bench_serve.py [--clients 32] [--adapters 8] [--rate 8]
+        [--requests 256] [--threads 2] [--url http://127.0.0.1:8000 --models base a0 a1]
+
+Prints one JSON line overall, then one per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import build, workload  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile by linear interpolation between the nearest ranks (numpy's)."""
+    if not values:
+        return None
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def summary(label: dict, results: list[dict], elapsed: float) -> dict:
+    ms = lambda v: None if v is None else round(v * 1e3, 1)  # noqa: E731
+    ttft = [r["ttft"] for r in results]
+    itl = [gap for r in results for gap in r["itl"]]
+    e2e = [r["e2e"] for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    row = dict(label)
+    row.update(
+        requests=len(results),
+        output_tokens=tokens,
+        requests_per_s=round(len(results) / elapsed, 2),
+        output_tokens_per_s=round(tokens / elapsed, 1),
+    )
+    for name, values in (("ttft", ttft), ("itl", itl), ("e2e", e2e)):
+        row[f"{name}_p50_ms"] = ms(percentile(values, 50))
+        row[f"{name}_p99_ms"] = ms(percentile(values, 99))
+    return row
+
+
+async def one(client, model: str, prompt: list[int], max_tokens: int) -> dict:
+    start = time.perf_counter()
+    arrivals, tokens = [], 0
+    stream = await client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            arrivals.append(time.perf_counter())
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    if not arrivals:
+        raise RuntimeError(f"{model}: a stream ended with no text")
+    return dict(
+        model=model,
+        tokens=tokens,
+        ttft=arrivals[0] - start,
+        itl=[b - a for a, b in zip(arrivals, arrivals[1:])],
+        e2e=arrivals[-1] - start,
+    )
+
+
+async def drive(url: str, key: str, models: list[str], jobs, clients: int, rate: float, seed: int):
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=600)
+    rng = random.Random(seed)
+    gate = asyncio.Semaphore(clients)
+
+    async def limited(i: int, prompt, max_tokens):
+        async with gate:
+            return await one(client, models[i % len(models)], prompt, max_tokens)
+
+    tasks = []
+    start = time.perf_counter()
+    for i, (prompt, max_tokens) in enumerate(jobs):
+        tasks.append(asyncio.create_task(limited(i, prompt, max_tokens)))
+        if math.isfinite(rate):
+            await asyncio.sleep(rng.expovariate(rate))
+    results = await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    await client.close()
+    return results, elapsed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(base: Path, adapters: list[Path], key: str, log: Path, threads: int):
+    port = free_port()
+    cmd = [sys.executable, "-m", "loraplex.cli", "serve", str(base), "--port", str(port)]
+    cmd += ["--served-model-name", "base", "--api-key", key, "--max-model-len", "512"]
+    if adapters:
+        cmd += ["--enable-lora", "--max-lora-rank", "16", "--max-loras", str(len(adapters))]
+        cmd += ["--max-cpu-loras", str(len(adapters)), "--lora-modules"]
+        cmd += [f"a{i}={p}" for i, p in enumerate(adapters)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):  # bounded: the model and adapters load first
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.25)
+    proc.kill()
+    raise RuntimeError(f"the server did not come up:\n{log.read_text()}")
+
+
+def report(config: dict, results: list[dict], elapsed: float) -> None:
+    print(json.dumps(summary({"scope": "overall", **config}, results, elapsed)), flush=True)
+    for model in sorted({r["model"] for r in results}):
+        mine = [r for r in results if r["model"] == model]
+        print(json.dumps(summary({"scope": model}, mine, elapsed)), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, default=32, help="requests in flight at most")
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--rate", type=float, default=8.0, help="Poisson arrivals per second")
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--url", help="a running server (else one is built and started)")
+    ap.add_argument("--models", nargs="+", help="with --url: the model names to ask for")
+    ap.add_argument("--api-key", default="sk-bench")
+    args = ap.parse_args()
+    jobs = workload(args.requests, seed=args.seed)
+    config = dict(clients=args.clients, rate=args.rate, adapters=args.adapters)
+    if args.url:
+        if not args.models:
+            ap.error("--url needs --models")
+        results, elapsed = asyncio.run(
+            drive(args.url, args.api_key, args.models, jobs, args.clients, args.rate, args.seed)
+        )
+        report(config, results, elapsed)
+        return
+    from bench_lora import make_adapters
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "base"
+        base.mkdir()
+        build(base)
+        adapters = make_adapters(base, Path(tmp), args.adapters) if args.adapters else []
+        proc, url = start_server(base, adapters, args.api_key, Path(tmp) / "log", args.threads)
+        try:
+            models = ["base"] + [f"a{i}" for i in range(len(adapters))]
+            # warm-up: one short request per model, outside the timed run
+            warm = [(p[:16], 2) for p, _ in jobs[: len(models)]]
+            asyncio.run(drive(url, args.api_key, models, warm, len(models), math.inf, 0))
+            results, elapsed = asyncio.run(
+                drive(url, args.api_key, models, jobs, args.clients, args.rate, args.seed)
+            )
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        report(config, results, elapsed)
+
+
+if __name__ == "__main__":
+    main()
