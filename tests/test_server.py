@@ -19,6 +19,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from loraplex import LLM, LoRARequest, SamplingParams
 from tiny_adapters import build_adapter
@@ -115,7 +116,7 @@ def server(assets, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(assets):
-    """LLM.generate / LLM.chat in this process: what the server must answer, greedy."""
+    """LLM.generate in this process: what the server must answer, greedy."""
     llm = LLM(model=str(assets["base"]), enable_lora=True, max_lora_rank=8, max_model_len=256)
     loras = {
         n: LoRARequest(n, i + 1, str(p)) for i, (n, p) in enumerate(assets["adapters"].items())
@@ -127,16 +128,38 @@ def reference(assets):
         out = llm.generate([prompt], params, lora_request=lora, use_tqdm=False)[0].outputs[0]
         return (out.text, len(out.token_ids)) if tokens else out.text
 
+    hf = AutoTokenizer.from_pretrained(assets["base"])
+
     def chat(messages, adapter: str | None):
+        """Rendered by transformers' apply_chat_template, generated from those ids."""
+        ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         lora = loras[adapter] if adapter else None
-        out = llm.chat(messages, params, lora_request=lora, use_tqdm=False)[0]
-        return out.outputs[0].text, len(out.prompt_token_ids), len(out.outputs[0].token_ids)
+        prompt = {"prompt_token_ids": ids}
+        out = llm.generate([prompt], params, lora_request=lora, use_tqdm=False)[0]
+        return out.outputs[0].text, len(ids), len(out.outputs[0].token_ids)
 
     return dict(complete=complete, chat=chat)
 
 
+_clients: dict[tuple[str, str | None], openai.OpenAI] = {}
+
+
 def client(url: str, key: str | None = KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=key or "none", max_retries=0)
+    """One client per server and key, closed with the module (no socket left to the GC)."""
+    if (url, key) not in _clients:
+        _clients[url, key] = openai.OpenAI(
+            base_url=url + "/v1", api_key=key or "none", max_retries=0
+        )
+    return _clients[url, key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def close_clients():
+    yield
+    for c in _clients.values():
+        c.close()
+    _clients.clear()
 
 
 def metric(url: str, name: str, **labels) -> float:
@@ -230,11 +253,28 @@ def test_errors_keep_openai_shape(server):
     assert http(server + "/health", key=None)[0] == 200  # serving on
 
 
-@pytest.mark.parametrize("route", ["/v1/models", "/version"])
-def test_wrong_or_missing_key_is_401(server, route):
-    assert http(server + route, key=None)[0] == 401
-    assert http(server + route, key="sk-wrong")[0] == 401
-    assert http(server + route)[0] == 200
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("/v1/models", None),
+        ("/version", None),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2}),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2},
+        ),
+        ("/v1/load_lora_adapter", {"lora_name": "keyed", "lora_path": "/nowhere"}),
+        ("/v1/unload_lora_adapter", {"lora_name": "keyed"}),
+    ],
+)
+def test_wrong_or_missing_key_is_401(server, route, body):
+    method = "GET" if body is None else "POST"
+    for key in (None, "sk-wrong", KEY[:-1], KEY + "x"):
+        status, text = http(server + route, method, body, key=key)
+        assert status == 401, (key, status, text)
+        assert json.loads(text)["error"]["code"] == 401
+    status, _ = http(server + route, method, body)
+    assert status != 401  # with the key: the route's own answer (a 4xx for /nowhere)
     with pytest.raises(openai.AuthenticationError):
         client(server, key="sk-wrong").models.list()
 
@@ -348,16 +388,22 @@ def test_concurrent_streams_with_disconnects_free_everything(server, reference):
 def test_sigterm_with_streams_in_flight_exits_zero(assets, tmp_path):
     proc, url = start_server([str(assets["base"]), "--shutdown-timeout", "5"], tmp_path / "log")
     c = client(url, key=None)
-    stream = c.completions.create(
-        model=str(assets["base"]),
-        prompt="x",
-        max_tokens=200,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
-    next(iter(stream))  # in flight
+    streams = [
+        c.completions.create(
+            model=str(assets["base"]),
+            prompt=prompt,
+            max_tokens=200,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        for prompt in PROMPTS
+    ]
+    for stream in streams:
+        next(iter(stream))  # in flight
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
+    for stream in streams:
+        stream.close()
     assert os.path.exists(tmp_path / "log")
 
 
