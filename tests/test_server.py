@@ -19,6 +19,8 @@ from pathlib import Path
 
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from loraplex import LLM, LoRARequest, SamplingParams
@@ -246,6 +248,10 @@ def test_errors_keep_openai_shape(server):
         c.completions.create(model="tiny", prompt="x", max_tokens=2, temperature=-1)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         c.completions.create(model="tiny", prompt="x", max_tokens="many")  # type: ignore
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 256"):
+        c.completions.create(model="tiny", prompt="x", max_tokens=10**12)
+    with pytest.raises(openai.BadRequestError, match="n=1000000000"):  # not a billion sequences
+        c.completions.create(model="tiny", prompt="x", max_tokens=2, n=10**9, stream=True)
     status, body = http(server + "/v1/completions", "POST", {"prompt": "x"})  # no model: base
     assert status == 200, body
     status, body = http(server + "/v1/completions", "POST", {"model": "tiny"})
@@ -460,3 +466,69 @@ def test_unload_while_in_use_is_409_then_succeeds(server, assets):
     assert status == 200, body
     with pytest.raises(openai.NotFoundError):
         client(server).completions.create(model="busy", prompt="x", max_tokens=2)
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+FIELDS = {
+    "/v1/completions": [
+        "model",
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "n",
+        "stop",
+        "seed",
+        "logprobs",
+        "echo",
+        "stream",
+        "stream_options",
+        "min_tokens",
+        "ignore_eos",
+        "presence_penalty",
+        "logit_bias",
+        "best_of",
+    ],
+    "/v1/chat/completions": [
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "n",
+        "stop",
+        "logprobs",
+        "top_logprobs",
+        "stream",
+        "stream_options",
+        "seed",
+        "tools",
+        "response_format",
+    ],
+}
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_malformed_bodies_are_4xx_never_500(server, data):
+    route = data.draw(st.sampled_from(sorted(FIELDS)))
+    body = data.draw(st.dictionaries(st.sampled_from(FIELDS[route]), JSON_VALUES, max_size=5))
+    body.setdefault("max_tokens", data.draw(st.integers(-2, 4)))  # bounded work when valid
+    status, text = http(server + route, "POST", body)
+    assert status < 500, (body, status, text)
+    if status >= 400:
+        assert "message" in json.loads(text)["error"], text
+    assert http(server + "/health", key=None)[0] == 200

@@ -198,10 +198,33 @@ def _bad_request(e: Exception) -> APIError:
 
 
 async def _submit(server: Server, prompt, params, lora, priority) -> RequestStream:
-    """Queues one request; errors in its input are 400s, raised before anything streams."""
+    """Queues one request; errors in its input are 400s, raised before anything streams.
+    As vLLM's server does, a prompt and ``max_tokens`` past the context are refused."""
+    request_id = uuid.uuid4().hex
+    engine = server.engine.engine
+    if params.n > engine.args.max_num_seqs:  # a client's n is bounded: its sequences are built
+        raise APIError(  # at once (LLM takes any n: there the caller chose it)
+            400,
+            f"n={params.n} is more than this server runs at once (max_num_seqs="
+            f"{engine.args.max_num_seqs})",
+            "n",
+        )
     try:
+        text, ids = engine.processor.tokenize(request_id, prompt)
+        limit = engine.max_model_len
+        if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, "
+                f"{params.max_tokens} in the completion). Reduce the prompt or max_tokens.",
+                "max_tokens",
+            )
+        tokens = (
+            {"prompt_token_ids": ids} if text is None else {"prompt_token_ids": ids, "prompt": text}
+        )
         return await server.engine.add_request(
-            uuid.uuid4().hex, prompt, params, lora_request=lora, priority=priority
+            request_id, tokens, params, lora_request=lora, priority=priority
         )
     except (ValueError, TypeError, LoraplexError) as e:
         raise _bad_request(e) from None
