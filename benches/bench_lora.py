@@ -5,7 +5,8 @@
    spread over the adapters, mixed prompt (16-128) and output (16-64) lengths; each side's
    best of two runs. Goal: >= 3x.
 2. LoRA overhead: the same workload on loraplex with the adapters vs the base model only
-   (in ABBA order, best of each kept). Goal: adapters cost at most 15% throughput.
+   (in ABBA order, best of each kept), the adapters held in float32 and (``lora_dtype``)
+   in bfloat16. Goal: adapters cost at most 10% throughput.
 3. Many adapters: 256 adapters over 512 shorter requests (prompts 16-32, outputs 8-16) with
    max_loras=8, max_cpu_loras=32, beside the same 512 requests over 8 adapters.
    Adapters are registered (read, validated) before the timed run; with 256 adapters and a
@@ -16,11 +17,12 @@
    seen by the timed ``generate``, read from disk by the loader pool during it). Two slot
    settings: max_loras=64 / max_cpu_loras=128, and 256 / 512 (slots that do not cap the
    batch). The host tier holds fewer than 1,000, so either way most are read from disk
-   inside the timed run.
+   inside the timed run. ``--lora-dtype bfloat16`` holds the adapters in bfloat16.
 4. Ops: the CPU paths (torch SGMV loop, BGMV, padded grid; the C++ op) vs the per-segment
    float64 loop reference, at decode and prefill shapes (576 -> rank 16 -> 1536).
 
-    .venv/bin/python benches/bench_lora.py [--threads 2] [--skip-many] [--thousand-only]
+    .venv/bin/python benches/bench_lora.py [--threads 2] [--skip-many]
+        [--thousand-only [--lora-dtype bfloat16]]
 
 Prints one JSON line per setup.
 """
@@ -194,6 +196,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-many", action="store_true")
     ap.add_argument("--thousand-only", action="store_true")
+    ap.add_argument("--lora-dtype", default="auto", help="the thousand case's lora_dtype")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.thousand_only:
@@ -201,7 +204,7 @@ def main() -> None:
             base = Path(tmp) / "base"
             base.mkdir()
             build(base)
-            bench_thousand(base, Path(tmp))
+            bench_thousand(base, Path(tmp), args.lora_dtype)
         return
     for row in bench_ops():
         print(json.dumps(row), flush=True)
@@ -213,16 +216,20 @@ def main() -> None:
         adapters = make_adapters(base, Path(tmp), 8)
         # this machine is noisy and drifts: with adapters, base only, base only, with adapters
         # (ABBA, so neither side always runs first), and each one's best kept; PEFT best of two
-        runs = {"lora": [], "base": []}
-        for kind in ("lora", "base", "base", "lora"):
-            if kind == "lora":
-                runs[kind].append(run_loraplex(base, jobs, adapters, "loraplex, 8 adapters"))
-            else:
-                runs[kind].append(run_loraplex(base, jobs, [], "loraplex, base model only"))
+        setups = {
+            "lora": lambda: run_loraplex(base, jobs, adapters, "loraplex, 8 adapters"),
+            "bf16": lambda: run_loraplex(
+                base, jobs, adapters, "loraplex, 8 adapters in bfloat16", lora_dtype="bfloat16"
+            ),
+            "base": lambda: run_loraplex(base, jobs, [], "loraplex, base model only"),
+        }
+        runs = {kind: [] for kind in setups}
+        for kind in ("lora", "bf16", "base", "base", "bf16", "lora"):
+            runs[kind].append(setups[kind]())
         best = lambda rs: max(rs, key=lambda r: r["tokens_per_s"])  # noqa: E731
-        ours, bare = best(runs["lora"]), best(runs["base"])
-        print(json.dumps(ours), flush=True)
-        print(json.dumps(bare), flush=True)
+        ours, half, bare = best(runs["lora"]), best(runs["bf16"]), best(runs["base"])
+        for row in (ours, half, bare):
+            print(json.dumps(row), flush=True)
         peft = best([run_peft(base, jobs, adapters) for _ in range(2)])
         print(json.dumps(peft), flush=True)
         print(
@@ -232,6 +239,7 @@ def main() -> None:
                         ours["tokens_per_s"] / peft["tokens_per_s"], 2
                     ),
                     "lora_overhead": round(1 - ours["tokens_per_s"] / bare["tokens_per_s"], 3),
+                    "lora_overhead_bf16": round(1 - half["tokens_per_s"] / bare["tokens_per_s"], 3),
                 }
             ),
             flush=True,
@@ -261,10 +269,10 @@ def main() -> None:
                     }
                 )
             )
-            bench_thousand(base, Path(tmp))
+            bench_thousand(base, Path(tmp), args.lora_dtype)
 
 
-def bench_thousand(base: Path, tmp: Path) -> None:
+def bench_thousand(base: Path, tmp: Path, lora_dtype: str) -> None:
     rng = random.Random(2)
     vocab = 49152
     jobs = [
@@ -276,8 +284,8 @@ def bench_thousand(base: Path, tmp: Path) -> None:
     # max_num_seqs; host 512, still half the adapters): with one request per adapter, 64
     # slots hold at most 64 running requests where 8 adapters let 256 run
     for max_loras, max_cpu_loras in ((64, 128), (256, 512)):
-        kw = dict(max_loras=max_loras, max_cpu_loras=max_cpu_loras, rank=8)
-        tag = f"max_loras={max_loras}, max_cpu_loras={max_cpu_loras}"
+        kw = dict(max_loras=max_loras, max_cpu_loras=max_cpu_loras, rank=8, lora_dtype=lora_dtype)
+        tag = f"max_loras={max_loras}, max_cpu_loras={max_cpu_loras}, lora_dtype={lora_dtype}"
         rows = {
             "few": run_loraplex(base, jobs, adapters[:8], f"over 8 adapters, {tag}", **kw),
             "registered": run_loraplex(

@@ -3,10 +3,13 @@ adapter and prefix, whatever else shares the batch."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
+import torch
 
 from loraplex import LLM, EngineArgs, LLMEngine, LoRARequest, SamplingParams
-from tiny_adapters import PeftReference, build_adapter
+from tiny_adapters import PeftReference, build_adapter, edit_weights
 from tiny_models import build_model
 
 PROMPTS = ["a", "the quick brown fox", "SELECT name FROM users", "héllo 🙂", "def add(a, b):", "zz"]
@@ -213,3 +216,52 @@ def test_negative_control_routing_mistakes_are_caught(base, reqs, peft):
     assert peft.mismatches(outs, [None] * len(PROMPTS)) != []
     base_outs = generate(llm, PROMPTS, None)
     assert [o.outputs[0].token_ids for o in outs] != [o.outputs[0].token_ids for o in base_outs]
+
+
+@pytest.mark.parametrize("lora_dtype", ["bfloat16", "float16"])
+def test_lora_dtype_keeps_16_bit_weights_and_matches_peft_on_them(
+    base, adapters, reqs, kernels, tmp_path, lora_dtype
+):
+    """lora_dtype on a float32 model: the slots hold the adapters in 16 bits, the products
+    stay float32, so every greedy token is PEFT's (float32) on the same weights rounded to
+    16 bits. (sql and noise scale by powers of two: rounding before or after scaling agree.)"""
+    dtype = getattr(torch, lora_dtype)
+    rounded = {}
+    for name in ("sql", "noise"):
+        rounded[name] = tmp_path / name
+        shutil.copytree(adapters[name], rounded[name])
+        edit_weights(
+            rounded[name], lambda t: t.update({k: v.to(dtype).float() for k, v in t.items()})
+        )
+    llm = LLM(
+        model=str(base), enable_lora=True, max_loras=2, max_lora_rank=16, lora_dtype=lora_dtype
+    )
+    names = ["sql", None, "noise", "sql", "noise", None]
+    outs = generate(llm, PROMPTS, [reqs[n] if n else None for n in names])
+    assert PeftReference(base, rounded).mismatches(outs, names) == []
+    slots = llm.llm_engine.lora.host
+    assert {t.dtype for t in [*slots.a.values(), *slots.bt.values()]} == {dtype}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lora_dtype="int8"), "lora_dtype='int8' is not supported with dtype torch.float32"),
+        (dict(dtype="bfloat16", lora_dtype="float16"), "with dtype torch.bfloat16"),
+        (dict(dtype="float16", lora_dtype="float32"), "with dtype torch.float16"),
+    ],
+)
+def test_lora_dtype_refuses_what_it_cannot_serve(base, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EngineArgs(model=str(base), enable_lora=True, **kwargs).verify()
+
+
+def test_lora_dtype_float16_refuses_weights_beyond_its_range(base, adapters, tmp_path):
+    big = tmp_path / "big"
+    shutil.copytree(adapters["sql"], big)
+    edit_weights(big, lambda t: t.update({k: v * 1e6 for k, v in t.items() if "lora_B" in k}))
+    llm = LLM(model=str(base), enable_lora=True, max_lora_rank=16, lora_dtype="float16")
+    with pytest.raises(ValueError, match=r"'big'.*beyond torch.float16's range"):
+        llm.llm_engine.add_lora(LoRARequest("big", 7, str(big)))
+    out = generate(llm, ["a"], None)[0]  # serves on
+    assert len(out.outputs[0].token_ids) == GREEDY.max_tokens

@@ -189,14 +189,17 @@ def merged_problems(draw):
     )
     # the engine calls it in inference mode, which its worker threads must share
     inference = draw(st.booleans())
-    return fan_in, outs, rank, num_slots, lengths, slots, inference, draw(st.integers(0, 2**16))
+    # the weights' dtype (lora_dtype): 16-bit weights widen to float32 as the kernels load them
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    seed = draw(st.integers(0, 2**16))
+    return fan_in, outs, rank, num_slots, lengths, slots, inference, dtype, seed
 
 
 @needs_avx2
 @settings(max_examples=60)
 @given(merged_problems())
 def test_cpp_lora_apply_matches_reference(cpp_ops, problem):
-    fan_in, outs, rank, num_slots, lengths, slots, inference, seed = problem
+    fan_in, outs, rank, num_slots, lengths, slots, inference, dtype, seed = problem
     g = torch.Generator().manual_seed(seed)
     segments, total = back_to_back(lengths, slots)
     k = len(outs)
@@ -209,6 +212,8 @@ def test_cpp_lora_apply_matches_reference(cpp_ops, problem):
     for i in range(k):
         rows, cols = slice(i * rank, (i + 1) * rank), slice(splits[i], splits[i + 1])
         bt[:, rows, cols] = torch.randn(num_slots, rank, outs[i], generator=g) / rank**0.5
+    # the reference reads the weights as the kernel holds them: rounded to dtype, exactly
+    a, bt = a.to(dtype).float(), bt.to(dtype).float()
     base = torch.randn(total, splits[-1], generator=g)
     want = base.clone()
     for i in range(k):
@@ -218,7 +223,8 @@ def test_cpp_lora_apply_matches_reference(cpp_ops, problem):
         reference.sgmv_expand(y, bt[:, rows, cols].transpose(1, 2), segments, want, splits[i])
     with torch.inference_mode(inference):
         got = base.clone()
-        cpu_ext.lora_apply(x, a, bt, cpu_ext.segment_table(segments), got, splits)
+        table = cpu_ext.segment_table(segments)
+        cpu_ext.lora_apply(x, a.to(dtype), bt.to(dtype), table, got, splits)
     check(got, want, torch.float32)
     for start, n, slot in segments:
         if slot < 0:
@@ -234,6 +240,11 @@ def test_cpp_lora_apply_matches_reference(cpp_ops, problem):
         (dict(segments=[(0, 4, 2)]), "segment 0 names slot 2 of 2"),
         (dict(splits=[0, 5, 7]), "splits must run 0..6"),
         (dict(a=torch.zeros(2, 4, 9)), "shapes disagree"),
+        (dict(a=torch.zeros(2, 4, 8, dtype=torch.bfloat16)), "a and bt must share one dtype"),
+        (
+            dict(a=torch.zeros(2, 4, 8, dtype=torch.int16), bt=torch.zeros(2, 4, 6).short()),
+            "float32, bfloat16 or float16",
+        ),
     ],
 )
 def test_cpp_lora_apply_names_bad_inputs(cpp_ops, change, message):

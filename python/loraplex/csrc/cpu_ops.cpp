@@ -1,4 +1,4 @@
-// The C++ CPU ops, float32 with AVX2 + FMA (the caller checks the CPU).
+// The C++ CPU ops, float32 activations with AVX2 + FMA + F16C (the caller checks the CPU).
 //
 // lora_apply, the LoRA of one merged projection: every segment's shrink and expand in one
 // call, split over tokens with at::parallel_for.
@@ -15,6 +15,9 @@
 // these AVX2 kernels: an item's shrink result stays in a stack buffer and goes straight into
 // its expand. Long segments (prefill) are GEMMs big enough for ATen's BLAS, which runs them
 // near the CPU's peak: one mm for the shrink, one addmm per module for the expand.
+// The adapter weights a and bt are float32, bfloat16 or float16 (lora_dtype): the kernels
+// widen them to float32 as they load (decode reads half the bytes in 16 bits), and every
+// product and sum is float32 either way.
 //
 // paged_decode_attention: attention of one query token per sequence over the paged KV cache,
 // reading each sequence's keys and values where they lie instead of gathering copies.
@@ -26,6 +29,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -45,10 +50,20 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// 8 weights widened to float32: bfloat16 is float32's top half, float16 goes through F16C
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 // y[m * ldy + r] = x[m] . a[r] for m < M, r < RB (RB rows of a from `a`); n = fan-in.
 // M * RB independent accumulators keep both FMA ports busy even for one token.
-template <int M, int RB>
-inline void shrink_block(const float* x, int64_t ldx, const float* a, int64_t n, float* y,
+template <int M, int RB, typename W>
+inline void shrink_block(const float* x, int64_t ldx, const W* a, int64_t n, float* y,
                          int64_t ldy) {
   __m256 acc[M][RB];
   for (int m = 0; m < M; ++m)
@@ -58,21 +73,21 @@ inline void shrink_block(const float* x, int64_t ldx, const float* a, int64_t n,
     __m256 vx[M];
     for (int m = 0; m < M; ++m) vx[m] = _mm256_loadu_ps(x + m * ldx + i);
     for (int r = 0; r < RB; ++r) {
-      const __m256 va = _mm256_loadu_ps(a + r * n + i);
+      const __m256 va = load8(a + r * n + i);
       for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(vx[m], va, acc[m][r]);
     }
   }
   for (int m = 0; m < M; ++m) {
     for (int r = 0; r < RB; ++r) {
       float s = hsum(acc[m][r]);
-      for (int64_t j = i; j < n; ++j) s += x[m * ldx + j] * a[r * n + j];
+      for (int64_t j = i; j < n; ++j) s += x[m * ldx + j] * static_cast<float>(a[r * n + j]);
       y[m * ldy + r] = s;
     }
   }
 }
 
-template <int M>
-void shrink(const float* x, int64_t ldx, const float* a, int64_t rows, int64_t n, float* y,
+template <int M, typename W>
+void shrink(const float* x, int64_t ldx, const W* a, int64_t rows, int64_t n, float* y,
             int64_t ldy) {
   constexpr int RB = M == 1 ? 8 : M == 2 ? 4 : 2;
   int64_t r = 0;
@@ -82,15 +97,15 @@ void shrink(const float* x, int64_t ldx, const float* a, int64_t rows, int64_t n
 
 // out[m, c] += sum_{r < R} y[m * ldy + r] * bt[r * ldb + c] for c in [c0, c1), CV vectors of
 // 8 columns at a time (M * CV accumulators).
-template <int M, int CV>
-inline void expand_block(const float* y, int64_t ldy, const float* bt, int64_t ldb, int64_t R,
+template <int M, int CV, typename W>
+inline void expand_block(const float* y, int64_t ldy, const W* bt, int64_t ldb, int64_t R,
                          float* out, int64_t ldo, int64_t c) {
   __m256 acc[M][CV];
   for (int m = 0; m < M; ++m)
     for (int v = 0; v < CV; ++v) acc[m][v] = _mm256_loadu_ps(out + m * ldo + c + 8 * v);
   for (int64_t r = 0; r < R; ++r) {
     __m256 vb[CV];
-    for (int v = 0; v < CV; ++v) vb[v] = _mm256_loadu_ps(bt + r * ldb + c + 8 * v);
+    for (int v = 0; v < CV; ++v) vb[v] = load8(bt + r * ldb + c + 8 * v);
     for (int m = 0; m < M; ++m) {
       const __m256 vy = _mm256_broadcast_ss(y + m * ldy + r);
       for (int v = 0; v < CV; ++v) acc[m][v] = _mm256_fmadd_ps(vy, vb[v], acc[m][v]);
@@ -100,8 +115,8 @@ inline void expand_block(const float* y, int64_t ldy, const float* bt, int64_t l
     for (int v = 0; v < CV; ++v) _mm256_storeu_ps(out + m * ldo + c + 8 * v, acc[m][v]);
 }
 
-template <int M>
-void expand(const float* y, int64_t ldy, const float* bt, int64_t ldb, int64_t R, float* out,
+template <int M, typename W>
+void expand(const float* y, int64_t ldy, const W* bt, int64_t ldb, int64_t R, float* out,
             int64_t ldo, int64_t c0, int64_t c1) {
   constexpr int CV = M <= 2 ? 4 : 2;
   int64_t c = c0;
@@ -110,7 +125,7 @@ void expand(const float* y, int64_t ldy, const float* bt, int64_t ldb, int64_t R
   for (; c < c1; ++c) {
     for (int m = 0; m < M; ++m) {
       float s = out[m * ldo + c];
-      for (int64_t r = 0; r < R; ++r) s += y[m * ldy + r] * bt[r * ldb + c];
+      for (int64_t r = 0; r < R; ++r) s += y[m * ldy + r] * static_cast<float>(bt[r * ldb + c]);
       out[m * ldo + c] = s;
     }
   }
@@ -122,12 +137,12 @@ struct Item {
   int count;  // tokens: 1..kTok for a work item, the length for a long segment
 };
 
-template <int M>
-void run_item(const Item& it, const float* x, int64_t ldx, const float* a, const float* bt,
+template <int M, typename W>
+void run_item(const Item& it, const float* x, int64_t ldx, const W* a, const W* bt,
               float* out, int64_t ldo, int64_t rows, int64_t n, int64_t O,
               const std::vector<int64_t>& splits, float* y) {
-  const float* a_s = a + it.slot * rows * n;
-  const float* bt_s = bt + it.slot * rows * O;
+  const W* a_s = a + it.slot * rows * n;
+  const W* bt_s = bt + it.slot * rows * O;
   shrink<M>(x + it.start * ldx, ldx, a_s, rows, n, y, kMaxRows);
   const int64_t k = static_cast<int64_t>(splits.size()) - 1;
   const int64_t R = rows / k;
@@ -137,12 +152,43 @@ void run_item(const Item& it, const float* x, int64_t ldx, const float* a, const
   }
 }
 
+// The short items, over weights of type W.
+template <typename W>
+void run_items(const std::vector<Item>& items, const at::Tensor& x, const at::Tensor& a,
+               const at::Tensor& bt, const at::Tensor& out, int64_t rows,
+               const std::vector<int64_t>& cols) {
+  const int64_t n = x.size(1), O = bt.size(2);
+  const float* xp = x.data_ptr<float>();
+  const W* ap = a.data_ptr<W>();
+  const W* bp = bt.data_ptr<W>();
+  float* op = out.data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldo = out.stride(0);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    alignas(32) float y[kTok * kMaxRows];
+    for (int64_t i = begin; i < end; ++i) {
+      const Item& it = items[i];
+      switch (it.count) {
+        case 1: run_item<1>(it, xp, ldx, ap, bp, op, ldo, rows, n, O, cols, y); break;
+        case 2: run_item<2>(it, xp, ldx, ap, bp, op, ldo, rows, n, O, cols, y); break;
+        case 3: run_item<3>(it, xp, ldx, ap, bp, op, ldo, rows, n, O, cols, y); break;
+        default: run_item<4>(it, xp, ldx, ap, bp, op, ldo, rows, n, O, cols, y); break;
+      }
+    }
+  });
+}
+
 void lora_apply(const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt,
                 const at::Tensor& segments, const at::Tensor& out, at::IntArrayRef splits) {
   for (const at::Tensor* t : {&x, &a, &bt, &out}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat,
-                "lora_apply: x, a, bt and out must be float32 CPU tensors");
+    TORCH_CHECK(t->device().is_cpu(), "lora_apply: x, a, bt and out must be CPU tensors");
   }
+  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "lora_apply: x and out must be float32");
+  const at::ScalarType wt = a.scalar_type();
+  TORCH_CHECK(bt.scalar_type() == wt &&
+                  (wt == at::kFloat || wt == at::kBFloat16 || wt == at::kHalf),
+              "lora_apply: a and bt must share one dtype, float32, bfloat16 or float16; got ",
+              a.scalar_type(), " and ", bt.scalar_type());
   TORCH_CHECK(x.dim() == 2 && a.dim() == 3 && bt.dim() == 3 && out.dim() == 2,
               "lora_apply: x [T, in], a [S, kR, in], bt [S, kR, O], out [T, O]");
   TORCH_CHECK(a.is_contiguous() && bt.is_contiguous(), "lora_apply: a and bt must be contiguous");
@@ -193,8 +239,9 @@ void lora_apply(const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt,
     for (int64_t s = begin; s < end; ++s) {
       const Item& it = long_segments[s];
       const at::Tensor rows_out = out.narrow(0, it.start, it.count);
-      const at::Tensor y = at::mm(x.narrow(0, it.start, it.count), a[it.slot].t());
-      const at::Tensor b_s = bt[it.slot];
+      const at::Tensor y =
+          at::mm(x.narrow(0, it.start, it.count), a[it.slot].to(at::kFloat).t());
+      const at::Tensor b_s = bt[it.slot].to(at::kFloat);
       for (int64_t i = 0; i < k; ++i) {
         const int64_t width = cols[i + 1] - cols[i];
         rows_out.narrow(1, cols[i], width)
@@ -202,23 +249,13 @@ void lora_apply(const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt,
       }
     }
   });
-  const float* xp = x.data_ptr<float>();
-  const float* ap = a.data_ptr<float>();
-  const float* bp = bt.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t ldx = x.stride(0), ldo = out.stride(0);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    alignas(32) float y[kTok * kMaxRows];
-    for (int64_t i = begin; i < end; ++i) {
-      const Item& it = items[i];
-      switch (it.count) {
-        case 1: run_item<1>(it, xp, ldx, ap, bp, op, ldo, rows, n, O, cols, y); break;
-        case 2: run_item<2>(it, xp, ldx, ap, bp, op, ldo, rows, n, O, cols, y); break;
-        case 3: run_item<3>(it, xp, ldx, ap, bp, op, ldo, rows, n, O, cols, y); break;
-        default: run_item<4>(it, xp, ldx, ap, bp, op, ldo, rows, n, O, cols, y); break;
-      }
-    }
-  });
+  if (wt == at::kBFloat16) {
+    run_items<c10::BFloat16>(items, x, a, bt, out, rows, cols);
+  } else if (wt == at::kHalf) {
+    run_items<c10::Half>(items, x, a, bt, out, rows, cols);
+  } else {
+    run_items<float>(items, x, a, bt, out, rows, cols);
+  }
 }
 
 // e^x for x <= 0 (softmax arguments after subtracting the max), 8 lanes: Cephes' expf

@@ -118,6 +118,22 @@ class EngineArgs(_engine_args_base()):  # type: ignore[misc]
             )
         return _DTYPES[self.dtype]
 
+    def lora_torch_dtype(self) -> torch.dtype:
+        """The adapter slots' dtype: ``auto`` is the model's. A float32 model may keep its
+        adapters in bfloat16 or float16 (half the bytes a decode step reads; the products
+        stay float32); a 16-bit model keeps them in its own dtype."""
+        dtype = self.torch_dtype()
+        lora = self.lora_dtype
+        if lora in (None, "auto"):
+            return dtype
+        lora = lora if isinstance(lora, torch.dtype) else _DTYPES.get(lora)
+        if lora == dtype or (dtype == torch.float32 and lora in (torch.bfloat16, torch.float16)):
+            return lora
+        raise ValueError(
+            f"lora_dtype={self.lora_dtype!r} is not supported with dtype {dtype}: use 'auto' "
+            "(the model's), or with a float32 model 'bfloat16' or 'float16'"
+        )
+
     def verify(self) -> None:
         """Raises ``ValueError`` naming the first argument that cannot be served."""
         for name, (default, why) in REFUSED.items():
@@ -149,12 +165,7 @@ class EngineArgs(_engine_args_base()):  # type: ignore[misc]
         util = self.gpu_memory_utilization
         if not isinstance(util, (int, float)) or not 0 < util <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
-        dtype = self.torch_dtype()
-        if self.lora_dtype not in (None, "auto", dtype, str(dtype).removeprefix("torch.")):
-            raise ValueError(
-                f"lora_dtype={self.lora_dtype!r} is not supported by loraplex: adapters are "
-                f"served in the model dtype ({dtype})"
-            )
+        self.lora_torch_dtype()
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -82,9 +82,10 @@ class LLMEngine:
                 cfg,
                 self.scheduler,
                 args.max_lora_rank,
-                self.dtype,
+                args.lora_torch_dtype(),
                 served,
                 args.lora_loader_threads,
+                compute_dtype=self.dtype,
             )
         self.sampler = Sampler(args.seed)
         self.output_processor = OutputProcessor(self.tokenizer)

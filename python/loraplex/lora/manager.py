@@ -37,12 +37,14 @@ class LoRAManager:
         dtype: torch.dtype,
         served_names: set[str],
         num_loader_threads: int = 2,
+        compute_dtype: torch.dtype | None = None,
     ):
         self.cfg = cfg
         self.core = core
         self.max_lora_rank = max_lora_rank
         self.served_names = served_names
-        self.host = LoRASlots(cfg, core.max_cpu_loras, max_lora_rank, dtype)
+        # the weights in ``dtype`` (lora_dtype), the activations in ``compute_dtype``
+        self.host = LoRASlots(cfg, core.max_cpu_loras, max_lora_rank, dtype, compute_dtype)
         self.pool = ThreadPoolExecutor(num_loader_threads, thread_name_prefix="loraplex-loader")
         # guards the counters below; notified whenever a read ends
         self.progress = threading.Condition()
@@ -176,7 +178,18 @@ class LoRAManager:
 
     def load(self, request: LoRARequest) -> LoRAAdapter:
         """Reads and validates (``_read`` makes any failure this adapter's own)."""
-        return load_adapter(request, self.cfg, self.max_lora_rank, self.served_names)
+        adapter = load_adapter(request, self.cfg, self.max_lora_rank, self.served_names)
+        dtype = self.host.dtype
+        if dtype == torch.float16:  # (bfloat16 has float32's range)
+            limit = torch.finfo(dtype).max
+            for (layer, module), pair in adapter.weights.items():
+                if any(w.abs().max() > limit for w in pair):
+                    raise adapter_error(
+                        request,
+                        f"layer {layer} {module}: weights beyond {dtype}'s range "
+                        f"(lora_dtype; at most {limit})",
+                    )
+        return adapter
 
     def wait_for_reads(self, num_done_before: int) -> None:
         """For a step that found nothing to run while adapters load: blocks until a read or

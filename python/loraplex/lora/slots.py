@@ -23,12 +23,25 @@ class LoRASlots:
     columns ``offset_i..``), so one expand writes all k outputs of the merged projection.
     ``bt.transpose(1, 2)`` is the ops contract's B ``[num_slots, out_total, k * R]``."""
 
-    def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        compute_dtype: torch.dtype | None = None,
+    ):
+        """``dtype``: the weights' (``lora_dtype``); ``compute_dtype``: the activations'
+        (the model's; ``dtype`` when not given)."""
         self.max_rank = max_rank
-        # the C++ CPU op (float32, k * R within its per-token buffer), decided (and built)
-        # once, at engine start
+        self.dtype = dtype
+        # the C++ CPU op (float32 activations; weights in float32 or 16 bits; k * R within
+        # its per-token buffer), decided (and built) once, at engine start
         self.cpp_ok = (
-            dtype == torch.float32 and 3 * max_rank <= cpu_ext.MAX_ROWS and cpu_ext.available()
+            (compute_dtype or dtype) == torch.float32
+            and dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and 3 * max_rank <= cpu_ext.MAX_ROWS
+            and cpu_ext.available()
         )
         self.a: dict[tuple[int, str], torch.Tensor] = {}
         self.bt: dict[tuple[int, str], torch.Tensor] = {}
@@ -106,6 +119,8 @@ class LoRAContext:
         if route.table is not None:
             cpu_ext.lora_apply(x, a, bt, route.table, out, self.slots.splits[group])
             return
+        if a.dtype != x.dtype:  # weights kept narrower than the activations (lora_dtype)
+            a, bt = a.to(x.dtype), bt.to(x.dtype)
         b = bt.transpose(1, 2)
         if route.layout is not None:
             cpu.expand_padded(cpu.shrink_padded(x, a, route.layout), b, route.layout, out)

@@ -50,7 +50,7 @@ def build(build_dir: str | Path | None = None, verbose: bool = False) -> Path:
         sources=[str(SOURCE)],
         # -fopenmp: at::parallel_for is a header template over OpenMP (torch's backend here);
         # compiled without it, it runs serially
-        extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-Wall", "-Werror"],
+        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-Wall", "-Werror"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
         is_python_module=False,
