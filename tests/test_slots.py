@@ -9,9 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loraplex import LoRARequest
+from loraplex.engine.backend import LORA_CPP, LORA_PADDED, LORA_SGMV
 from loraplex.lora.adapter import LoRAAdapter, module_shape
 from loraplex.lora.slots import GROUPS, LoRAContext, LoRASlots
 from loraplex.model.config import ModelConfig
+from loraplex.ops import cpu_ext
 
 CFG = ModelConfig.from_dict(
     {
@@ -99,8 +101,10 @@ def test_reused_slots_hold_exactly_their_adapter(loads, segment_plan):
     for length, slot in segment_plan:
         segments.append((start, length, slot))
         start += length
-    for on_cpu in (True, False):
-        ctx = LoRAContext(slots, segments, on_cpu=on_cpu)
+    for kernel in (
+        (LORA_CPP, LORA_PADDED, LORA_SGMV) if cpu_ext.available() else (LORA_PADDED, LORA_SGMV)
+    ):
+        ctx = LoRAContext(slots, segments, kernel)
         for layer in range(CFG.num_hidden_layers):
             for group, modules in GROUPS.items():
                 fan_in = module_shape(CFG, modules[0])[0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import time
 from collections.abc import Iterable
@@ -18,7 +17,8 @@ from loraplex._core import (
     Scheduler,
     UnknownAdapterError,
 )
-from loraplex.engine.arg_utils import DEFAULT_KV_CACHE_BYTES, EngineArgs
+from loraplex.engine.arg_utils import EngineArgs
+from loraplex.engine.backend import select_backend
 from loraplex.engine.input_processor import InputProcessor, Prompt
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.output_processor import OutputProcessor
@@ -41,7 +41,8 @@ class LLMEngine:
         self.args = args
         folder = resolve_model_path(args.model)
         self.model_config = cfg = ModelConfig.from_folder(folder)
-        self.dtype = args.torch_dtype()
+        self.backend = backend = select_backend(args)
+        self.dtype = backend.dtype
         self.max_model_len = args.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(
@@ -53,8 +54,8 @@ class LLMEngine:
         self.processor = InputProcessor(
             self.tokenizer, cfg.vocab_size, self.max_model_len, args.max_logprobs
         )
-        self.model = load_model(folder, cfg, self.dtype, self.max_model_len)
-        self.num_kv_blocks = num_blocks = self._num_kv_blocks(cfg)
+        self.model = load_model(folder, cfg, backend, self.max_model_len)
+        self.num_kv_blocks = num_blocks = backend.num_kv_blocks(cfg, self.max_model_len)
         budget = args.max_num_batched_tokens or max(2048, args.max_num_seqs)
         if args.enable_chunked_prefill is False:
             budget = max(budget, self.max_model_len)
@@ -72,7 +73,7 @@ class LLMEngine:
             # next plan: a 64-slot, 1,000-adapter run fell to 47 running)
             max_loading=8 * args.lora_loader_threads,
         )
-        self.runner = ModelRunner(self.model, num_blocks, args.block_size, self.dtype)
+        self.runner = ModelRunner(self.model, num_blocks, args.block_size, backend)
         self.lora: LoRAManager | None = None
         if args.enable_lora:
             served = {args.model, str(folder), folder.name, str(folder.resolve())}
@@ -82,10 +83,9 @@ class LLMEngine:
                 cfg,
                 self.scheduler,
                 args.max_lora_rank,
-                args.lora_torch_dtype(),
+                backend,
                 served,
                 args.lora_loader_threads,
-                compute_dtype=self.dtype,
             )
         self.sampler = Sampler(args.seed)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -107,16 +107,6 @@ class LLMEngine:
         """vLLM's constructor; its other arguments mean nothing here (one process, no
         usage reporting, no stat loggers)."""
         return cls(engine_args)
-
-    def _num_kv_blocks(self, cfg: ModelConfig) -> int:
-        if self.args.num_gpu_blocks_override is not None:
-            return self.args.num_gpu_blocks_override
-        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
-        per_token *= torch.finfo(self.dtype).bits // 8
-        budget = self.args.kv_cache_memory_bytes or DEFAULT_KV_CACHE_BYTES
-        needed = self.args.max_num_seqs * self.max_model_len
-        tokens = min(needed, budget // per_token)
-        return max(1, math.ceil(tokens / self.args.block_size))
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer

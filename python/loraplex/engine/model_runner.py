@@ -8,26 +8,20 @@ from collections.abc import Sequence as Rows
 import torch
 
 from loraplex._core import StepPlan
+from loraplex.engine.backend import Backend
 from loraplex.engine.sequence import Sequence
 from loraplex.lora.slots import LoRAContext
 from loraplex.model.attention import build_metadata
 from loraplex.model.llama import LlamaForCausalLM
-from loraplex.ops import cpu_ext
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype):
-        cfg = model.config
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, backend: Backend):
         self.model = model
         self.block_size = block_size
-        shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
-        # zeros, not empty: padded keys are masked, but NaN garbage would still poison them
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-            for _ in range(cfg.num_hidden_layers)
-        ]
-        self.device = torch.device("cpu")
-        self.decode_kernel = dtype == torch.float32 and cpu_ext.available()
+        self.backend = backend
+        self.kv_caches = backend.kv_caches(model.config, num_blocks, block_size)
+        self.decode_attention = backend.decode_attention()
 
     def run(
         self,
@@ -51,10 +45,10 @@ class ModelRunner:
             starts,
             self.block_size,
             self.model.config.sliding_window,
-            self.device,
-            self.decode_kernel,
+            self.backend.device,
+            self.decode_attention,
         )
-        input_tensor = torch.tensor(input_ids, device=self.device)
+        input_tensor = self.backend.tensor(input_ids, torch.long)
         hidden = self.model(input_tensor, meta, self.kv_caches, lora)
         rows = [starts[i] + num_new[i] - 1 for i in plan.sample_rows]
         extra = {

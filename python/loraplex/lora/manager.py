@@ -22,6 +22,7 @@ from loraplex._core import (
     Scheduler,
     UnknownAdapterError,
 )
+from loraplex.engine.backend import Backend
 from loraplex.errors import InvalidAdapterError
 from loraplex.lora.adapter import LoRAAdapter, adapter_error, check_request, load_adapter
 from loraplex.lora.slots import LoRAContext, LoRASlots
@@ -34,17 +35,18 @@ class LoRAManager:
         cfg: ModelConfig,
         core: Scheduler,
         max_lora_rank: int,
-        dtype: torch.dtype,
+        backend: Backend,
         served_names: set[str],
         num_loader_threads: int = 2,
-        compute_dtype: torch.dtype | None = None,
     ):
         self.cfg = cfg
         self.core = core
         self.max_lora_rank = max_lora_rank
         self.served_names = served_names
-        # the weights in ``dtype`` (lora_dtype), the activations in ``compute_dtype``
-        self.host = LoRASlots(cfg, core.max_cpu_loras, max_lora_rank, dtype, compute_dtype)
+        # the host tier, in lora_dtype; the backend picks the kernel that reads it
+        dtype = backend.lora_dtype
+        kernel = backend.lora_kernel(dtype, max_lora_rank)
+        self.host = LoRASlots(cfg, core.max_cpu_loras, max_lora_rank, dtype, kernel)
         self.pool = ThreadPoolExecutor(num_loader_threads, thread_name_prefix="loraplex-loader")
         # guards the counters below; notified whenever a read ends
         self.progress = threading.Condition()

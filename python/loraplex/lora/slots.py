@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from loraplex import ops
+from loraplex.engine.backend import LORA_CPP, LORA_PADDED, LORA_SGMV
 from loraplex.lora.adapter import MODULES, LoRAAdapter, module_shape
 from loraplex.model.config import ModelConfig
 from loraplex.ops import cpu, cpu_ext
@@ -29,20 +30,14 @@ class LoRASlots:
         num_slots: int,
         max_rank: int,
         dtype: torch.dtype,
-        compute_dtype: torch.dtype | None = None,
+        kernel: str = LORA_SGMV,
+        device: torch.device | str = "cpu",
     ):
-        """``dtype``: the weights' (``lora_dtype``); ``compute_dtype``: the activations'
-        (the model's; ``dtype`` when not given)."""
+        """``dtype``: the weights' (``lora_dtype``); ``kernel``: the backend's choice of
+        LoRA kernel for these slots (``backend.LORA_*``); ``device``: where they live."""
         self.max_rank = max_rank
         self.dtype = dtype
-        # the C++ CPU op (float32 activations; weights in float32 or 16 bits; k * R within
-        # its per-token buffer), decided (and built) once, at engine start
-        self.cpp_ok = (
-            (compute_dtype or dtype) == torch.float32
-            and dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and 3 * max_rank <= cpu_ext.MAX_ROWS
-            and cpu_ext.available()
-        )
+        self.kernel = kernel
         self.a: dict[tuple[int, str], torch.Tensor] = {}
         self.bt: dict[tuple[int, str], torch.Tensor] = {}
         self.offsets: dict[str, list[int]] = {}
@@ -53,9 +48,11 @@ class LoRASlots:
             self.splits[group] = [*self.offsets[group], sum(outs)]
             fan_in, k = module_shape(cfg, modules[0])[0], len(modules)
             for layer in range(cfg.num_hidden_layers):
-                self.a[(layer, group)] = torch.zeros(num_slots, k * max_rank, fan_in, dtype=dtype)
+                self.a[(layer, group)] = torch.zeros(
+                    num_slots, k * max_rank, fan_in, dtype=dtype, device=device
+                )
                 self.bt[(layer, group)] = torch.zeros(
-                    num_slots, k * max_rank, sum(outs), dtype=dtype
+                    num_slots, k * max_rank, sum(outs), dtype=dtype, device=device
                 )
         # per slot, the blocks written (``(layer, module) -> rank``): everything else in the
         # slot is zero, so a load clears only what the last occupant wrote and the new one
@@ -100,15 +97,19 @@ class LoRAContext:
     A merged projection runs only the segments whose slot's adapter targets it (an adapter
     on q/k/v/o reads no MLP weights: zeros cost as much memory traffic as weights)."""
 
-    def __init__(self, slots: LoRASlots, segments: list[tuple[int, int, int]], on_cpu=True):
+    def __init__(
+        self, slots: LoRASlots, segments: list[tuple[int, int, int]], kernel: str | None = None
+    ):
+        """``kernel``: the slots' (the backend's choice) unless given."""
         self.slots = slots
+        kernel = kernel or slots.kernel
         self.segments = [s for s in segments if s[2] >= 0]
         self.routes: dict[str, _Route] = {}
         built: dict[tuple, _Route] = {}  # groups with the same segments share one route
         for group in GROUPS:
             segs = tuple(s for s in self.segments if group in slots.groups[s[2]])
             if segs not in built:
-                built[segs] = _Route(slots, list(segs), on_cpu)
+                built[segs] = _Route(list(segs), kernel)
             self.routes[group] = built[segs]
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
@@ -132,14 +133,14 @@ class LoRAContext:
 
 class _Route:
     """The segments one merged projection runs, and the kernel's form of them: the C++ op's
-    table (float32, AVX2) when it is built; else, on the CPU, a padded grid where short
-    segments (decode) take one batched GEMM per stage; else the per-segment loop."""
+    table (``LORA_CPP``); a padded grid where short segments (decode) take one batched GEMM
+    per stage (``LORA_PADDED``, when the segments suit it); else the per-segment SGMV."""
 
-    def __init__(self, slots: LoRASlots, segments: list[tuple[int, int, int]], on_cpu: bool):
+    def __init__(self, segments: list[tuple[int, int, int]], kernel: str):
         self.segments = segments
         self.table = None
         self.layout = None
-        if on_cpu and segments and slots.cpp_ok:
+        if segments and kernel == LORA_CPP:
             self.table = cpu_ext.segment_table(segments)
-        elif on_cpu and segments:
+        elif segments and kernel == LORA_PADDED:
             self.layout = cpu.padded_layout(segments)

@@ -8,13 +8,12 @@ prompt's length.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from loraplex.ops import cpu_ext
 
 
 @dataclass
@@ -37,7 +36,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
     groups: list[AttentionGroup]
     num_tokens: int
-    decode_kernel: bool = False  # decode groups attend with the C++ op (float32 CPU)
+    # the backend's kernel for a decode-only group (None: the torch path), called as
+    # (q, k_cache, v_cache, slots, rows, key_start, key_end, out)
+    decode_attention: Callable[..., None] | None = None
 
 
 def build_metadata(
@@ -46,7 +47,7 @@ def build_metadata(
     block_size: int,
     sliding_window: int | None,
     device: torch.device,
-    decode_kernel: bool = False,
+    decode_attention: Callable[..., None] | None = None,
 ) -> AttentionMetadata:
     """Masks and key gathers for one step. ``plan`` is the core's step plan (its per-sequence
     lists in batch order, its flat positions and slot mapping); ``starts`` each sequence's
@@ -63,7 +64,7 @@ def build_metadata(
     groups = [AttentionGroup(*(to(getattr(g, f)) for f in g.__dataclass_fields__)) for g in groups]
     positions = torch.tensor(plan.positions, dtype=torch.long)
     slot_mapping = torch.tensor(plan.slot_mapping, dtype=torch.long)
-    return AttentionMetadata(to(positions), to(slot_mapping), groups, total, decode_kernel)
+    return AttentionMetadata(to(positions), to(slot_mapping), groups, total, decode_attention)
 
 
 def _group(members, starts, plan, block_size, window, total) -> AttentionGroup:
@@ -116,9 +117,9 @@ def paged_attention(
     v_cache.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     groups = meta.groups
-    if meta.decode_kernel and groups[0].query_index.shape[1] == 1:
+    if meta.decode_attention is not None and groups[0].query_index.shape[1] == 1:
         g = groups[0]  # the decode group comes first
-        cpu_ext.paged_decode_attention(
+        meta.decode_attention(
             q, k_cache, v_cache, g.gather_slots, g.rows, g.key_start, g.key_end, out
         )
         groups = groups[1:]

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from loraplex.engine.backend import Backend
 from loraplex.model.config import ModelConfig
-from loraplex.model.llama import PROJECTIONS, Linear, LlamaForCausalLM
+from loraplex.model.llama import PROJECTIONS, LlamaForCausalLM
 from loraplex.model.rope import RotaryEmbedding
-from loraplex.ops import cpu_ext
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -56,9 +56,9 @@ def iter_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
-def load_model(
-    folder: Path, cfg: ModelConfig, dtype: torch.dtype, max_positions: int
-) -> LlamaForCausalLM:
+def load_model(folder: Path, cfg: ModelConfig, backend: Backend, max_positions: int):
+    """The model in ``backend``'s dtype, on its device, laid out for its kernels."""
+    dtype = backend.dtype
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -66,16 +66,12 @@ def load_model(
             model = LlamaForCausalLM(cfg, max_positions, dtype)
     finally:
         torch.set_default_dtype(previous)
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device=backend.device)
     rope = RotaryEmbedding(*model.rope_args)
     for layer in model.layers:
         layer.self_attn.rope = rope
     _load_weights(model, folder, cfg)
-    if dtype == torch.float32 and cpu_ext.enabled() and torch.backends.mkldnn.is_available():
-        for module in model.modules():
-            if isinstance(module, Linear):
-                module.pack()
-    return model.eval()
+    return backend.prepare_model(model)
 
 
 def _load_weights(model: LlamaForCausalLM, folder: Path, cfg: ModelConfig) -> None:
