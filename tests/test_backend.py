@@ -10,10 +10,13 @@ import pytest
 import torch
 
 import loraplex
-from loraplex import LLM, EngineArgs
+from loraplex import LLM, EngineArgs, LoRARequest, SamplingParams
 from loraplex.engine.backend import LORA_CPP, LORA_PADDED, CPUBackend, select_backend
 from loraplex.ops import cpu_ext
+from tiny_adapters import PeftReference, build_adapter
 from tiny_models import build_model
+
+PROMPTS = ["a", "the quick brown fox", "SELECT name FROM users", "def add(a, b):"]
 
 PACKAGE = Path(loraplex.__file__).parent
 # what asks for a device, or picks a kernel by it
@@ -75,3 +78,28 @@ def test_16_bit_adapters_keep_the_cpp_kernel_on_a_float32_model(base):
         assert backend.lora_kernel(backend.lora_dtype, 16) == LORA_CPP
     backend = select_backend(EngineArgs(model=str(base), dtype="bfloat16"))
     assert backend.lora_kernel(backend.lora_dtype, 16) == LORA_PADDED  # bf16 activations
+
+
+def test_device_slots_of_their_own_serve_what_peft_does(base, tmp_path, monkeypatch, kernels):
+    """The GPU's shape on the CPU: kernels read max_loras device slots of their own, which
+    the plan's loads fill from the host tier (evicting and reloading as adapters outnumber
+    the slots); every greedy token is PEFT's for its adapter."""
+    monkeypatch.setattr(CPUBackend, "separate_device_slots", True)
+    adapters = {
+        f"d{i}": build_adapter(base, tmp_path / f"d{i}", r=4 + 2 * i, alpha=8, seed=40 + i)
+        for i in range(4)
+    }
+    adapters["q"] = build_adapter(base, tmp_path / "q", r=8, alpha=16, targets=["q_proj"], seed=9)
+    reqs = {name: LoRARequest(name, i + 1, str(p)) for i, (name, p) in enumerate(adapters.items())}
+    llm = LLM(model=str(base), enable_lora=True, max_loras=2, max_cpu_loras=3, max_lora_rank=16)
+    assert llm.llm_engine.lora.device_slots is not None
+    assert llm.llm_engine.lora.device_slots.a[(0, "qkv_proj")].shape[0] == 2
+    names = ["d0", None, "d1", "d2", "q", "d3", "d0", "q", None, "d1"]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = llm.generate(
+        [PROMPTS[i % len(PROMPTS)] for i in range(len(names))],
+        params,
+        lora_request=[reqs[n] if n else None for n in names],
+        use_tqdm=False,
+    )
+    assert PeftReference(base, adapters).mismatches(outs, names) == []

@@ -48,7 +48,7 @@ class _Honoured:
     num_gpu_blocks_override: int | None = None  # the KV cache's block count, on any device
     max_logprobs: int = 20  # -1: the whole vocabulary
     scheduling_policy: str = "fcfs"  # "priority": lower ``priority`` runs first
-    device: str = "auto"  # "auto" or "cpu"
+    device: str = "auto"  # "auto" (CUDA when torch sees a GPU, else the CPU), "cpu", "cuda"
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
@@ -158,9 +158,11 @@ class EngineArgs(_engine_args_base()):  # type: ignore[misc]
             raise ValueError(
                 f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
             )
-        if self.device not in ("auto", "cpu"):
+        from loraplex.engine.backend import DEVICES
+
+        if self.device not in DEVICES:
             raise ValueError(
-                f"device={self.device!r} is not supported by loraplex: the engine runs on CPU"
+                f"device={self.device!r} is not supported by loraplex: one of {DEVICES}"
             )
         util = self.gpu_memory_utilization
         if not isinstance(util, (int, float)) or not 0 < util <= 1:

@@ -41,7 +41,7 @@ class LLMEngine:
         self.args = args
         folder = resolve_model_path(args.model)
         self.model_config = cfg = ModelConfig.from_folder(folder)
-        self.backend = backend = select_backend(args)
+        self.backend = backend = select_backend(args, cfg.dtype)
         self.dtype = backend.dtype
         self.max_model_len = args.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:

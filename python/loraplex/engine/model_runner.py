@@ -55,4 +55,5 @@ class ModelRunner:
             i: self.model.compute_logits(hidden[starts[i] : starts[i] + num_new[i]])
             for i in prompt_rows
         }
-        return self.model.compute_logits(hidden[rows]), extra
+        logits = self.backend.to_host(self.model.compute_logits(hidden[rows]))
+        return logits, {i: self.backend.to_host(t) for i, t in extra.items()}

@@ -43,10 +43,19 @@ class LoRAManager:
         self.core = core
         self.max_lora_rank = max_lora_rank
         self.served_names = served_names
-        # the host tier, in lora_dtype; the backend picks the kernel that reads it
+        # the host tier, in lora_dtype; the backend picks the kernel that reads the slots
+        # the step runs on: the host tier's, or device slots of their own (a GPU's)
+        self.backend = backend
         dtype = backend.lora_dtype
         kernel = backend.lora_kernel(dtype, max_lora_rank)
-        self.host = LoRASlots(cfg, core.max_cpu_loras, max_lora_rank, dtype, kernel)
+        self.host = LoRASlots(
+            cfg, core.max_cpu_loras, max_lora_rank, dtype, kernel, pin_memory=backend.pin_host_tier
+        )
+        self.device_slots: LoRASlots | None = None
+        if backend.separate_device_slots:
+            self.device_slots = LoRASlots(
+                cfg, core.max_loras, max_lora_rank, dtype, kernel, device=backend.device
+            )
         self.pool = ThreadPoolExecutor(num_loader_threads, thread_name_prefix="loraplex-loader")
         # guards the counters below; notified whenever a read ends
         self.progress = threading.Condition()
@@ -132,7 +141,11 @@ class LoRAManager:
     # -- reads (the loader pool) --
 
     def start(self, plan) -> None:
-        """Starts the reads and copies a step's plan hands out (off the step thread)."""
+        """Copies the plan's loads into device slots (where the backend has its own), and
+        starts the reads and host copies it hands out (off the step thread)."""
+        if self.device_slots is not None and plan.loads:
+            loads = [(slot, host_slot) for slot, _, host_slot in plan.loads]
+            self.backend.copy_slots(self.device_slots, self.host, loads)
         for key in plan.unheld:
             self.held.pop(key, None)
         for key, host_slot in plan.commits:
@@ -161,6 +174,7 @@ class LoRAManager:
 
     def _fill(self, key: int, host_slot: int, adapter: LoRAAdapter) -> None:
         try:
+            self.backend.before_host_write()
             self.host.load(host_slot, adapter)
         except Exception as e:  # (a copy into preallocated memory: not expected to fail)
             return self._failed(key, f"{type(e).__name__}: {e}")
@@ -202,5 +216,10 @@ class LoRAManager:
                 self.progress.wait(timeout=0.1)
 
     def context(self, segments: list[tuple[int, int, int, int]]) -> LoRAContext:
-        """The step's routing: each segment's host slot (the CPU backend runs on those)."""
+        """The step's routing: each segment's device slot, or its host slot where the
+        kernels read the host tier (the CPU backend)."""
+        if self.device_slots is not None:
+            return LoRAContext(
+                self.device_slots, [(start, n, slot) for start, n, slot, _ in segments]
+            )
         return LoRAContext(self.host, [(start, n, host) for start, n, _, host in segments])

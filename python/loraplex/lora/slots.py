@@ -17,6 +17,16 @@ for _module, (_group, _) in MODULES.items():
     GROUPS.setdefault(_group, []).append(_module)
 
 
+def slot_numel(cfg: ModelConfig, max_rank: int) -> int:
+    """Elements one slot holds (A and B^T of every merged projection of every layer)."""
+    total = 0
+    for modules in GROUPS.values():
+        fan_in, k = module_shape(cfg, modules[0])[0], len(modules)
+        out = sum(module_shape(cfg, m)[1] for m in modules)
+        total += k * max_rank * (fan_in + out)
+    return total * cfg.num_hidden_layers
+
+
 class LoRASlots:
     """Per layer and merged projection, the k modules it carries stacked: A
     ``[num_slots, k * R, in]`` (one shrink serves q, k and v) and B transposed, block
@@ -31,10 +41,12 @@ class LoRASlots:
         max_rank: int,
         dtype: torch.dtype,
         kernel: str = LORA_SGMV,
-        device: torch.device | str = "cpu",
+        device: torch.device | None = None,
+        pin_memory: bool = False,
     ):
         """``dtype``: the weights' (``lora_dtype``); ``kernel``: the backend's choice of
-        LoRA kernel for these slots (``backend.LORA_*``); ``device``: where they live."""
+        LoRA kernel for these slots (``backend.LORA_*``); ``device``: where they live (the
+        host by default, pinned with ``pin_memory``)."""
         self.max_rank = max_rank
         self.dtype = dtype
         self.kernel = kernel
@@ -48,12 +60,11 @@ class LoRASlots:
             self.splits[group] = [*self.offsets[group], sum(outs)]
             fan_in, k = module_shape(cfg, modules[0])[0], len(modules)
             for layer in range(cfg.num_hidden_layers):
-                self.a[(layer, group)] = torch.zeros(
-                    num_slots, k * max_rank, fan_in, dtype=dtype, device=device
-                )
-                self.bt[(layer, group)] = torch.zeros(
-                    num_slots, k * max_rank, sum(outs), dtype=dtype, device=device
-                )
+                for store, width in ((self.a, fan_in), (self.bt, sum(outs))):
+                    shape = (num_slots, k * max_rank, width)
+                    store[(layer, group)] = torch.zeros(
+                        shape, dtype=dtype, device=device, pin_memory=pin_memory
+                    )
         # per slot, the blocks written (``(layer, module) -> rank``): everything else in the
         # slot is zero, so a load clears only what the last occupant wrote and the new one
         # does not overwrite, and a step skips the merged projections a slot leaves empty
@@ -73,6 +84,15 @@ class LoRASlots:
             self._zero(slot, layer, module, 0, r)
         self.written[slot] = {}
         self.groups[slot] = frozenset()
+
+    def copy_slot(self, src: LoRASlots, src_slot: int, slot: int, non_blocking=False) -> None:
+        """Makes ``slot`` a copy of ``src``'s ``src_slot`` (a host slot into a device slot):
+        every block, zeros included, so nothing of the previous occupant stays."""
+        for key, a in self.a.items():
+            a[slot].copy_(src.a[key][src_slot], non_blocking=non_blocking)
+            self.bt[key][slot].copy_(src.bt[key][src_slot], non_blocking=non_blocking)
+        self.written[slot] = dict(src.written[src_slot])
+        self.groups[slot] = src.groups[src_slot]
 
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
         """Copies ``adapter`` into ``slot``; modules it does not target are zero."""
