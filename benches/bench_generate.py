@@ -39,17 +39,20 @@ SMOLLM_135M = dict(
 )
 
 
-def build(folder: Path) -> None:
+def build(folder: Path, config: dict | None = None, dtype=torch.float32) -> None:
+    """A random Llama of ``config``'s shape (SmolLM-135M's by default) in ``dtype``, and a
+    word-level tokenizer of its vocabulary size, saved to ``folder``."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {f"w{i}": i for i in range(SMOLLM_135M["vocab_size"])}
+    config = config or SMOLLM_135M
+    vocab = {f"w{i}": i for i in range(config["vocab_size"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w2"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w1"}))
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM_135M))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).to(dtype)
     model.save_pretrained(folder)
 
 
@@ -123,7 +126,7 @@ def time_generate(model, jobs, **extra) -> float:
     """Seconds for one left-padded ``generate`` over every job, run to the longest output
     (after a 2-prompt warm-up). ``extra`` goes to ``generate`` (e.g. PEFT's adapter_names,
     a list with one entry per job)."""
-    ids, mask = pad_left(jobs)
+    ids, mask = (t.to(model.device) for t in pad_left(jobs))
     longest = max(m for _, m in jobs)
     gen = dict(do_sample=False, pad_token_id=2, eos_token_id=None)
     warm = {k: v[:2] if isinstance(v, list) else v for k, v in extra.items()}
@@ -138,6 +141,8 @@ def time_generate(model, jobs, **extra) -> float:
             **gen,
             **extra,
         )
+        if ids.is_cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
 

@@ -11,6 +11,7 @@ sm_80 and sm_90a keep torch from querying a GPU for its arch list.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -22,17 +23,20 @@ NAME = "loraplex_sgmv"
 
 
 def toolkit_home() -> Path | None:
-    """CUDA_HOME if set, else the PyPI toolkit in this environment, else None."""
+    """CUDA_HOME if set, else the PyPI toolkit in this environment, else the toolkit of the
+    ``nvcc`` on PATH (a CUDA machine's own), else None."""
     if os.environ.get("CUDA_HOME"):
         return Path(os.environ["CUDA_HOME"])
     try:
         import nvidia
+
+        for root in map(Path, nvidia.__path__):
+            if (root / "cu13" / "bin" / "nvcc").is_file():
+                return root / "cu13"
     except ImportError:
-        return None
-    for root in map(Path, nvidia.__path__):
-        if (root / "cu13" / "bin" / "nvcc").is_file():
-            return root / "cu13"
-    return None
+        pass
+    nvcc = shutil.which("nvcc")
+    return Path(nvcc).resolve().parent.parent if nvcc else None
 
 
 def _prepare_env(home: Path) -> None:
