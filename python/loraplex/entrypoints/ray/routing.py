@@ -1,0 +1,72 @@
+"""Adapter-affinity routing: which replica a request for an adapter should go to.
+
+A replica that already holds the adapter in its host tier (``max_cpu_loras``, not only its
+device slots: a host-tier hit is a copy, a miss is a disk read) serves it, unless that
+replica is full or loaded well above the least loaded one; then the least loaded replica,
+which loads the adapter (so a hot adapter spreads over more replicas as its load grows).
+Base-model requests, and adapters nobody holds near the least load, go to the least loaded
+replica, preferring one with room in its host tier. The policy is a pure function of what
+each replica reports, so the Ray Serve router and the simulation
+(``benches/bench_routing.py``) run the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """What the router knows of one replica."""
+
+    replica_id: str
+    adapters: frozenset[str]  # held in its host tier
+    ongoing: int  # requests in flight
+    max_ongoing: int  # its limit (Ray Serve's max_ongoing_requests)
+    max_adapters: int = 0  # its host tier's size (0: unknown)
+
+    @property
+    def load(self) -> float:
+        return self.ongoing / max(self.max_ongoing, 1)
+
+    @property
+    def full(self) -> bool:
+        return self.ongoing >= self.max_ongoing
+
+    @property
+    def has_room(self) -> bool:
+        return self.max_adapters <= 0 or len(self.adapters) < self.max_adapters
+
+
+# a holder of the adapter loaded this much more (a share of its max_ongoing_requests) than
+# the least loaded replica is passed over: the request spills there, which loads the
+# adapter (a hot adapter spreads over replicas as its load grows)
+SPILL = 0.25
+
+
+def rank_replicas(adapter: str | None, replicas: list[ReplicaView]) -> list[list[ReplicaView]]:
+    """Every replica once, in ranks (the first is preferred; each by load, least first):
+    holders of ``adapter`` that are not full and within ``SPILL`` of the least loaded
+    replica; the other replicas that are not full (with room in the host tier first); the
+    full ones."""
+    open_ = [r for r in replicas if not r.full]
+    floor = min((r.load for r in open_), default=0.0)
+    holders, others, full = [], [], []
+    for r in replicas:
+        if r.full:
+            full.append(r)
+        elif adapter is not None and adapter in r.adapters and r.load <= floor + SPILL:
+            holders.append(r)
+        else:
+            others.append(r)
+    by_load = lambda r: (r.load, r.replica_id)  # noqa: E731
+    by_room = lambda r: (not r.has_room, r.load, r.replica_id)  # noqa: E731
+    ranks = [sorted(holders, key=by_load), sorted(others, key=by_room), sorted(full, key=by_load)]
+    return [rank for rank in ranks if rank]
+
+
+def choose_replica(adapter: str | None, replicas: list[ReplicaView]) -> ReplicaView:
+    """The first replica of the first rank."""
+    if not replicas:
+        raise ValueError("no replica to route to")
+    return rank_replicas(adapter, replicas)[0][0]
