@@ -45,23 +45,26 @@ SPILL = 0.25
 
 
 def rank_replicas(adapter: str | None, replicas: list[ReplicaView]) -> list[list[ReplicaView]]:
-    """Every replica once, in ranks (the first is preferred; each by load, least first):
-    holders of ``adapter`` that are not full and within ``SPILL`` of the least loaded
-    replica; the other replicas that are not full (with room in the host tier first); the
-    full ones."""
+    """Every replica once, in ranks (the first is preferred): holders of ``adapter`` that are
+    not full and within ``SPILL`` of the least loaded replica, least loaded first; the other
+    replicas within ``SPILL``, those with room in the host tier first; the rest that are not
+    full, least loaded first; the full ones."""
     open_ = [r for r in replicas if not r.full]
     floor = min((r.load for r in open_), default=0.0)
-    holders, others, full = [], [], []
+    holders, near, far, full = [], [], [], []
     for r in replicas:
         if r.full:
             full.append(r)
-        elif adapter is not None and adapter in r.adapters and r.load <= floor + SPILL:
+        elif r.load > floor + SPILL:
+            far.append(r)
+        elif adapter is not None and adapter in r.adapters:
             holders.append(r)
         else:
-            others.append(r)
+            near.append(r)
     by_load = lambda r: (r.load, r.replica_id)  # noqa: E731
     by_room = lambda r: (not r.has_room, r.load, r.replica_id)  # noqa: E731
-    ranks = [sorted(holders, key=by_load), sorted(others, key=by_room), sorted(full, key=by_load)]
+    ranks = [sorted(holders, key=by_load), sorted(near, key=by_room)]
+    ranks += [sorted(far, key=by_load), sorted(full, key=by_load)]
     return [rank for rank in ranks if rank]
 
 
