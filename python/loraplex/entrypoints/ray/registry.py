@@ -1,0 +1,102 @@
+"""One adapter registry for a cluster: name -> (id, path, version), held by a named Ray actor
+that every replica resolves through, so an id clash is refused cluster-wide and a name keeps
+its id for as long as the cluster lives (removed and added again, it gets the same one).
+
+``AdapterRegistry`` is the state and its rules, plain Python; ``cluster_registry()`` gets or
+creates the cluster's actor around it (Ray is imported only there).
+``LoRARequest.from_path`` ids, derived from the path, stay the coordination-free option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+ACTOR_NAME = "loraplex-adapter-registry"
+NAMESPACE = "loraplex"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    lora_int_id: int
+    path: str
+    version: int  # 1, then one more each time the name's weights are replaced
+
+
+class RegistryError(ValueError):
+    """A registration the registry refuses; the message names the adapter and why."""
+
+
+class AdapterRegistry:
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}  # registered now
+        self._ids: dict[str, int] = {}  # every name ever registered -> its id, kept
+        self._owner: dict[int, str] = {}  # id -> the name that holds it, forever
+        self._next_id = 1
+
+    def register(
+        self, name: str, path: str, lora_int_id: int | None = None, replace: bool = False
+    ) -> dict:
+        """The entry for ``name`` (as a dict). The same name and path again: the same entry.
+        Another path: refused, unless ``replace`` (the next version, the same id). An id
+        already held by another name: refused."""
+        if not name or not isinstance(name, str):
+            raise RegistryError(f"adapter name must be a non-empty string, got {name!r}")
+        if lora_int_id is not None and (not isinstance(lora_int_id, int) or lora_int_id < 1):
+            raise RegistryError(f"adapter {name!r}: lora_int_id must be >= 1, got {lora_int_id!r}")
+        known = self._ids.get(name)
+        if lora_int_id is not None:
+            owner = self._owner.get(lora_int_id)
+            if owner is not None and owner != name:
+                raise RegistryError(
+                    f"adapter {name!r}: lora_int_id {lora_int_id} is already {owner!r}'s "
+                    "in this cluster"
+                )
+            if known is not None and known != lora_int_id:
+                raise RegistryError(
+                    f"adapter {name!r} has lora_int_id {known} in this cluster, not {lora_int_id}"
+                )
+        entry = self._entries.get(name)
+        if entry is not None:
+            if entry.path == path:
+                return asdict(entry)
+            if not replace:
+                raise RegistryError(
+                    f"adapter {name!r} is registered with path {entry.path!r}, not {path!r} "
+                    "(load it in place to replace its weights)"
+                )
+            entry = Entry(name, entry.lora_int_id, path, entry.version + 1)
+        else:
+            entry = Entry(name, known or lora_int_id or self._new_id(), path, 1)
+        self._entries[name] = entry
+        self._ids[name] = entry.lora_int_id
+        self._owner[entry.lora_int_id] = name
+        return asdict(entry)
+
+    def _new_id(self) -> int:
+        while self._next_id in self._owner:
+            self._next_id += 1
+        self._next_id += 1
+        return self._next_id - 1
+
+    def resolve(self, name: str) -> dict | None:
+        entry = self._entries.get(name)
+        return None if entry is None else asdict(entry)
+
+    def unregister(self, name: str) -> bool:
+        """Forgets the name's path; its id stays reserved for it."""
+        return self._entries.pop(name, None) is not None
+
+    def entries(self) -> list[dict]:
+        return [asdict(e) for e in sorted(self._entries.values(), key=lambda e: e.lora_int_id)]
+
+
+def cluster_registry():
+    """The cluster's registry actor (created on first use, detached: it lives as long as the
+    cluster). Needs ``ray.init`` (or a Serve replica) first."""
+    import ray
+
+    actor = ray.remote(num_cpus=0)(AdapterRegistry)
+    return actor.options(
+        name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
+    ).remote()
