@@ -23,8 +23,9 @@ export PYTHONUNBUFFERED=1
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-  "$py" -c "import torch, loraplex; print('torch', torch.__version__, torch.version.cuda, \
-    torch.cuda.get_device_name(0)); print('loraplex', loraplex.__file__)"
+  "$py" -c "import torch, loraplex; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+    'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(0)); \
+    print('loraplex', loraplex.__file__)"
 } 2>&1 | tee "$report/env.txt"
 
 echo "== build the CUDA kernels (sm_80, sm_90a)"
