@@ -1,5 +1,10 @@
+import os
+
 import pytest
 from hypothesis import settings
+
+# Ray (the replica tests) sends no usage reports: no network at test time
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 # This machine is shared and noisy: no test may depend on timing.
 settings.register_profile("loraplex", deadline=None, max_examples=200)

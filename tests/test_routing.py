@@ -77,6 +77,19 @@ def test_a_busy_holder_spills_to_the_least_loaded_replica():
     assert choose_replica("a", views).replica_id == "r2"
 
 
+def test_new_adapters_spread_over_equally_loaded_replicas():
+    """At equal load a new adapter goes to the replica holding fewer (not the first by id),
+    so adapters placed on an idle cluster fill every replica."""
+    views = [ReplicaView(f"r{i}", frozenset(), 0, 8, 4) for i in range(3)]
+    for n in range(6):
+        chosen = choose_replica(f"n{n}", views)
+        views = [
+            ReplicaView(v.replica_id, v.adapters | {f"n{n}"}, 0, 8, 4) if v == chosen else v
+            for v in views
+        ]
+    assert sorted(len(v.adapters) for v in views) == [2, 2, 2]
+
+
 @pytest.mark.parametrize("load", [0.7, 0.95])
 def test_simulation_affinity_hits_more_without_unbalancing(load):
     """1,000 zipf adapters over 16 replicas of 64 host slots (a short run of the bench), at

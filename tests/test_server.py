@@ -317,6 +317,43 @@ def test_runtime_load_stays_inside_the_root(server, assets, reference):
     assert ok.usage.completion_tokens == 2  # serves on
 
 
+def test_a_model_named_after_a_root_folder_is_found_and_ids_stay_unique(server, assets):
+    """A request naming an adapter nobody loaded is looked for as a folder of that name in
+    --lora-root (a bad one is the request's 400; a name leading out of the root, a 404);
+    an explicit lora_int_id held by another adapter is refused."""
+    root = assets["root"]
+    found = build_adapter(assets["base"], root / "found", seed=77)
+    llm = LLM(model=str(assets["base"]), enable_lora=True, max_lora_rank=8, max_model_len=256)
+    params = SamplingParams(temperature=0, max_tokens=12)
+    want = (
+        llm.generate(
+            [PROMPTS[1]], params, lora_request=LoRARequest("found", 5, str(found)), use_tqdm=False
+        )[0]
+        .outputs[0]
+        .text
+    )
+    out = client(server).completions.create(
+        model="found", prompt=PROMPTS[1], max_tokens=12, temperature=0
+    )
+    assert out.choices[0].text == want
+    assert "found" in {m.id for m in client(server).models.list().data}
+    with pytest.raises(openai.BadRequestError, match="corrupt"):
+        client(server).completions.create(model="corrupt", prompt="x", max_tokens=2)
+    for name in ("link", "..", "../" + assets["outside"].parent.name + "/x", "missing"):
+        with pytest.raises(openai.NotFoundError):
+            client(server).completions.create(model=name, prompt="x", max_tokens=2)
+    load = lambda body: http(server + "/v1/load_lora_adapter", "POST", body)  # noqa: E731
+    status, body = load({"lora_name": "own-id", "lora_path": str(found), "lora_int_id": 4242})
+    assert status == 200, body
+    status, body = load({"lora_name": "other", "lora_path": str(found), "lora_int_id": 4242})
+    assert status == 400 and "4242" in body and "own-id" in body, body
+    assert "other" not in {m.id for m in client(server).models.list().data}
+    ok = client(server).completions.create(
+        model="own-id", prompt="x", max_tokens=2, extra_body={"ignore_eos": True}
+    )
+    assert ok.usage.completion_tokens == 2
+
+
 def test_unload_frees_residency_and_the_name_404s(server, assets):
     status, body = http(
         server + "/v1/load_lora_adapter",

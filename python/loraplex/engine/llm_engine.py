@@ -6,6 +6,8 @@ import itertools
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +34,34 @@ from loraplex.sampling_params import SamplingParams
 from loraplex.tokenizer import Tokenizer
 
 
+@dataclass
+class ModelFrontend:
+    """What requests are checked and tokenized against, without the weights: the model's
+    config, its context length, the tokenizer and the input processor. An engine has one; a
+    front end that only forwards requests to engines (the Ray Serve ingress) builds its own."""
+
+    folder: Path
+    model_config: ModelConfig
+    max_model_len: int
+    tokenizer: Tokenizer
+    processor: InputProcessor
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> ModelFrontend:
+        folder = resolve_model_path(args.model)
+        cfg = ModelConfig.from_folder(folder)
+        max_model_len = args.max_model_len or cfg.max_position_embeddings
+        if max_model_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len ({max_model_len}) exceeds the model's "
+                f"max_position_embeddings ({cfg.max_position_embeddings})"
+            )
+        tok_folder = resolve_model_path(args.tokenizer) if args.tokenizer else folder
+        tokenizer = Tokenizer(tok_folder, cfg.raw)
+        processor = InputProcessor(tokenizer, cfg.vocab_size, max_model_len, args.max_logprobs)
+        return cls(folder, cfg, max_model_len, tokenizer, processor)
+
+
 class LLMEngine:
     """Continuous batching over the Rust scheduler. ``add_request``, ``abort_request`` and the
     adapter methods may be called from any thread; ``step`` from one at a time."""
@@ -39,21 +69,13 @@ class LLMEngine:
     def __init__(self, args: EngineArgs):
         args.verify()
         self.args = args
-        folder = resolve_model_path(args.model)
-        self.model_config = cfg = ModelConfig.from_folder(folder)
+        front = ModelFrontend.from_engine_args(args)
+        folder, self.model_config = front.folder, front.model_config
+        cfg = self.model_config
         self.backend = backend = select_backend(args, cfg.dtype)
         self.dtype = backend.dtype
-        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
-        if self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len ({self.max_model_len}) exceeds the model's "
-                f"max_position_embeddings ({cfg.max_position_embeddings})"
-            )
-        tok_folder = resolve_model_path(args.tokenizer) if args.tokenizer else folder
-        self.tokenizer = Tokenizer(tok_folder, cfg.raw)
-        self.processor = InputProcessor(
-            self.tokenizer, cfg.vocab_size, self.max_model_len, args.max_logprobs
-        )
+        self.max_model_len = front.max_model_len
+        self.tokenizer, self.processor = front.tokenizer, front.processor
         self.model = load_model(folder, cfg, backend, self.max_model_len)
         self.num_kv_blocks = num_blocks = backend.num_kv_blocks(cfg, self.max_model_len)
         budget = args.max_num_batched_tokens or max(2048, args.max_num_seqs)

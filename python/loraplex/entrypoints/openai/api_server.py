@@ -32,7 +32,7 @@ from loraplex._core import (
 )
 from loraplex.engine.arg_utils import AsyncEngineArgs
 from loraplex.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream
-from loraplex.entrypoints.openai.metrics import Metrics
+from loraplex.entrypoints.openai.metrics import Metrics, engine_snapshot, snapshot_metrics
 from loraplex.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -49,9 +49,16 @@ RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 class APIError(Exception):
     """An error answered in OpenAI's JSON shape."""
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
+        self.headers = headers
 
 
 _TYPES = {
@@ -69,16 +76,29 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param), status_code=status)
+def error_response(
+    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
 class Server:
-    """The engine, the served names and the adapters the server knows by name."""
+    """What the routes serve from: the served names, the tokenizer and input checks, the
+    adapters known by name, and where requests run. This one runs them on an ``AsyncLLM`` in
+    this process; ``ClusterServer`` (``entrypoints/ray/cluster.py``) on engine replicas."""
+
+    replica_header = "x-loraplex-replica"  # names the replica that served a response
 
     def __init__(self, engine: AsyncLLM, args: argparse.Namespace):
         self.engine = engine
+        self._init(args, engine.engine.args.max_num_seqs)
+        core = engine.engine
+        self.tokenizer, self.processor = core.get_tokenizer(), core.processor
+        self.max_model_len = core.max_model_len
+
+    def _init(self, args: argparse.Namespace, max_num_seqs: int) -> None:
         self.args = args
+        self.max_num_seqs = max_num_seqs
         self.served_names: list[str] = args.served_model_name or [args.model]
         self.base = self.served_names[0]
         self.loras: dict[str, LoRARequest] = {}
@@ -93,16 +113,118 @@ class Server:
         self.created = int(time.time())
 
     def new_id(self) -> int:
+        taken = {lora.lora_int_id for lora in self.loras.values()}
+        while self.next_id in taken:
+            self.next_id += 1
         lora_id, self.next_id = self.next_id, self.next_id + 1
         return lora_id
 
-    def lora_for(self, model: str | None) -> LoRARequest | None:
+    def _choose_id(self, name: str, old: LoRARequest | None, wanted: int | None) -> int:
+        if wanted is None:
+            return old.lora_int_id if old is not None else self.new_id()
+        if old is not None and old.lora_int_id != wanted:
+            raise APIError(
+                400,
+                f"adapter '{name}' has lora_int_id {old.lora_int_id}, not {wanted}",
+                "lora_int_id",
+            )
+        for other, lora in self.loras.items():
+            if other != name and lora.lora_int_id == wanted:
+                raise APIError(
+                    400, f"lora_int_id {wanted} is held by adapter '{other}'", "lora_int_id"
+                )
+        return wanted
+
+    async def lora_for(self, model: str | None) -> LoRARequest | None:
         """The adapter a request's ``model`` names (None: the base); 404 for any other."""
         if model is None or model in self.served_names:
             return None
         if model in self.loras:
             return self.loras[model]
+        path = find_adapter(model, self.roots)  # a folder of that name in a --lora-root
+        if path is not None:
+            try:
+                await self.add_adapter(model, path, False, source="discovered")
+            except APIError as e:
+                if model not in self.loras:  # not loaded meanwhile by another request
+                    raise APIError(400, e.message, "model") from None
+            return self.loras[model]
         raise APIError(404, f"The model `{model}` does not exist.", "model")
+
+    async def submit(self, request_id: str, tokens: dict, params, lora, priority: int):
+        """Queues one checked request; its stream of outputs (``close()`` aborts it)."""
+        return await self.engine.add_request(
+            request_id, tokens, params, lora_request=lora, priority=priority
+        )
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    async def adapters(self) -> list[tuple[str, str]]:
+        """(name, path) of every adapter served by name."""
+        return [(name, lora.lora_path) for name, lora in self.loras.items()]
+
+    async def add_adapter(
+        self,
+        name: str,
+        path: Path,
+        inplace: bool,
+        lora_int_id: int | None = None,
+        source: str = "runtime",
+    ) -> str | None:
+        """Loads (or, ``inplace``, reloads) an adapter under ``name`` (with ``lora_int_id``
+        if given: refused if another adapter has it); the replica that loaded it (None
+        here: one engine)."""
+        async with self.adapter_lock:
+            old = self.loras.get(name)
+            if old is not None and not inplace:
+                raise APIError(
+                    400, f"The lora adapter '{name}' has already been loaded.", "lora_name"
+                )
+            lora_id = self._choose_id(name, old, lora_int_id)
+            lora = LoRARequest(name, lora_id, str(path), load_inplace=old is not None)
+            start = time.perf_counter()
+            try:
+                await self.engine.add_lora(lora)
+            except (InvalidAdapterError, ValueError, LoraplexError) as e:
+                if old is None:
+                    await self.engine.remove_lora(lora_id)  # no residue of a failed load
+                raise APIError(400, f"cannot load adapter '{name}': {e}", "lora_path") from None
+            self.metrics.loaded(name, source, time.perf_counter() - start)
+            self.loras[name] = LoRARequest(name, lora_id, str(path))
+        return None
+
+    async def remove_adapter(self, name: str) -> None:
+        """Refuses (409) while requests use the adapter: unload never waits on or aborts
+        them."""
+        async with self.adapter_lock:
+            lora = self.loras.get(name)
+            if lora is None:
+                raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name")
+            try:
+                await self.engine.remove_lora(lora.lora_int_id)
+            except AdapterInUseError as e:
+                raise APIError(409, f"adapter '{name}' is in use: {e}", "lora_name") from None
+            except UnknownAdapterError:
+                pass  # already gone from the engine: forget the name too
+            del self.loras[name]
+
+    async def replicas(self) -> list[dict[str, Any]]:
+        """The cluster view: one engine here, what it holds (as a replica reports it)."""
+        ids = {name: lora.lora_int_id for name, lora in list(self.loras.items())}
+        state = engine_snapshot(self.engine.engine, ids)
+        return [dict(state, replica_id="local", pid=os.getpid())]
+
+    async def refresh_metrics(self) -> None:
+        """Before a scrape (the engine here is read at scrape time: nothing to fetch)."""
+
+    def engine_metrics(self):
+        """Gauges read from the engine at scrape time."""
+        ids = {name: lora.lora_int_id for name, lora in list(self.loras.items())}
+        return snapshot_metrics({None: engine_snapshot(self.engine.engine, ids)})
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
 
     def authorized(self, request: Request) -> bool:
         if self.api_key is None or request.url.path in OPEN_ROUTES:
@@ -125,7 +247,7 @@ def build_app(server: Server) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def on_api_error(_: Request, e: APIError):
-        return error_response(e.status, e.message, e.param)
+        return error_response(e.status, e.message, e.param, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, e: RequestValidationError):
@@ -144,7 +266,7 @@ def build_app(server: Server) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         try:
-            await server.engine.check_health()
+            await server.check_health()
         except EngineDeadError as e:
             return error_response(503, str(e))
         return Response(status_code=200)
@@ -155,21 +277,28 @@ def build_app(server: Server) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        await server.refresh_metrics()
         body, content_type = server.metrics.render()
         return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models():
         root = str(server.args.model)
-        max_len = server.engine.engine.max_model_len
+        max_len = server.max_model_len
         card = dict(object="model", created=server.created, owned_by="loraplex")
         data = [
             dict(id=name, root=root, parent=None, max_model_len=max_len, **card)
             for name in server.served_names
         ]
-        for name, lora in server.loras.items():
-            data.append(dict(id=name, root=lora.lora_path, parent=server.base, **card))
+        for name, path in await server.adapters():
+            data.append(dict(id=name, root=path, parent=server.base, **card))
         return {"object": "list", "data": data}
+
+    @app.get("/v1/replicas")
+    async def replicas():
+        """Which replica holds which adapter (device slot / host tier), its queues and KV
+        blocks."""
+        return {"object": "list", "data": await server.replicas()}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -201,17 +330,17 @@ async def _submit(server: Server, prompt, params, lora, priority) -> RequestStre
     """Queues one request; errors in its input are 400s, raised before anything streams.
     As vLLM's server does, a prompt and ``max_tokens`` past the context are refused."""
     request_id = uuid.uuid4().hex
-    engine = server.engine.engine
-    if params.n > engine.args.max_num_seqs:  # a client's n is bounded: its sequences are built
+    if params.n > server.max_num_seqs:  # a client's n is bounded: its sequences are built
         raise APIError(  # at once (LLM takes any n: there the caller chose it)
             400,
             f"n={params.n} is more than this server runs at once (max_num_seqs="
-            f"{engine.args.max_num_seqs})",
+            f"{server.max_num_seqs})",
             "n",
         )
     try:
-        text, ids = engine.processor.tokenize(request_id, prompt)
-        limit = engine.max_model_len
+        text, ids = server.processor.tokenize(request_id, prompt)
+        server.processor.check_params(request_id, params)
+        limit = server.max_model_len
         if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
             raise APIError(
                 400,
@@ -223,9 +352,7 @@ async def _submit(server: Server, prompt, params, lora, priority) -> RequestStre
         tokens = (
             {"prompt_token_ids": ids} if text is None else {"prompt_token_ids": ids, "prompt": text}
         )
-        return await server.engine.add_request(
-            request_id, tokens, params, lora_request=lora, priority=priority
-        )
+        return await server.submit(request_id, tokens, params, lora, priority)
     except (ValueError, TypeError, LoraplexError) as e:
         raise _bad_request(e) from None
     except EngineDeadError as e:
@@ -299,7 +426,7 @@ def _check_finished(out: RequestOutput) -> None:
 
 
 async def serve_completion(server: Server, body: CompletionRequest, request: Request):
-    lora = server.lora_for(body.model)
+    lora = await server.lora_for(body.model)
     if body.suffix:
         raise APIError(400, "suffix is not supported", "suffix")
     if body.best_of not in (None, body.n):
@@ -312,7 +439,7 @@ async def serve_completion(server: Server, body: CompletionRequest, request: Req
     model = body.model or server.base
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     streams = await _submit_all(server, prompts, params, lora, body.priority)
-    tokenizer = server.engine.engine.get_tokenizer()
+    tokenizer = server.tokenizer
 
     def choice_logprobs(c, offset: int):
         if body.logprobs is None or c.logprobs is None:
@@ -338,7 +465,7 @@ async def serve_completion(server: Server, body: CompletionRequest, request: Req
                     )
                 )
                 completion_tokens += len(c.token_ids)
-        return dict(
+        body_out = dict(
             id=rid,
             object="text_completion",
             created=created,
@@ -346,6 +473,7 @@ async def serve_completion(server: Server, body: CompletionRequest, request: Req
             choices=choices,
             usage=_usage(prompt_tokens, completion_tokens),
         )
+        return JSONResponse(body_out, headers=_replica_headers(server, streams))
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -357,6 +485,8 @@ async def serve_completion(server: Server, body: CompletionRequest, request: Req
             try:
                 async for out in _outputs(server, lora, stream):
                     await queue.put((i, out))
+            except APIError as e:  # its replica was lost mid-stream
+                await queue.put((i, e))
             finally:
                 await queue.put((i, None))
 
@@ -368,6 +498,9 @@ async def serve_completion(server: Server, body: CompletionRequest, request: Req
                 i, out = await queue.get()
                 if out is None:
                     live -= 1
+                    continue
+                if isinstance(out, APIError):
+                    yield _sse(error_body(out.status, out.message))
                     continue
                 if out.error:
                     yield _sse(error_body(400, out.error))  # ended by the engine
@@ -422,7 +555,9 @@ async def serve_completion(server: Server, body: CompletionRequest, request: Req
             for s in streams:
                 s.close()
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers=_replica_headers(server, streams)
+    )
 
 
 def _completion_prompts(prompt) -> list[Any]:
@@ -480,7 +615,7 @@ def _chat_logprobs(tokenizer, token_ids, logprobs, top: int) -> dict[str, Any]:
 
 
 async def serve_chat(server: Server, body: ChatCompletionRequest, request: Request):
-    lora = server.lora_for(body.model)
+    lora = await server.lora_for(body.model)
     max_tokens = body.max_completion_tokens or body.max_tokens
     top = body.top_logprobs or 0
     if body.top_logprobs is not None and not body.logprobs:
@@ -489,7 +624,7 @@ async def serve_chat(server: Server, body: ChatCompletionRequest, request: Reque
         params = body.sampling_params(max_tokens, top if body.logprobs else None)
     except (ValueError, TypeError) as e:
         raise _bad_request(e) from None
-    tokenizer = server.engine.engine.get_tokenizer()
+    tokenizer = server.tokenizer
     try:
         ids = tokenizer.apply_chat_template(
             body.messages,
@@ -529,7 +664,7 @@ async def serve_chat(server: Server, body: ChatCompletionRequest, request: Reque
                 )
             )
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-        return dict(
+        body_out = dict(
             id=rid,
             object="chat.completion",
             created=created,
@@ -537,6 +672,7 @@ async def serve_chat(server: Server, body: ChatCompletionRequest, request: Reque
             choices=choices,
             usage=_usage(len(ids), completion_tokens),
         )
+        return JSONResponse(body_out, headers=_replica_headers(server, [stream]))
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -575,10 +711,21 @@ async def serve_chat(server: Server, body: ChatCompletionRequest, request: Reque
             if include_usage:
                 yield _sse(dict(base, choices=[], usage=_usage(len(ids), completion_tokens)))
             yield "data: [DONE]\n\n"
+        except APIError as e:  # its replica was lost mid-stream
+            yield _sse(error_body(e.status, e.message))
+            yield "data: [DONE]\n\n"
         finally:
             stream.close()
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers=_replica_headers(server, [stream])
+    )
+
+
+def _replica_headers(server: Server, streams) -> dict[str, str] | None:
+    """The header naming the replica(s) that served a response (none for one engine)."""
+    names = sorted({s.replica for s in streams if getattr(s, "replica", None)})
+    return {server.replica_header: ",".join(names)} if names else None
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -586,6 +733,22 @@ def _sse(payload: dict[str, Any]) -> str:
 
 
 # -- adapters at run time --
+
+
+def find_adapter(name: str, roots: list[Path]) -> Path | None:
+    """The adapter folder named ``name`` in one of ``roots`` (vLLM's filesystem resolver
+    idea), resolved; None if none holds it, or if the name leads outside its root."""
+    if not name or name in (".", ".."):
+        return None
+    for root in roots:
+        root = Path(root).resolve()
+        try:
+            candidate = (root / name).resolve()
+        except (OSError, RuntimeError, ValueError):
+            continue
+        if root in candidate.parents and (candidate / "adapter_config.json").is_file():
+            return candidate
+    return None
 
 
 def _inside_roots(server: Server, path: str) -> Path:
@@ -613,41 +776,16 @@ async def load_adapter(server: Server, body: LoadLoRAAdapterRequest):
     if name in server.served_names:
         raise APIError(400, f"lora_name {name!r} is the base model's name", "lora_name")
     path = _inside_roots(server, body.lora_path)
-    async with server.adapter_lock:
-        old = server.loras.get(name)
-        if old is not None and not body.load_inplace:
-            raise APIError(400, f"The lora adapter '{name}' has already been loaded.", "lora_name")
-        lora_id = old.lora_int_id if old is not None else server.new_id()
-        lora = LoRARequest(name, lora_id, str(path), load_inplace=old is not None)
-        start = time.perf_counter()
-        try:
-            await server.engine.add_lora(lora)
-        except (InvalidAdapterError, ValueError, LoraplexError) as e:
-            if old is None:
-                await server.engine.remove_lora(lora_id)  # no residue of a failed load
-            raise APIError(400, f"cannot load adapter '{name}': {e}", "lora_path") from None
-        server.metrics.loaded(name, "runtime", time.perf_counter() - start)
-        server.loras[name] = LoRARequest(name, lora_id, str(path))
-    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+    replica = await server.add_adapter(name, path, body.load_inplace, body.lora_int_id)
+    headers = {server.replica_header: replica} if replica else None
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.", headers=headers)
 
 
 async def unload_adapter(server: Server, body: UnloadLoRAAdapterRequest):
-    """Refuses (409) while requests use the adapter: unload never waits on or aborts them."""
     if not server.runtime_updates:
         raise APIError(403, "runtime LoRA updating is off: --allow-runtime-lora-updating")
-    name = body.lora_name
-    async with server.adapter_lock:
-        lora = server.loras.get(name)
-        if lora is None:
-            raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name")
-        try:
-            await server.engine.remove_lora(lora.lora_int_id)
-        except AdapterInUseError as e:
-            raise APIError(409, f"adapter '{name}' is in use: {e}", "lora_name") from None
-        except UnknownAdapterError:
-            pass  # already gone from the engine: forget the name too
-        del server.loras[name]
-    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+    await server.remove_adapter(body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
 # -- the command --
@@ -689,7 +827,8 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="DIR",
-        help="folders runtime-loaded adapters must lie in (repeatable)",
+        help="folders adapters may be loaded from at run time (repeatable); a request "
+        "naming an adapter nobody loaded is looked for here as a folder of that name",
     )
     parser.add_argument(
         "--shutdown-timeout",
@@ -698,6 +837,20 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="seconds SIGTERM waits for in-flight requests",
     )
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve with N engine replicas on Ray Serve (pip install loraplex[ray]), "
+        "adapter-affinity routed; a local Ray cluster unless --ray-address",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="an existing Ray cluster for --replicas (e.g. auto, or ray://host:10001)",
+    )
     return parser
 
 
@@ -720,6 +873,15 @@ def build_server(args: argparse.Namespace) -> Server:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.replicas is not None or args.ray_address is not None:
+        try:
+            from loraplex.entrypoints.ray.cluster import run_cluster
+        except ImportError as e:
+            raise SystemExit(
+                f"loraplex serve --replicas needs Ray Serve: pip install loraplex[ray] ({e})"
+            ) from None
+        args.replicas = 1 if args.replicas is None else args.replicas
+        return run_cluster(args)
     server = build_server(args)
     app = build_app(server)
     config = uvicorn.Config(
@@ -736,5 +898,5 @@ def run(args: argparse.Namespace) -> int:
     try:
         uvicorn.Server(config).run()
     finally:
-        server.engine.shutdown()
+        server.shutdown()
     return 0

@@ -18,50 +18,71 @@ from loraplex._core import LoRARequest
 from loraplex.outputs import RequestOutput
 
 if TYPE_CHECKING:
+    from loraplex.engine.llm_engine import LLMEngine
     from loraplex.entrypoints.openai.api_server import Server
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class _EngineCollector:
-    """Read at scrape time from the engine: queue sizes, KV blocks, adapter residency."""
+    """Read at scrape time from the server's ``engine_metrics()``."""
 
     def __init__(self, server: Server):
         self.server = server
 
     def collect(self):
-        engine = self.server.engine.engine
-        core = engine.scheduler
-        yield GaugeMetricFamily(
-            "loraplex:num_requests_running",
-            "Requests running (in the batch).",
-            value=core.num_running,
-        )
-        yield GaugeMetricFamily(
-            "loraplex:num_requests_waiting",
-            "Requests waiting to be scheduled.",
-            value=core.num_waiting,
-        )
-        yield GaugeMetricFamily(
-            "loraplex:kv_cache_free_blocks", "Free KV cache blocks.", value=core.num_free_blocks
-        )
-        yield GaugeMetricFamily(
-            "loraplex:kv_cache_total_blocks", "KV cache blocks.", value=engine.num_kv_blocks
-        )
-        loaded = GaugeMetricFamily(
-            "loraplex:lora_adapter_loaded",
-            "1 where an adapter's weights are: a device slot or the host tier.",
-            labels=["adapter", "tier", "pinned"],
-        )
-        for name, lora in list(self.server.loras.items()):
-            where = core.adapter_residency(lora.lora_int_id)
-            if where is None:
-                continue
-            on_device, in_host, pinned = where
-            for tier, present in (("device", on_device), ("host", in_host)):
-                if present:
-                    loaded.add_metric([name, tier, str(pinned).lower()], 1.0)
-        yield loaded
+        yield from self.server.engine_metrics()
+
+
+def engine_snapshot(engine: LLMEngine, loras: dict[str, int]) -> dict[str, Any]:
+    """An engine's queue sizes, KV blocks and where each named adapter (name -> id) is:
+    what ``/metrics`` shows, and what a replica reports to the cluster (plain data)."""
+    core = engine.scheduler
+    adapters = []
+    for name, lora_id in loras.items():
+        where = core.adapter_residency(lora_id)
+        if where is None:
+            continue
+        on_device, in_host, pinned = where
+        tiers = [t for t, present in (("device", on_device), ("host", in_host)) if present]
+        if tiers:
+            adapters.append(dict(name=name, tiers=tiers, pinned=bool(pinned)))
+    return dict(
+        running=core.num_running,
+        waiting=core.num_waiting,
+        kv_free_blocks=core.num_free_blocks,
+        kv_total_blocks=engine.num_kv_blocks,
+        adapters=adapters,
+    )
+
+
+def snapshot_metrics(snapshots: dict[str | None, dict[str, Any]]):
+    """Gauges from engine snapshots, keyed by replica id (labelled ``replica``), or by None
+    for the one engine of a single-process server (no label)."""
+    by_replica = any(key is not None for key in snapshots)
+    extra = ["replica"] if by_replica else []
+    gauges = [
+        ("running", "loraplex:num_requests_running", "Requests running (in the batch)."),
+        ("waiting", "loraplex:num_requests_waiting", "Requests waiting to be scheduled."),
+        ("kv_free_blocks", "loraplex:kv_cache_free_blocks", "Free KV cache blocks."),
+        ("kv_total_blocks", "loraplex:kv_cache_total_blocks", "KV cache blocks."),
+    ]
+    for key, name, doc in gauges:
+        family = GaugeMetricFamily(name, doc, labels=extra)
+        for replica, snap in snapshots.items():
+            family.add_metric([replica] if by_replica else [], float(snap[key]))
+        yield family
+    loaded = GaugeMetricFamily(
+        "loraplex:lora_adapter_loaded",
+        "1 where an adapter's weights are: a device slot or the host tier.",
+        labels=["adapter", "tier", "pinned", *extra],
+    )
+    for replica, snap in snapshots.items():
+        for a in snap["adapters"]:
+            for tier in a["tiers"]:
+                labels = [a["name"], tier, str(a["pinned"]).lower()]
+                loaded.add_metric(labels + ([replica] if by_replica else []), 1.0)
+    yield loaded
 
 
 class Metrics:

@@ -116,6 +116,9 @@ class LoadLoRAAdapterRequest(OpenAIBaseModel):
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
     load_inplace: bool = False
+    # loraplex: the adapter's id, if the caller keeps ids (refused if another adapter has
+    # it); by default the server (or the cluster's registry) chooses one
+    lora_int_id: int | None = Field(default=None, ge=1, lt=2**31)
 
 
 class UnloadLoRAAdapterRequest(OpenAIBaseModel):

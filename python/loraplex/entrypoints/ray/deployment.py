@@ -16,15 +16,20 @@ device slots: a host-tier hit costs a copy, a miss a disk read.
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from loraplex.entrypoints.ray.registry import RegistryError, cluster_registry
 from loraplex.entrypoints.ray.router import AdapterAffinityRouter
+
+REPORT_PERIOD_S = 0.5  # how often a replica tells the registry what it holds
 
 
 def engine_deployment(
@@ -33,6 +38,7 @@ def engine_deployment(
     lora_roots: list[str] | None = None,
     max_ongoing_requests: int | None = None,
     ray_actor_options: dict[str, Any] | None = None,
+    graceful_shutdown_timeout_s: float = 20.0,
 ):
     """The deployment (not yet bound) for ``EngineArgs(**engine_kwargs)`` replicas."""
     from loraplex.engine.arg_utils import AsyncEngineArgs
@@ -47,35 +53,67 @@ def engine_deployment(
         max_ongoing_requests=max_ongoing_requests or args.max_num_seqs,
         ray_actor_options=ray_actor_options or {"num_cpus": 0},
         request_router_config=RequestRouterConfig(request_router_class=AdapterAffinityRouter),
+        graceful_shutdown_timeout_s=graceful_shutdown_timeout_s,
     )
     class LoraplexReplica:
-        def __init__(self) -> None:
+        async def __init__(self) -> None:
             from loraplex.v1.engine.async_llm import AsyncLLM
 
             self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs))
             self.registry = cluster_registry()
             self.replica_id = serve.get_replica_context().replica_id.unique_id
+            self.held: dict[str, tuple[int, int]] = {}  # name -> (id, version) added here
+            self.adapter_lock = asyncio.Lock()
+            self.reporter = asyncio.get_running_loop().create_task(self._report_forever())
 
         @serve.multiplexed(max_num_models_per_replica=max_adapters)
         async def adapter(self, name: str):
-            """The adapter named ``name``, registered in the cluster and added here."""
+            """The adapter named ``name``, resolved in the cluster and added here (Ray Serve
+            counts it as this replica's model, which routes its requests here)."""
+            return await self._ensure(name, None)
+
+        async def _ensure(self, name: str, entry: dict | None):
+            """``name``'s adapter as ``entry`` (the registry's, resolved now if None) says,
+            added to the engine, or reloaded in place if the registry has a new version."""
             from loraplex import LoRARequest
 
-            entry = await self.registry.resolve.remote(name)
-            if entry is None:
-                entry = await self.registry.register.remote(name, discover(name, roots))
-            lora = LoRARequest(name, entry["lora_int_id"], entry["path"])
-            await self.engine.add_lora(lora)
-            return lora
+            async with self.adapter_lock:
+                if entry is None:
+                    entry = await self.registry.resolve.remote(name)
+                if entry is None:
+                    entry = await self.registry.register.remote(name, discover(name, roots))
+                lora = LoRARequest(name, entry["lora_int_id"], entry["path"])
+                held = self.held.get(name)
+                if held != (entry["lora_int_id"], entry["version"]):
+                    if held is not None:
+                        lora = LoRARequest(name, held[0], entry["path"], load_inplace=True)
+                    try:
+                        await self.engine.add_lora(lora)
+                    except BaseException:
+                        if held is None:  # no residue of a failed load in the engine
+                            await self.engine.remove_lora(lora.lora_int_id)
+                        raise
+                    self.held[name] = (entry["lora_int_id"], entry["version"])
+                return LoRARequest(name, entry["lora_int_id"], entry["path"])
 
         async def generate(
-            self, prompt, sampling_params, request_id: str
+            self,
+            prompt,
+            sampling_params,
+            request_id: str,
+            priority: int = 0,
+            entry: dict | None = None,
         ) -> AsyncIterator[tuple[str, Any]]:
-            """Yields ``(replica_id, RequestOutput)`` as the engine makes them."""
+            """Yields ``(replica_id, RequestOutput)`` as the engine makes them. The adapter is
+            the request's multiplexed model id; ``entry``, the registry's entry for it if the
+            caller has it (it saves a lookup and carries the version to serve)."""
             name = serve.get_multiplexed_model_id()
-            lora = await self.adapter(name) if name else None
+            lora = None
+            if name:
+                await self.adapter(name)
+                lora = await self._ensure(name, entry)
             async for out in self.engine.generate(
-                prompt, sampling_params, request_id, lora_request=lora
+                prompt, sampling_params, request_id, lora_request=lora, priority=priority
             ):
                 yield self.replica_id, out
 
@@ -83,17 +121,93 @@ def engine_deployment(
             """Registers an adapter in the cluster (refused if its id or path clashes)."""
             return await self.registry.register.remote(name, path, lora_int_id)
 
+        async def load_adapter(
+            self, name: str, path: str, inplace: bool = False, lora_int_id: int | None = None
+        ) -> dict:
+            """Registers ``name`` -> ``path`` in the cluster and loads it here (the replica
+            its requests will be routed to), or, ``inplace``, replaces its weights (the next
+            version; each replica reloads it on its next request). An adapter that fails to
+            load is not registered; its old weights, if any, stay. Answers the entry and
+            this replica's id, or why it was refused (``error``) and this replica's id."""
+            from loraplex._core import LoraplexError
+            from loraplex.errors import InvalidAdapterError
+
+            try:
+                entry = await self._load_adapter(name, path, inplace, lora_int_id)
+            except (RegistryError, InvalidAdapterError, LoraplexError, ValueError) as e:
+                return dict(error=str(e), replica_id=self.replica_id)
+            return dict(entry, replica_id=self.replica_id)
+
+        async def _load_adapter(self, name, path, inplace, lora_int_id) -> dict:
+            from loraplex import LoRARequest
+
+            old = await self.registry.resolve.remote(name)
+            if old is not None and inplace:  # the new weights are read before they replace
+                lora = LoRARequest(name, old["lora_int_id"], path, load_inplace=True)
+                async with self.adapter_lock:
+                    await self.engine.add_lora(lora)
+                    entry = await self.registry.register.remote(name, path, lora_int_id, True)
+                    self.held[name] = (entry["lora_int_id"], entry["version"])
+            else:
+                entry = await self.registry.register.remote(name, path, lora_int_id)
+                try:
+                    await self._ensure(name, entry)
+                except BaseException:
+                    if old is None:  # nothing left of a failed first load
+                        await self.registry.unregister.remote(name)
+                    raise
+            await self.adapter(name)  # counted as this replica's: its requests come here
+            return entry
+
+        async def _report_forever(self) -> None:
+            while True:
+                try:
+                    await self._report()
+                except Exception:  # noqa: BLE001 - the registry restarting must not stop it
+                    pass
+                await asyncio.sleep(REPORT_PERIOD_S)
+
+        async def _report(self) -> None:
+            """Tells the registry what this engine holds; drops adapters unregistered in
+            the cluster (those still in use are dropped on a later report)."""
+            from loraplex._core import AdapterInUseError, UnknownAdapterError
+            from loraplex.entrypoints.openai.metrics import engine_snapshot
+
+            ids = {name: lora_id for name, (lora_id, _) in self.held.items()}
+            state = engine_snapshot(self.engine.engine, ids)
+            state.update(pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id())
+            registered = await self.registry.report.remote(self.replica_id, state)
+            for name, (lora_id, _) in list(self.held.items()):
+                if name in registered:
+                    continue
+                async with self.adapter_lock:
+                    try:
+                        await self.engine.remove_lora(lora_id)
+                    except AdapterInUseError:
+                        continue
+                    except UnknownAdapterError:
+                        pass
+                    self.held.pop(name, None)
+
+        async def __del__(self) -> None:
+            self.reporter.cancel()
+            try:
+                await self.registry.forget_replica.remote(self.replica_id)
+            except Exception:  # noqa: BLE001 - the cluster may be going down too
+                pass
+            self.engine.shutdown()
+
     return LoraplexReplica
 
 
 def discover(name: str, roots: list[str]) -> str:
-    """The folder named ``name`` inside a root (resolved: ``..`` and symlinks out refused)."""
-    for root in roots:
-        candidate = Path(root, name).resolve()
-        inside = candidate == Path(root) or Path(root) in candidate.parents
-        if inside and (candidate / "adapter_config.json").is_file():
-            return str(candidate)
-    where = ", ".join(roots) or "no --lora-root"
-    raise RegistryError(
-        f"adapter {name!r} is not registered in the cluster and not found in {where}"
-    )
+    """The folder named ``name`` inside a root (``RegistryError`` if there is none)."""
+    from loraplex.entrypoints.openai.api_server import find_adapter
+
+    found = find_adapter(name, [Path(r) for r in roots])
+    if found is None:
+        where = ", ".join(roots) or "no --lora-root"
+        raise RegistryError(
+            f"adapter {name!r} is not registered in the cluster and not found in {where}"
+        )
+    return str(found)

@@ -9,10 +9,12 @@ creates the cluster's actor around it (Ray is imported only there).
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
 ACTOR_NAME = "loraplex-adapter-registry"
 NAMESPACE = "loraplex"
+REPORT_MAX_AGE_S = 10.0  # a replica silent this long is left out of the cluster view
 
 
 @dataclass(frozen=True)
@@ -28,11 +30,15 @@ class RegistryError(ValueError):
 
 
 class AdapterRegistry:
+    """Also the cluster's view of its replicas: each replica reports what its engine holds
+    (``report``), and ``replicas()`` answers which replica holds which adapter."""
+
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}  # registered now
         self._ids: dict[str, int] = {}  # every name ever registered -> its id, kept
         self._owner: dict[int, str] = {}  # id -> the name that holds it, forever
         self._next_id = 1
+        self._reports: dict[str, tuple[float, dict]] = {}  # replica -> (when, report)
 
     def register(
         self, name: str, path: str, lora_int_id: int | None = None, replace: bool = False
@@ -89,6 +95,26 @@ class AdapterRegistry:
 
     def entries(self) -> list[dict]:
         return [asdict(e) for e in sorted(self._entries.values(), key=lambda e: e.lora_int_id)]
+
+    def report(self, replica_id: str, state: dict) -> dict[str, int]:
+        """A replica's state (plain data: its engine's queues, KV blocks, adapters held);
+        answers the registered names and their versions, so the replica can drop what was
+        unregistered and reload what was replaced."""
+        self._reports[replica_id] = (time.monotonic(), dict(state, replica_id=replica_id))
+        return {name: e.version for name, e in self._entries.items()}
+
+    def forget_replica(self, replica_id: str) -> None:
+        self._reports.pop(replica_id, None)
+
+    def replicas(self, max_age_s: float = REPORT_MAX_AGE_S) -> list[dict]:
+        """The replicas that reported within ``max_age_s`` (a dead one stops reporting),
+        each report with its age in seconds, ordered by replica id."""
+        now = time.monotonic()
+        fresh = []
+        for _, (when, state) in sorted(self._reports.items(), key=lambda kv: kv[0]):
+            if now - when <= max_age_s:
+                fresh.append(dict(state, age_s=round(now - when, 3)))
+        return fresh
 
 
 def cluster_registry():

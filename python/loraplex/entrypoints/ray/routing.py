@@ -47,8 +47,9 @@ SPILL = 0.25
 def rank_replicas(adapter: str | None, replicas: list[ReplicaView]) -> list[list[ReplicaView]]:
     """Every replica once, in ranks (the first is preferred): holders of ``adapter`` that are
     not full and within ``SPILL`` of the least loaded replica, least loaded first; the other
-    replicas within ``SPILL``, those with room in the host tier first; the rest that are not
-    full, least loaded first; the full ones."""
+    replicas within ``SPILL``, those with room in the host tier first, then by load, then
+    the one holding fewer adapters (new adapters spread over idle replicas); the rest that
+    are not full, least loaded first; the full ones."""
     open_ = [r for r in replicas if not r.full]
     floor = min((r.load for r in open_), default=0.0)
     holders, near, far, full = [], [], [], []
@@ -62,7 +63,7 @@ def rank_replicas(adapter: str | None, replicas: list[ReplicaView]) -> list[list
         else:
             near.append(r)
     by_load = lambda r: (r.load, r.replica_id)  # noqa: E731
-    by_room = lambda r: (not r.has_room, r.load, r.replica_id)  # noqa: E731
+    by_room = lambda r: (not r.has_room, r.load, len(r.adapters), r.replica_id)  # noqa: E731
     ranks = [sorted(holders, key=by_load), sorted(near, key=by_room)]
     ranks += [sorted(far, key=by_load), sorted(full, key=by_load)]
     return [rank for rank in ranks if rank]

@@ -1,0 +1,355 @@
+"""``loraplex serve MODEL --replicas N``: the OpenAI server's routes (``api_server.build_app``,
+the same app) as the ingress of a Ray Serve application whose engines are
+``LoraplexReplica`` s (``deployment.py``).
+
+The ingress parses a request, tokenizes it, resolves its ``model`` through the cluster's
+registry (or finds it in a ``--lora-root`` and registers it), and streams it from an engine
+replica through a handle whose multiplexed model id is the adapter, so that
+``AdapterAffinityRouter`` sends it where the adapter is held. Each response names the
+replica that served it (``x-loraplex-replica``). ``GET /v1/replicas`` is the cluster view
+(which replica holds which adapter, its queues and KV blocks), from what replicas report to
+the registry; ``/metrics`` shows the same per replica.
+
+    app = cluster_app(args)            # the ingress bound to the engine deployment
+    serve.run(app, name="loraplex", route_prefix="/")
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+
+from loraplex._core import LoraplexError
+from loraplex.engine.arg_utils import AsyncEngineArgs
+from loraplex.engine.async_llm import EngineDeadError
+from loraplex.engine.llm_engine import ModelFrontend
+from loraplex.entrypoints.openai.api_server import (
+    APIError,
+    Server,
+    build_app,
+    find_adapter,
+    parse_lora_modules,
+)
+from loraplex.entrypoints.openai.metrics import snapshot_metrics
+from loraplex.entrypoints.ray.deployment import REPORT_PERIOD_S, engine_deployment
+from loraplex.entrypoints.ray.registry import RegistryError, cluster_registry
+from loraplex.errors import InvalidAdapterError
+
+APP_NAME = "loraplex"
+START_ATTEMPTS = 2  # a request whose replica is lost before its first output is sent again
+UNLOAD_WAIT_S = 10.0  # unload answers once no replica reports the adapter (or after this)
+INGRESS_MAX_ONGOING = 4096  # the ingress only forwards: its own limit is not the bound
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterAdapter:
+    """A request's adapter as the registry has it (``lora_name`` as on ``LoRARequest``)."""
+
+    entry: dict[str, Any]
+
+    @property
+    def lora_name(self) -> str:
+        return self.entry["name"]
+
+    @property
+    def lora_int_id(self) -> int:
+        return self.entry["lora_int_id"]
+
+    @property
+    def lora_path(self) -> str:
+        return self.entry["path"]
+
+
+def _lost(e: BaseException) -> bool:
+    """The replica (or every replica) could not be reached: the request may go elsewhere."""
+    return isinstance(e, (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError))
+
+
+def api_error(e: BaseException) -> APIError:
+    """An error from an engine replica as the HTTP answer: the request's own fault is a 400,
+    a lost replica or an engine that stopped a 503, anything else a 500; the message is the
+    cause's (Ray's wrapper and remote traceback left out)."""
+    cause = getattr(e, "cause", None) or e
+    if isinstance(cause, APIError):
+        return cause
+    if _lost(e) or _lost(cause):
+        return APIError(503, f"the engine replica serving this request was lost ({cause})")
+    if isinstance(cause, (EngineDeadError, BackPressureError)):
+        return APIError(503, str(cause))
+    if isinstance(cause, (ValueError, TypeError, LoraplexError, InvalidAdapterError)):
+        return APIError(400, str(cause))
+    return APIError(500, f"{type(cause).__name__}: {cause}")
+
+
+class RemoteStream:
+    """One request's outputs from an engine replica, as ``RequestStream``: ``async for``,
+    ``close()`` (cancels it there, which aborts it). ``start()`` waits for the first output
+    (so errors in the request are raised before anything is answered, and ``replica`` is
+    known for the response header); a request whose replica is lost before that is sent
+    again. A replica lost later ends the stream with a 503 ``APIError``."""
+
+    def __init__(self, call: Callable[[], Any], on_close: Callable[[], None]):
+        self._call, self._on_close = call, on_close
+        self._gen: Any = None
+        self._first: Any = None
+        self.replica: str | None = None
+        self.finished = False
+        self._closed = False
+
+    async def start(self) -> None:
+        for attempt in range(START_ATTEMPTS):
+            self._gen = self._call()
+            try:
+                self.replica, self._first = await self._gen.__anext__()
+                return
+            except StopAsyncIteration:
+                self.close()
+                raise APIError(500, "the engine replica answered nothing") from None
+            except Exception as e:  # noqa: BLE001 - each kind is answered by api_error
+                if _lost(e) and attempt + 1 < START_ATTEMPTS:
+                    continue
+                self.close()
+                raise api_error(e) from None
+
+    def __aiter__(self) -> RemoteStream:
+        return self
+
+    async def __anext__(self):
+        if self._first is not None:
+            out, self._first = self._first, None
+        else:
+            if self.finished or self._closed:
+                raise StopAsyncIteration
+            try:
+                self.replica, out = await self._gen.__anext__()
+            except StopAsyncIteration:
+                self.close()
+                raise
+            except Exception as e:  # noqa: BLE001
+                self.close()
+                raise api_error(e) from None
+        if out.finished:
+            self.finished = True
+            self.close()
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._gen is not None and not self.finished:
+            self._gen.cancel()
+        self._on_close()
+
+
+class ClusterServer(Server):
+    """The server's state for the ingress: requests run on the engine deployment's
+    replicas (``engines``, a handle), adapters are the cluster registry's."""
+
+    def __init__(self, args: argparse.Namespace, engines: Any, registry: Any):
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        engine_args.verify()
+        front = ModelFrontend.from_engine_args(engine_args)
+        self.engine = None
+        self._init(args, engine_args.max_num_seqs)
+        self.tokenizer, self.processor = front.tokenizer, front.processor
+        self.max_model_len = front.max_model_len
+        self.engines, self.registry = engines, registry
+        self.in_flight: Counter[str] = Counter()  # adapter -> requests this ingress runs
+        self.reports: list[dict[str, Any]] = []  # the replicas' last reports (for /metrics)
+
+    async def lora_for(self, model: str | None) -> ClusterAdapter | None:
+        if model is None or model in self.served_names:
+            return None
+        entry = await self.registry.resolve.remote(model)
+        if entry is None:
+            path = find_adapter(model, self.roots)
+            if path is not None:
+                try:
+                    entry = await self.registry.register.remote(model, str(path))
+                except RegistryError as e:
+                    raise APIError(400, str(e), "model") from None
+        if entry is None:
+            raise APIError(404, f"The model `{model}` does not exist.", "model")
+        return ClusterAdapter(entry)
+
+    async def submit(self, request_id: str, tokens: dict, params, lora, priority: int):
+        name = lora.lora_name if lora is not None else ""
+        entry = lora.entry if lora is not None else None
+        handle = self.engines.options(stream=True, multiplexed_model_id=name)
+        self.in_flight[name] += 1
+
+        def done() -> None:
+            self.in_flight[name] -= 1
+
+        def call():
+            return handle.generate.remote(tokens, params, request_id, priority, entry)
+
+        stream = RemoteStream(call, done)
+        await stream.start()
+        return stream
+
+    async def replicas(self) -> list[dict[str, Any]]:
+        self.reports = await self.registry.replicas.remote()
+        return self.reports
+
+    async def check_health(self) -> None:
+        if not await self.replicas():
+            raise EngineDeadError("no engine replica has reported to the cluster registry")
+
+    async def adapters(self) -> list[tuple[str, str]]:
+        return [(e["name"], e["path"]) for e in await self.registry.entries.remote()]
+
+    async def add_adapter(
+        self,
+        name: str,
+        path: Path,
+        inplace: bool,
+        lora_int_id: int | None = None,
+        source: str = "runtime",
+    ) -> str | None:
+        """Registers the adapter and loads it on the replica its requests will be routed
+        to (refused cluster-wide if it clashes); answers that replica's id (a refusal
+        names it too, in the header)."""
+        async with self.adapter_lock:
+            old = await self.registry.resolve.remote(name)
+            if old is not None and not inplace:
+                raise APIError(
+                    400, f"The lora adapter '{name}' has already been loaded.", "lora_name"
+                )
+            start = time.perf_counter()
+            handle = self.engines.options(multiplexed_model_id=name)
+            try:
+                entry = await handle.load_adapter.remote(name, str(path), inplace, lora_int_id)
+            except Exception as e:  # noqa: BLE001 - a lost replica, answered by kind
+                raise api_error(e) from None
+            if "error" in entry:
+                raise APIError(
+                    400,
+                    f"cannot load adapter '{name}': {entry['error']}",
+                    "lora_path",
+                    {self.replica_header: entry["replica_id"]},
+                )
+            self.metrics.loaded(name, source, time.perf_counter() - start)
+            return entry["replica_id"]
+
+    async def remove_adapter(self, name: str) -> None:
+        """Refuses (409) while this ingress runs requests for it; otherwise unregisters it
+        and waits (bounded) until no replica reports holding it: every replica frees it."""
+        async with self.adapter_lock:
+            if self.in_flight[name] > 0:
+                raise APIError(
+                    409,
+                    f"adapter '{name}' is in use: {self.in_flight[name]} request(s) running",
+                    "lora_name",
+                )
+            if not await self.registry.unregister.remote(name):
+                raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name")
+        deadline = time.monotonic() + UNLOAD_WAIT_S
+        while time.monotonic() < deadline:
+            held = {a["name"] for r in await self.replicas() for a in r["adapters"]}
+            if name not in held:
+                return
+            await asyncio.sleep(REPORT_PERIOD_S)
+
+    async def refresh_metrics(self) -> None:
+        await self.replicas()
+
+    def engine_metrics(self):
+        return snapshot_metrics({r["replica_id"]: r for r in self.reports})
+
+    def shutdown(self) -> None:
+        pass  # the engines are the deployment's replicas: Serve stops them
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=INGRESS_MAX_ONGOING)
+@serve.ingress()
+class LoraplexIngress:
+    """The OpenAI routes in front of the engine replicas."""
+
+    def __init__(self, engines: Any, args: argparse.Namespace):
+        self.server = ClusterServer(args, engines, cluster_registry())
+
+    def __serve_build_asgi_app__(self):
+        return build_app(self.server)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def cluster_app(args: argparse.Namespace):
+    """The application: the ingress bound to ``args.replicas`` engine replicas."""
+    engines = engine_deployment(
+        engine_kwargs(args),
+        num_replicas=args.replicas,
+        lora_roots=args.lora_root,
+        graceful_shutdown_timeout_s=args.shutdown_timeout,
+    )
+    return LoraplexIngress.bind(engines.bind(), args)
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    """Starts (or joins, ``--ray-address``) a Ray cluster, runs the app with Serve's HTTP
+    proxy on ``--host:--port``, loads ``--lora-modules``, and serves until SIGTERM/SIGINT."""
+    import ray
+
+    args.model = args.model_tag or args.model
+    if not args.model:
+        raise SystemExit("loraplex serve: name the model to serve (loraplex serve MODEL)")
+    if args.replicas < 1:
+        raise SystemExit(f"loraplex serve: --replicas must be >= 1, got {args.replicas}")
+    modules = parse_lora_modules(args.lora_modules)
+    if modules and not args.enable_lora:
+        raise SystemExit("loraplex serve: --lora-modules needs --enable-lora")
+    args.model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    args.lora_root = [str(Path(r).resolve()) for r in args.lora_root]
+    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which sets its own
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(cluster_app(args), name=APP_NAME, route_prefix="/")
+        engines = serve.get_deployment_handle("LoraplexReplica", app_name=APP_NAME)
+        for name, path in modules:  # each loaded where its requests will be routed
+            try:
+                done = engines.options(multiplexed_model_id=name).load_adapter.remote(
+                    name, str(Path(path).resolve())
+                )
+                why = done.result().get("error")
+            except Exception as e:  # noqa: BLE001 - a lost replica
+                why = api_error(e).message
+            if why:  # a bad one stops the start, naming it
+                raise SystemExit(f"loraplex serve: --lora-modules {name}: {why}")
+        print(
+            f"loraplex: {args.replicas} replica(s) serving on http://{args.host}:{args.port}",
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            pass
+    finally:
+        try:
+            serve.delete(APP_NAME)
+            if args.ray_address is None:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
