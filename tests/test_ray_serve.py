@@ -227,6 +227,40 @@ def test_an_id_clash_through_one_replica_is_refused_through_the_other(cluster, a
         complete(url, "c1", PROMPTS[0])
 
 
+def test_a_client_that_disconnects_frees_its_request_and_the_adapter_can_go(cluster):
+    """A stream left after its first chunk is cancelled on its replica: the ingress counts
+    it no more (unload is not refused as in use), the replica drops the adapter (it cannot
+    while a request uses it), and every KV block comes back."""
+    url = cluster
+    with client(url).completions.with_streaming_response.create(
+        model="extra",  # found in the root on first use
+        prompt=PROMPTS[0],
+        max_tokens=LONG,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    ) as resp:
+        for _ in resp.parse():
+            break  # leave after the first chunk: the connection closes
+    status, body = http(url + "/v1/unload_lora_adapter", "POST", {"lora_name": "extra"})
+    for _ in range(200):  # bounded: the cancellation reaches the ingress asynchronously
+        if status != 409:
+            break
+        threading.Event().wait(0.1)
+        status, body = http(url + "/v1/unload_lora_adapter", "POST", {"lora_name": "extra"})
+    assert status == 200, body
+    assert "extra" not in holders(url)  # unload answers once no replica holds it
+    for _ in range(200):  # bounded: replicas report twice a second
+        view = replicas(url)
+        if all(r["running"] == r["waiting"] == 0 for r in view) and all(
+            r["kv_free_blocks"] == r["kv_total_blocks"] for r in view
+        ):
+            break
+        threading.Event().wait(0.1)
+    else:
+        pytest.fail(f"blocks not freed: {view}")
+
+
 def urllib_post(url: str, body: dict) -> tuple[int, str, dict]:
     import urllib.error
     import urllib.request

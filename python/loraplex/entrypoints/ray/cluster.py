@@ -126,6 +126,9 @@ class RemoteStream:
                     continue
                 self.close()
                 raise api_error(e) from None
+            except BaseException:  # cancelled (the client left): cancel it there too
+                self.close()
+                raise
 
     def __aiter__(self) -> RemoteStream:
         return self

@@ -52,7 +52,10 @@ def engine_deployment(
         num_replicas=num_replicas,
         max_ongoing_requests=max_ongoing_requests or args.max_num_seqs,
         ray_actor_options=ray_actor_options or {"num_cpus": 0},
-        request_router_config=RequestRouterConfig(request_router_class=AdapterAffinityRouter),
+        request_router_config=RequestRouterConfig(
+            request_router_class=AdapterAffinityRouter,
+            request_router_kwargs={"max_adapters": max_adapters},
+        ),
         graceful_shutdown_timeout_s=graceful_shutdown_timeout_s,
     )
     class LoraplexReplica:
@@ -116,6 +119,10 @@ def engine_deployment(
                 prompt, sampling_params, request_id, lora_request=lora, priority=priority
             ):
                 yield self.replica_id, out
+
+        async def check_health(self) -> None:
+            """Ray Serve's health check: a replica whose engine loop died is replaced."""
+            await self.engine.check_health()
 
         async def register(self, name: str, path: str, lora_int_id: int | None = None) -> dict:
             """Registers an adapter in the cluster (refused if its id or path clashes)."""

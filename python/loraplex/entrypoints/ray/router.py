@@ -11,6 +11,8 @@ went to both replicas in turn). A replica's host tier, not its device slots, is 
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from ray.serve.request_router import (
     PendingRequest,
     ReplicaID,
@@ -23,8 +25,14 @@ from loraplex.entrypoints.ray.routing import ReplicaView, rank_replicas
 
 
 class AdapterAffinityRouter(RequestRouter):
-    def initialize_state(self, **kwargs) -> None:
+    """``request_router_kwargs={"max_adapters": N}``: each replica's host tier size (its
+    ``max_cpu_loras``); the adapters this router sent a replica are remembered as an LRU of
+    that size, as the replica's tier holds them."""
+
+    def initialize_state(self, max_adapters: int = 0, **kwargs) -> None:
+        self._max_adapters = max_adapters
         self._placed: dict[str, ReplicaID] = {}  # adapter -> the replica it was last sent to
+        self._sent: dict[ReplicaID, OrderedDict[str, None]] = {}  # replica -> its LRU
 
     async def choose_replicas(
         self,
@@ -39,14 +47,28 @@ class AdapterAffinityRouter(RequestRouter):
             rid = r.replica_id.unique_id
             by_id[rid] = r
             held = set(r.multiplexed_model_ids)
-            held |= {a for a, placed in self._placed.items() if placed == r.replica_id}
+            held.update(self._sent.get(r.replica_id, ()))
             ongoing = self.replica_queue_len_cache.get(r.replica_id) or 0
-            views.append(ReplicaView(rid, frozenset(held), ongoing, r.max_ongoing_requests))
+            views.append(
+                ReplicaView(
+                    rid, frozenset(held), ongoing, r.max_ongoing_requests, self._max_adapters
+                )
+            )
         return [[by_id[v.replica_id] for v in rank] for rank in rank_replicas(adapter, views)]
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
     ) -> None:
         adapter = pending_request.metadata.multiplexed_model_id
-        if adapter:
-            self._placed[adapter] = replica_id
+        if not adapter:
+            return
+        previous = self._placed.get(adapter)
+        if previous is not None and previous != replica_id:
+            self._sent[previous].pop(adapter, None)
+        self._placed[adapter] = replica_id
+        lru = self._sent.setdefault(replica_id, OrderedDict())
+        lru[adapter] = None
+        lru.move_to_end(adapter)
+        while self._max_adapters and len(lru) > self._max_adapters:
+            evicted, _ = lru.popitem(last=False)
+            del self._placed[evicted]
