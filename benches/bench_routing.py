@@ -24,18 +24,19 @@ from collections.abc import Callable
 
 from loraplex.entrypoints.ray.routing import ReplicaView, choose_replica
 
-Policy = Callable[[str | None, list[ReplicaView], random.Random, int], ReplicaView]
+# (adapter, replicas, rng, request number, the replica the adapter was last sent to)
+Policy = Callable[[str | None, list[ReplicaView], random.Random, int, str | None], ReplicaView]
 
 
-def affinity(adapter, views, rng, tick):
-    return choose_replica(adapter, views)
+def affinity(adapter, views, rng, tick, last):
+    return choose_replica(adapter, views, last)
 
 
-def uniform(adapter, views, rng, tick):
+def uniform(adapter, views, rng, tick, last):
     return rng.choice(views)
 
 
-def round_robin(adapter, views, rng, tick):
+def round_robin(adapter, views, rng, tick, last):
     return views[tick % len(views)]
 
 
@@ -92,6 +93,7 @@ def simulate(
     rate = load * replicas * max_ongoing / 16  # arrivals per tick (mean service: 16 ticks)
     requests = hits = 0
     spread = []
+    last: dict[str, str] = {}  # adapter -> the replica it was last sent to
     for tick in range(ticks):
         for r in fleet:
             r.ends = [e for e in r.ends if e > tick]
@@ -99,7 +101,9 @@ def simulate(
         for _ in range(arrivals):
             adapter = None if rng.random() < base_share else rng.choices(names, weights)[0]
             views = [r.view() for r in fleet]
-            chosen = policy(adapter, views, rng, requests)
+            chosen = policy(adapter, views, rng, requests, last.get(adapter))
+            if adapter is not None:
+                last[adapter] = chosen.replica_id
             replica = fleet[int(chosen.replica_id[1:])]
             hits += replica.admit(adapter, tick + rng.randint(8, 24))
             requests += 1

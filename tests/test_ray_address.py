@@ -92,3 +92,18 @@ def test_replicas_join_an_existing_cluster_and_leave_it_running(tmp_path, monkey
         starter.stdout.close()
         stop_cluster(starter.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_a_bad_startup_adapter_stops_the_start_naming_it(tmp_path):
+    """The server exits non-zero naming the adapter (and is never healthy meanwhile)."""
+    base = build_model(tmp_path / "base", "llama")
+    bad = build_adapter(base, tmp_path / "bad", seed=81)
+    (bad / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    log = tmp_path / "server.log"
+    args = [str(base), "--replicas", "1", "--enable-lora", "--max-lora-rank", "8"]
+    args += ["--max-model-len", "128", "--lora-modules", f"broken={bad}"]
+    with pytest.raises(RuntimeError, match="exited") as info:
+        proc, _ = start_server(args, log)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    assert "--lora-modules" in str(info.value) and "'broken'" in str(info.value), log.read_text()

@@ -77,6 +77,14 @@ def test_a_busy_holder_spills_to_the_least_loaded_replica():
     assert choose_replica("a", views).replica_id == "r2"
 
 
+def test_an_adapter_held_twice_keeps_to_the_replica_it_was_last_sent_to():
+    views = [ReplicaView(f"r{i}", frozenset({"a"}), 1, 8, 4) for i in range(3)]
+    for last in ("r0", "r1", "r2"):
+        assert choose_replica("a", views, last).replica_id == last
+    views[2] = ReplicaView("r2", frozenset({"a"}), 2, 8, 4)  # busier: the least loaded wins
+    assert choose_replica("a", views, "r2").replica_id == "r0"
+
+
 def test_new_adapters_spread_over_equally_loaded_replicas():
     """At equal load a new adapter goes to the replica holding fewer (not the first by id),
     so adapters placed on an idle cluster fill every replica."""

@@ -176,6 +176,7 @@ class ClusterServer(Server):
         self.engines, self.registry = engines, registry
         self.in_flight: Counter[str] = Counter()  # adapter -> requests this ingress runs
         self.reports: list[dict[str, Any]] = []  # the replicas' last reports (for /metrics)
+        self.ready = False  # healthy once the startup adapters are loaded
 
     async def lora_for(self, model: str | None) -> ClusterAdapter | None:
         if model is None or model in self.served_names:
@@ -213,6 +214,8 @@ class ClusterServer(Server):
         return self.reports
 
     async def check_health(self) -> None:
+        if not self.ready:
+            raise EngineDeadError("starting: the --lora-modules are not loaded yet")
         if not await self.replicas():
             raise EngineDeadError("no engine replica has reported to the cluster registry")
 
@@ -236,21 +239,33 @@ class ClusterServer(Server):
                 raise APIError(
                     400, f"The lora adapter '{name}' has already been loaded.", "lora_name"
                 )
-            start = time.perf_counter()
-            handle = self.engines.options(multiplexed_model_id=name)
-            try:
-                entry = await handle.load_adapter.remote(name, str(path), inplace, lora_int_id)
-            except Exception as e:  # noqa: BLE001 - a lost replica, answered by kind
-                raise api_error(e) from None
-            if "error" in entry:
-                raise APIError(
-                    400,
-                    f"cannot load adapter '{name}': {entry['error']}",
-                    "lora_path",
-                    {self.replica_header: entry["replica_id"]},
-                )
-            self.metrics.loaded(name, source, time.perf_counter() - start)
-            return entry["replica_id"]
+            return await self.load_on_replica(name, path, inplace, lora_int_id, source)
+
+    async def load_on_replica(
+        self,
+        name: str,
+        path: Path,
+        inplace: bool = False,
+        lora_int_id: int | None = None,
+        source: str = "runtime",
+    ) -> str:
+        """Registers and loads the adapter on the replica its requests will be routed to
+        (through this ingress's router, which so learns where it is); that replica's id."""
+        start = time.perf_counter()
+        handle = self.engines.options(multiplexed_model_id=name)
+        try:
+            entry = await handle.load_adapter.remote(name, str(path), inplace, lora_int_id)
+        except Exception as e:  # noqa: BLE001 - a lost replica, answered by kind
+            raise api_error(e) from None
+        if "error" in entry:
+            raise APIError(
+                400,
+                f"cannot load adapter '{name}': {entry['error']}",
+                "lora_path",
+                {self.replica_header: entry["replica_id"]},
+            )
+        self.metrics.loaded(name, source, time.perf_counter() - start)
+        return entry["replica_id"]
 
     async def remove_adapter(self, name: str) -> None:
         """Refuses (409) while this ingress runs requests for it; otherwise unregisters it
@@ -292,6 +307,17 @@ class LoraplexIngress:
     def __serve_build_asgi_app__(self):
         return build_app(self.server)
 
+    async def load_modules(self, modules: list[tuple[str, str]]) -> str | None:
+        """Loads ``--lora-modules`` (each on the replica its requests will go to); the
+        first refusal, naming the adapter, or None."""
+        for name, path in modules:
+            try:
+                await self.server.load_on_replica(name, Path(path), source="startup")
+            except APIError as e:
+                return e.message
+        self.server.ready = True
+        return None
+
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
@@ -330,20 +356,15 @@ def run_cluster(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(cluster_app(args), name=APP_NAME, route_prefix="/")
-        engines = serve.get_deployment_handle("LoraplexReplica", app_name=APP_NAME)
-        for name, path in modules:  # each loaded where its requests will be routed
-            try:
-                done = engines.options(multiplexed_model_id=name).load_adapter.remote(
-                    name, str(Path(path).resolve())
-                )
-                why = done.result().get("error")
-            except Exception as e:  # noqa: BLE001 - a lost replica
-                why = api_error(e).message
-            if why:  # a bad one stops the start, naming it
-                raise SystemExit(f"loraplex serve: --lora-modules {name}: {why}")
+        ingress = serve.run(cluster_app(args), name=APP_NAME, route_prefix="/")
+        modules = [(name, str(Path(path).resolve())) for name, path in modules]
+        why = ingress.load_modules.remote(modules).result()
+        if why:  # a bad one stops the start, naming it
+            raise SystemExit(f"loraplex serve: --lora-modules: {why}")
+        gcs = ray.get_runtime_context().gcs_address
         print(
-            f"loraplex: {args.replicas} replica(s) serving on http://{args.host}:{args.port}",
+            f"loraplex: {args.replicas} replica(s) serving on http://{args.host}:{args.port} "
+            f"(Ray cluster at {gcs})",
             flush=True,
         )
         while not stop.wait(1.0):

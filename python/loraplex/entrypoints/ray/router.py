@@ -54,7 +54,9 @@ class AdapterAffinityRouter(RequestRouter):
                     rid, frozenset(held), ongoing, r.max_ongoing_requests, self._max_adapters
                 )
             )
-        return [[by_id[v.replica_id] for v in rank] for rank in rank_replicas(adapter, views)]
+        last = self._placed.get(adapter) if adapter else None
+        ranks = rank_replicas(adapter, views, last.unique_id if last is not None else None)
+        return [[by_id[v.replica_id] for v in rank] for rank in ranks]
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult

@@ -44,12 +44,16 @@ class ReplicaView:
 SPILL = 0.25
 
 
-def rank_replicas(adapter: str | None, replicas: list[ReplicaView]) -> list[list[ReplicaView]]:
+def rank_replicas(
+    adapter: str | None, replicas: list[ReplicaView], last: str | None = None
+) -> list[list[ReplicaView]]:
     """Every replica once, in ranks (the first is preferred): holders of ``adapter`` that are
     not full and within ``SPILL`` of the least loaded replica, least loaded first; the other
     replicas within ``SPILL``, those with room in the host tier first, then by load, then
     the one holding fewer adapters (new adapters spread over idle replicas); the rest that
-    are not full, least loaded first; the full ones."""
+    are not full, least loaded first; the full ones. Among holders equally loaded, ``last``
+    (the replica the adapter was last sent to) comes first: an adapter held by several
+    replicas keeps going to one while the load allows."""
     open_ = [r for r in replicas if not r.full]
     floor = min((r.load for r in open_), default=0.0)
     holders, near, far, full = [], [], [], []
@@ -64,13 +68,16 @@ def rank_replicas(adapter: str | None, replicas: list[ReplicaView]) -> list[list
             near.append(r)
     by_load = lambda r: (r.load, r.replica_id)  # noqa: E731
     by_room = lambda r: (not r.has_room, r.load, len(r.adapters), r.replica_id)  # noqa: E731
-    ranks = [sorted(holders, key=by_load), sorted(near, key=by_room)]
+    sticky = lambda r: (r.load, r.replica_id != last, r.replica_id)  # noqa: E731
+    ranks = [sorted(holders, key=sticky), sorted(near, key=by_room)]
     ranks += [sorted(far, key=by_load), sorted(full, key=by_load)]
     return [rank for rank in ranks if rank]
 
 
-def choose_replica(adapter: str | None, replicas: list[ReplicaView]) -> ReplicaView:
+def choose_replica(
+    adapter: str | None, replicas: list[ReplicaView], last: str | None = None
+) -> ReplicaView:
     """The first replica of the first rank."""
     if not replicas:
         raise ValueError("no replica to route to")
-    return rank_replicas(adapter, replicas)[0][0]
+    return rank_replicas(adapter, replicas, last)[0][0]
