@@ -66,7 +66,7 @@ def engine_deployment(
             self.registry = cluster_registry()
             self.replica_id = serve.get_replica_context().replica_id.unique_id
             self.held: dict[str, tuple[int, int]] = {}  # name -> (id, version) added here
-            self.adapter_lock = asyncio.Lock()
+            self.locks: dict[str, asyncio.Lock] = {}  # one per adapter: its reads are serial
             self.reporter = asyncio.get_running_loop().create_task(self._report_forever())
 
         @serve.multiplexed(max_num_models_per_replica=max_adapters)
@@ -80,7 +80,10 @@ def engine_deployment(
             added to the engine, or reloaded in place if the registry has a new version."""
             from loraplex import LoRARequest
 
-            async with self.adapter_lock:
+            wanted = None if entry is None else (entry["lora_int_id"], entry["version"])
+            if wanted is not None and self.held.get(name) == wanted:
+                return LoRARequest(name, entry["lora_int_id"], entry["path"])  # no wait
+            async with self.locks.setdefault(name, asyncio.Lock()):  # others' reads go on
                 if entry is None:
                     entry = await self.registry.resolve.remote(name)
                 if entry is None:
@@ -151,7 +154,7 @@ def engine_deployment(
             old = await self.registry.resolve.remote(name)
             if old is not None and inplace:  # the new weights are read before they replace
                 lora = LoRARequest(name, old["lora_int_id"], path, load_inplace=True)
-                async with self.adapter_lock:
+                async with self.locks.setdefault(name, asyncio.Lock()):
                     await self.engine.add_lora(lora)
                     entry = await self.registry.register.remote(name, path, lora_int_id, True)
                     self.held[name] = (entry["lora_int_id"], entry["version"])
@@ -187,7 +190,7 @@ def engine_deployment(
             for name, (lora_id, _) in list(self.held.items()):
                 if name in registered:
                     continue
-                async with self.adapter_lock:
+                async with self.locks.setdefault(name, asyncio.Lock()):
                     try:
                         await self.engine.remove_lora(lora_id)
                     except AdapterInUseError:
