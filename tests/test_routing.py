@@ -11,7 +11,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loraplex.entrypoints.ray.routing import SPILL, ReplicaView, choose_replica, rank_replicas
+from loraplex.entrypoints.ray.routing import (
+    ReplicaView,
+    choose_replica,
+    rank_replicas,
+    spill_margin,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches"))
 from bench_routing import POLICIES, simulate  # noqa: E402
@@ -50,13 +55,13 @@ def test_ranks_partition_the_replicas_and_prefer_unloaded_holders(views, adapter
     first = ranks[0]
     open_ = [v for v in views if not v.full]
     floor = min((v.load for v in open_), default=0.0)
-    holders = [v for v in open_ if adapter in v.adapters and v.load <= floor + SPILL]
+    holders = [v for v in open_ if adapter in v.adapters and v.load <= floor + spill_margin(v)]
     chosen = choose_replica(adapter, views)
     if holders:  # a holder near the least load is always chosen over any other replica
         assert set(first) == set(holders)
         assert chosen in holders
     elif open_:  # never a full replica while one is not; else the least loaded
-        assert not chosen.full and chosen.load <= floor + SPILL
+        assert not chosen.full and chosen.load <= floor + spill_margin(chosen)
     else:
         assert chosen.load == min(v.load for v in views)
 
@@ -75,6 +80,15 @@ def test_a_busy_holder_spills_to_the_least_loaded_replica():
     views[1] = ReplicaView("r1", frozenset(), 31, 32)
     views[2] = ReplicaView("r2", frozenset(), 30, 32)
     assert choose_replica("a", views).replica_id == "r2"
+
+
+def test_at_small_limits_a_holder_two_requests_ahead_keeps_its_adapter():
+    """A replica's count can lag by one; with max_ongoing 4 a quarter is one request, so the
+    margin is two requests."""
+    views = [ReplicaView("r0", frozenset({"a"}), 2, 4), ReplicaView("r1", frozenset(), 0, 4)]
+    assert choose_replica("a", views).replica_id == "r0"
+    views[0] = ReplicaView("r0", frozenset({"a"}), 3, 4)
+    assert choose_replica("a", views).replica_id == "r1"
 
 
 def test_an_adapter_held_twice_keeps_to_the_replica_it_was_last_sent_to():

@@ -42,14 +42,23 @@ class ReplicaView:
 # the least loaded replica is passed over: the request spills there, which loads the
 # adapter (a hot adapter spreads over replicas as its load grows)
 SPILL = 0.25
+# ... and by at least this many requests: a replica's count can lag by one (a request just
+# answered is still being torn down there), which must not move an adapter off its holder
+MIN_SPILL_REQUESTS = 2
+
+
+def spill_margin(replica: ReplicaView) -> float:
+    """How much busier (in load) than the least loaded replica ``replica`` may be and still
+    take its adapters' requests."""
+    return max(SPILL, MIN_SPILL_REQUESTS / max(replica.max_ongoing, 1))
 
 
 def rank_replicas(
     adapter: str | None, replicas: list[ReplicaView], last: str | None = None
 ) -> list[list[ReplicaView]]:
     """Every replica once, in ranks (the first is preferred): holders of ``adapter`` that are
-    not full and within ``SPILL`` of the least loaded replica, least loaded first; the other
-    replicas within ``SPILL``, those with room in the host tier first, then by load, then
+    not full and within ``spill_margin`` of the least loaded replica, least loaded first;
+    the other replicas within it, those with room in the host tier first, then by load, then
     the one holding fewer adapters (new adapters spread over idle replicas); the rest that
     are not full, least loaded first; the full ones. Among holders equally loaded, ``last``
     (the replica the adapter was last sent to) comes first: an adapter held by several
@@ -60,7 +69,7 @@ def rank_replicas(
     for r in replicas:
         if r.full:
             full.append(r)
-        elif r.load > floor + SPILL:
+        elif r.load > floor + spill_margin(r):
             far.append(r)
         elif adapter is not None and adapter in r.adapters:
             holders.append(r)
