@@ -40,6 +40,8 @@ def assets(tmp_path_factory):
     paths = {name: build_adapter(base, root / name, seed=40 + i) for i, name in enumerate(ADAPTERS)}
     spare = build_adapter(base, tmp_path_factory.mktemp("ray-spare") / "s", seed=60)
     extra = build_adapter(base, root / "extra", seed=61)
+    corrupt = build_adapter(base, root / "corrupt", seed=62)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     return dict(base=base, root=root, paths=paths, spare=spare, extra=extra)
 
 
@@ -225,6 +227,20 @@ def test_an_id_clash_through_one_replica_is_refused_through_the_other(cluster, a
     assert http(url + "/v1/unload_lora_adapter", "POST", {"lora_name": "c1"})[0] == 404
     with pytest.raises(openai.NotFoundError):
         complete(url, "c1", PROMPTS[0])
+
+
+def test_a_bad_adapter_found_in_the_root_fails_alone(cluster):
+    """Found in --lora-root but corrupt: its request is a 400 naming it, nothing is
+    registered, and every other adapter serves on."""
+    url = cluster
+    status, body, headers = urllib_post(
+        url + "/v1/completions", {"model": "corrupt", "prompt": "x", "max_tokens": 2}
+    )
+    assert status == 400 and "corrupt" in body and "Traceback" not in body, body
+    assert HEADER in {k.lower() for k in headers}  # the replica that tried it
+    assert "corrupt" not in [m.id for m in client(url).models.list().data]
+    for model in ADAPTERS:
+        assert complete(url, model, PROMPTS[0])[0]
 
 
 def test_a_client_that_disconnects_frees_its_request_and_the_adapter_can_go(cluster):

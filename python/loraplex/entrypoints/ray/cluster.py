@@ -48,7 +48,7 @@ from loraplex.entrypoints.openai.api_server import (
 )
 from loraplex.entrypoints.openai.metrics import snapshot_metrics
 from loraplex.entrypoints.ray.deployment import REPORT_PERIOD_S, engine_deployment
-from loraplex.entrypoints.ray.registry import RegistryError, cluster_registry
+from loraplex.entrypoints.ray.registry import cluster_registry
 from loraplex.errors import InvalidAdapterError
 
 APP_NAME = "loraplex"
@@ -183,12 +183,14 @@ class ClusterServer(Server):
             return None
         entry = await self.registry.resolve.remote(model)
         if entry is None:
-            path = find_adapter(model, self.roots)
-            if path is not None:
+            path = find_adapter(model, self.roots)  # a folder of that name in a --lora-root
+            if path is not None:  # loaded (so checked) where its requests will go
                 try:
-                    entry = await self.registry.register.remote(model, str(path))
-                except RegistryError as e:
-                    raise APIError(400, str(e), "model") from None
+                    entry = await self.load_on_replica(model, path, source="discovered")
+                except APIError as e:
+                    entry = await self.registry.resolve.remote(model)
+                    if entry is None:  # not registered meanwhile by another request
+                        raise APIError(e.status, e.message, "model", e.headers) from None
         if entry is None:
             raise APIError(404, f"The model `{model}` does not exist.", "model")
         return ClusterAdapter(entry)
@@ -239,7 +241,8 @@ class ClusterServer(Server):
                 raise APIError(
                     400, f"The lora adapter '{name}' has already been loaded.", "lora_name"
                 )
-            return await self.load_on_replica(name, path, inplace, lora_int_id, source)
+            entry = await self.load_on_replica(name, path, inplace, lora_int_id, source)
+            return entry["replica_id"]
 
     async def load_on_replica(
         self,
@@ -248,9 +251,10 @@ class ClusterServer(Server):
         inplace: bool = False,
         lora_int_id: int | None = None,
         source: str = "runtime",
-    ) -> str:
+    ) -> dict[str, Any]:
         """Registers and loads the adapter on the replica its requests will be routed to
-        (through this ingress's router, which so learns where it is); that replica's id."""
+        (through this ingress's router, which so learns where it is); its registry entry
+        and that replica's id (``replica_id``). Refused (400): nothing is registered."""
         start = time.perf_counter()
         handle = self.engines.options(multiplexed_model_id=name)
         try:
@@ -265,7 +269,7 @@ class ClusterServer(Server):
                 {self.replica_header: entry["replica_id"]},
             )
         self.metrics.loaded(name, source, time.perf_counter() - start)
-        return entry["replica_id"]
+        return entry
 
     async def remove_adapter(self, name: str) -> None:
         """Refuses (409) while this ingress runs requests for it; otherwise unregisters it

@@ -145,7 +145,8 @@ def engine_deployment(
             try:
                 entry = await self._load_adapter(name, path, inplace, lora_int_id)
             except (RegistryError, InvalidAdapterError, LoraplexError, ValueError) as e:
-                return dict(error=str(e), replica_id=self.replica_id)
+                cause = getattr(e, "cause", None) or e  # the registry's, not Ray's wrapper
+                return dict(error=str(cause), replica_id=self.replica_id)
             return dict(entry, replica_id=self.replica_id)
 
         async def _load_adapter(self, name, path, inplace, lora_int_id) -> dict:
