@@ -5,6 +5,7 @@ registry, stays up."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ pytest.importorskip("ray", reason="Ray is not installed (pip install loraplex[ra
 import openai  # noqa: E402
 
 from test_ray_serve import HEADER  # noqa: E402
-from test_server import start_server  # noqa: E402
+from test_server import http, start_server  # noqa: E402
 from tiny_adapters import build_adapter  # noqa: E402
 from tiny_models import build_model  # noqa: E402
 
@@ -52,7 +53,7 @@ def test_replicas_join_an_existing_cluster_and_leave_it_running(tmp_path, monkey
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
     temp_dir = tempfile.mkdtemp(prefix="lpray-", dir="/tmp")  # short: Ray's socket paths
     port = free_port()
-    head = [ray_cli(), "start", "--head", "--port", str(port), "--num-cpus", "2"]
+    head = [ray_cli(), "start", "--head", "--port", str(port), "--num-cpus", "4"]
     head += ["--include-dashboard", "false", "--temp-dir", temp_dir, "--disable-usage-stats"]
     starter = subprocess.Popen(
         head, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -71,6 +72,10 @@ def test_replicas_join_an_existing_cluster_and_leave_it_running(tmp_path, monkey
                     model="b0", prompt="hello", max_tokens=4, extra_body={"ignore_eos": True}
                 )
             assert raw.parse().usage.completion_tokens == 4 and raw.headers[HEADER]
+            # 4 CPUs over 2 replicas: 2 torch threads each (Ray alone would give them one)
+            status, body = http(url + "/v1/replicas", key=None)
+            assert status == 200, body
+            assert [r["torch_threads"] for r in json.loads(body)["data"]] == [2, 2], body
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=120)

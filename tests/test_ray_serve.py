@@ -173,6 +173,8 @@ def test_outputs_equal_one_engine_and_requests_follow_their_adapter(cluster, ass
                     assert replica == placed[model], (model, replica, placed)
     text, replica = stream_completion(url, "a4", PROMPTS[1], MAX_TOKENS)  # streamed
     assert (text, replica) == (reference[("a4", PROMPTS[1], MAX_TOKENS)], placed["a4"])
+    cpus = os.cpu_count() or 1  # each replica computes on its share of the cores
+    assert [r["torch_threads"] for r in replicas(url)] == [max(1, cpus // 2)] * 2
     view = holders(url)  # the cluster view agrees with where requests went
     for model in ADAPTERS:
         assert placed[model] in view.get(model, set()), (model, view)

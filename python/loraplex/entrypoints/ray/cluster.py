@@ -328,13 +328,15 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in names}
 
 
-def cluster_app(args: argparse.Namespace):
-    """The application: the ingress bound to ``args.replicas`` engine replicas."""
+def cluster_app(args: argparse.Namespace, threads: int | None = None):
+    """The application: the ingress bound to ``args.replicas`` engine replicas, each with
+    ``threads`` torch threads."""
     engines = engine_deployment(
         engine_kwargs(args),
         num_replicas=args.replicas,
         lora_roots=args.lora_root,
         graceful_shutdown_timeout_s=args.shutdown_timeout,
+        threads=threads,
     )
     return LoraplexIngress.bind(engines.bind(), args)
 
@@ -360,7 +362,11 @@ def run_cluster(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        ingress = serve.run(cluster_app(args), name=APP_NAME, route_prefix="/")
+        # replicas reserve no CPU (so any number can be placed), and Ray then gives such an
+        # actor one thread; a CPU engine wants its share of the cluster's cores instead
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        threads = max(1, cpus // args.replicas)
+        ingress = serve.run(cluster_app(args, threads), name=APP_NAME, route_prefix="/")
         modules = [(name, str(Path(path).resolve())) for name, path in modules]
         why = ingress.load_modules.remote(modules).result()
         if why:  # a bad one stops the start, naming it

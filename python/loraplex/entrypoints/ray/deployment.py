@@ -39,8 +39,11 @@ def engine_deployment(
     max_ongoing_requests: int | None = None,
     ray_actor_options: dict[str, Any] | None = None,
     graceful_shutdown_timeout_s: float = 20.0,
+    threads: int | None = None,
 ):
-    """The deployment (not yet bound) for ``EngineArgs(**engine_kwargs)`` replicas."""
+    """The deployment (not yet bound) for ``EngineArgs(**engine_kwargs)`` replicas, each
+    computing with ``threads`` torch threads (None: Ray's default for an actor that reserves
+    no CPU, which is one)."""
     from loraplex.engine.arg_utils import AsyncEngineArgs
 
     args = AsyncEngineArgs(**engine_kwargs)
@@ -60,8 +63,12 @@ def engine_deployment(
     )
     class LoraplexReplica:
         async def __init__(self) -> None:
+            import torch
+
             from loraplex.v1.engine.async_llm import AsyncLLM
 
+            if threads is not None:
+                torch.set_num_threads(threads)
             self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs))
             self.registry = cluster_registry()
             self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -181,12 +188,15 @@ def engine_deployment(
         async def _report(self) -> None:
             """Tells the registry what this engine holds; drops adapters unregistered in
             the cluster (those still in use are dropped on a later report)."""
+            import torch
+
             from loraplex._core import AdapterInUseError, UnknownAdapterError
             from loraplex.entrypoints.openai.metrics import engine_snapshot
 
             ids = {name: lora_id for name, (lora_id, _) in self.held.items()}
             state = engine_snapshot(self.engine.engine, ids)
             state.update(pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id())
+            state.update(torch_threads=torch.get_num_threads())
             registered = await self.registry.report.remote(self.replica_id, state)
             for name, (lora_id, _) in list(self.held.items()):
                 if name in registered:
