@@ -183,6 +183,8 @@ def test_outputs_equal_one_engine_and_requests_follow_their_adapter(cluster, ass
     for replica in set(placed.values()):
         assert f'replica="{replica}"' in metrics
     assert 'loraplex:request_success_total{adapter="a3",finish_reason="length"}' in metrics
+    served = f'loraplex:replica_requests_total{{adapter="a3",replica="{placed["a3"]}"}}'
+    assert served in metrics, metrics  # requests counted by the replica that served them
 
 
 def test_a_saturated_holder_spills_and_outputs_stay_right(cluster, reference):

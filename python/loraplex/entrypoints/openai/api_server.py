@@ -380,7 +380,7 @@ async def _outputs(server: Server, lora, stream: RequestStream) -> AsyncIterator
             yield out
     finally:
         stream.close()
-        tracker.done()
+        tracker.done(getattr(stream, "replica", None))
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

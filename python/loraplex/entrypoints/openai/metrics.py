@@ -108,6 +108,18 @@ class Metrics:
             ["adapter", "finish_reason"],
             registry=r,
         )
+        self.by_replica = Counter(
+            "loraplex:replica_requests",
+            "Requests ended, by the replica that served them (a server over replicas).",
+            ["replica", "adapter"],
+            registry=r,
+        )
+        self.replica_tokens = Counter(
+            "loraplex:replica_generation_tokens",
+            "Generated tokens, by the replica that made them (a server over replicas).",
+            ["replica", "adapter"],
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             "loraplex:prompt_tokens", "Prompt tokens.", ["adapter"], registry=r
         )
@@ -178,6 +190,10 @@ class RequestTracker:
             end = t.finished_time or t.last_token_time
             self.m.e2e.labels(a).observe(max(0.0, end - t.arrival_time))
 
-    def done(self) -> None:
+    def done(self, replica: str | None = None) -> None:
+        """The request ended; ``replica`` served it (None on a single server)."""
         for reason in self.finish.values():
             self.m.success.labels(self.adapter, str(reason)).inc()
+        if replica is not None:
+            self.m.by_replica.labels(replica, self.adapter).inc()
+            self.m.replica_tokens.labels(replica, self.adapter).inc(self.generated)
