@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,15 +21,9 @@ pytest.importorskip("ray", reason="Ray is not installed (pip install loraplex[ra
 import openai  # noqa: E402
 
 from test_ray_serve import HEADER  # noqa: E402
-from test_server import http, start_server  # noqa: E402
+from test_server import free_port, http, start_server  # noqa: E402
 from tiny_adapters import build_adapter  # noqa: E402
 from tiny_models import build_model  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_cli() -> str:

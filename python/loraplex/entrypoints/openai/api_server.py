@@ -339,7 +339,6 @@ async def _submit(server: Server, prompt, params, lora, priority) -> RequestStre
         )
     try:
         text, ids = server.processor.tokenize(request_id, prompt)
-        server.processor.check_params(request_id, params)
         limit = server.max_model_len
         if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
             raise APIError(

@@ -324,8 +324,8 @@ class LoraplexIngress:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-    return {k: v for k, v in vars(args).items() if k in names}
+    """The engine's arguments among the command's, as keywords (for each replica)."""
+    return dataclasses.asdict(AsyncEngineArgs.from_cli_args(args))
 
 
 def cluster_app(args: argparse.Namespace, threads: int | None = None):
