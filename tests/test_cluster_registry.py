@@ -82,6 +82,34 @@ def test_what_is_refused_and_why():
     assert reg.register("sql", "/a")["lora_int_id"] == 3
 
 
+def test_an_unregistered_adapter_is_released_once_every_replica_acted_on_it():
+    reg = AdapterRegistry()
+    reg.register("sql", "/a")
+    reg.register("code", "/b")
+    for replica in ("r1", "r2"):
+        registered, epoch = reg.report(replica, {"held": ["sql", "code"], "registry_epoch": 0})
+        assert set(registered) == {"sql", "code"} and epoch == 0
+    first = reg.unregister("sql")
+    assert reg.unregister("sql") is None  # not registered any more
+    assert not reg.released("sql", first)  # both still hold it
+    # r1's report was taken before it heard of the unregistration: it has not dropped it yet,
+    # though its list no longer names it (an adapter may be out of its engine's tiers)
+    registered, epoch = reg.report("r1", {"held": ["code"], "registry_epoch": 0})
+    assert set(registered) == {"code"} and epoch == first
+    reg.report("r2", {"held": ["code"], "registry_epoch": first})
+    assert not reg.released("sql", first)  # r1 has not reported since acting on it
+    reg.report("r1", {"held": ["code"], "registry_epoch": first})
+    assert reg.released("sql", first)
+    second = reg.unregister("code")
+    assert second > first
+    reg.report("r1", {"held": ["code"], "registry_epoch": second})  # in use there: kept
+    reg.report("r2", {"held": [], "registry_epoch": second})
+    assert not reg.released("code", second)
+    assert reg.released("code", second, max_age_s=-1.0)  # a replica silent too long is out
+    reg.forget_replica("r1")
+    assert reg.released("code", second)
+
+
 def test_a_clash_is_refused_through_another_worker():
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install loraplex[ray])")
     from loraplex.entrypoints.ray.registry import cluster_registry

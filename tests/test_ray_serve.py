@@ -227,7 +227,7 @@ def test_an_id_clash_through_one_replica_is_refused_through_the_other(cluster, a
     assert "c1" in names and not any(n.startswith("c2-") for n in names)
     # unload frees it on every replica; it is gone from the cluster
     assert http(url + "/v1/unload_lora_adapter", "POST", {"lora_name": "c1"})[0] == 200
-    assert "c1" not in holders(url)
+    assert "c1" not in holders(url), replicas(url)
     assert http(url + "/v1/unload_lora_adapter", "POST", {"lora_name": "c1"})[0] == 404
     with pytest.raises(openai.NotFoundError):
         complete(url, "c1", PROMPTS[0])

@@ -324,6 +324,25 @@ def test_seed_none_and_vllm_module_paths(base):
     assert clone == params and clone is not params
 
 
+def test_default_sampling_params_are_what_generate_uses(base):
+    from loraplex import LLM, SamplingParams
+
+    llm = LLM(model=str(base), max_model_len=64)
+    default = llm.get_default_sampling_params()
+    assert isinstance(default, SamplingParams)
+    assert (default.temperature, default.top_p, default.top_k, default.max_tokens) == (
+        1.0,
+        1.0,
+        0,
+        16,
+    )  # vLLM's SamplingParams defaults
+    default.max_tokens = 2  # a fresh copy each call: changing it changes nothing after
+    assert llm.get_default_sampling_params().max_tokens == 16
+    out = llm.generate("a", use_tqdm=False)[0].outputs[0]  # no params: the defaults
+    assert len(out.token_ids) == 16 or out.finish_reason == "stop"
+    assert len(llm.generate("a", default, use_tqdm=False)[0].outputs[0].token_ids) <= 2
+
+
 def test_lora_request_load_inplace_field():
     req = LoRARequest("x", 3, "/a", load_inplace=True)
     assert req.load_inplace is True and "load_inplace=True" in repr(req)

@@ -30,6 +30,11 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer:
         return self.llm_engine.get_tokenizer()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` and ``chat`` use when given no sampling params (a fresh copy):
+        ``SamplingParams()``'s defaults, not the checkpoint's generation_config.json."""
+        return SamplingParams()
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -83,7 +88,10 @@ class LLM:
     def _generate(self, prompt_list, sampling_params, use_tqdm, lora_request, priority, tok_kw):
         n = len(prompt_list)
         params = _per_prompt(
-            sampling_params or SamplingParams(), SamplingParams, n, "sampling_params"
+            sampling_params or self.get_default_sampling_params(),
+            SamplingParams,
+            n,
+            "sampling_params",
         )
         loras = _per_prompt(lora_request, LoRARequest, n, "lora_request")
         priorities = list(priority) if priority is not None else [0] * n

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 import signal
 import threading
 import time
@@ -48,12 +49,15 @@ from loraplex.entrypoints.openai.api_server import (
 )
 from loraplex.entrypoints.openai.metrics import snapshot_metrics
 from loraplex.entrypoints.ray.deployment import REPORT_PERIOD_S, engine_deployment
-from loraplex.entrypoints.ray.registry import cluster_registry
+from loraplex.entrypoints.ray.registry import REPORT_MAX_AGE_S, cluster_registry
 from loraplex.errors import InvalidAdapterError
 
 APP_NAME = "loraplex"
+logger = logging.getLogger("ray.serve")  # user code's logger in Serve: the replica's log
 START_ATTEMPTS = 2  # a request whose replica is lost before its first output is sent again
-UNLOAD_WAIT_S = 10.0  # unload answers once no replica reports the adapter (or after this)
+# unload answers once no replica holds the adapter, or after this: longer than the reports'
+# max age, so a replica lost meanwhile leaves the cluster view first
+UNLOAD_WAIT_S = REPORT_MAX_AGE_S + 5.0
 INGRESS_MAX_ONGOING = 4096  # the ingress only forwards: its own limit is not the bound
 
 
@@ -273,7 +277,7 @@ class ClusterServer(Server):
 
     async def remove_adapter(self, name: str) -> None:
         """Refuses (409) while this ingress runs requests for it; otherwise unregisters it
-        and waits (bounded) until no replica reports holding it: every replica frees it."""
+        and waits (bounded) until every replica has reported since dropping it."""
         async with self.adapter_lock:
             if self.in_flight[name] > 0:
                 raise APIError(
@@ -281,12 +285,13 @@ class ClusterServer(Server):
                     f"adapter '{name}' is in use: {self.in_flight[name]} request(s) running",
                     "lora_name",
                 )
-            if not await self.registry.unregister.remote(name):
+            epoch = await self.registry.unregister.remote(name)
+            if epoch is None:
                 raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name")
         deadline = time.monotonic() + UNLOAD_WAIT_S
-        while time.monotonic() < deadline:
-            held = {a["name"] for r in await self.replicas() for a in r["adapters"]}
-            if name not in held:
+        while not await self.registry.released.remote(name, epoch):
+            if time.monotonic() > deadline:  # a replica still finishing a request with it
+                logger.warning("adapter %r is unregistered; a replica still holds it", name)
                 return
             await asyncio.sleep(REPORT_PERIOD_S)
 

@@ -74,6 +74,7 @@ def engine_deployment(
             self.replica_id = serve.get_replica_context().replica_id.unique_id
             self.held: dict[str, tuple[int, int]] = {}  # name -> (id, version) added here
             self.locks: dict[str, asyncio.Lock] = {}  # one per adapter: its reads are serial
+            self.registry_epoch = 0  # the registry's, as of the last drops made here
             self.reporter = asyncio.get_running_loop().create_task(self._report_forever())
 
         @serve.multiplexed(max_num_models_per_replica=max_adapters)
@@ -195,9 +196,10 @@ def engine_deployment(
 
             ids = {name: lora_id for name, (lora_id, _) in self.held.items()}
             state = engine_snapshot(self.engine.engine, ids)
+            state.update(held=sorted(ids), registry_epoch=self.registry_epoch)
             state.update(pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id())
             state.update(torch_threads=torch.get_num_threads())
-            registered = await self.registry.report.remote(self.replica_id, state)
+            registered, epoch = await self.registry.report.remote(self.replica_id, state)
             for name, (lora_id, _) in list(self.held.items()):
                 if name in registered:
                     continue
@@ -205,10 +207,11 @@ def engine_deployment(
                     try:
                         await self.engine.remove_lora(lora_id)
                     except AdapterInUseError:
-                        continue
+                        continue  # still listed in ``held``: dropped on a later report
                     except UnknownAdapterError:
                         pass
                     self.held.pop(name, None)
+            self.registry_epoch = epoch
 
         async def __del__(self) -> None:
             self.reporter.cancel()

@@ -39,6 +39,7 @@ class AdapterRegistry:
         self._owner: dict[int, str] = {}  # id -> the name that holds it, forever
         self._next_id = 1
         self._reports: dict[str, tuple[float, dict]] = {}  # replica -> (when, report)
+        self._epoch = 0  # one more at each unregistration
 
     def register(
         self, name: str, path: str, lora_int_id: int | None = None, replace: bool = False
@@ -89,19 +90,33 @@ class AdapterRegistry:
         entry = self._entries.get(name)
         return None if entry is None else asdict(entry)
 
-    def unregister(self, name: str) -> bool:
-        """Forgets the name's path; its id stays reserved for it."""
-        return self._entries.pop(name, None) is not None
+    def unregister(self, name: str) -> int | None:
+        """Forgets the name's path (its id stays reserved for it). Answers the epoch of
+        this unregistration (see ``released``), or None if the name was not registered."""
+        if self._entries.pop(name, None) is None:
+            return None
+        self._epoch += 1
+        return self._epoch
 
     def entries(self) -> list[dict]:
         return [asdict(e) for e in sorted(self._entries.values(), key=lambda e: e.lora_int_id)]
 
-    def report(self, replica_id: str, state: dict) -> dict[str, int]:
-        """A replica's state (plain data: its engine's queues, KV blocks, adapters held);
-        answers the registered names and their versions, so the replica can drop what was
-        unregistered and reload what was replaced."""
+    def report(self, replica_id: str, state: dict) -> tuple[dict[str, int], int]:
+        """A replica's state (plain data: its engine's queues, KV blocks, adapters by tier,
+        ``held``: the names its engine has, ``registry_epoch``: the last answer of this
+        call it has acted on). Answers the registered names and their versions, so the
+        replica can drop what was unregistered, and the epoch those names are as of."""
         self._reports[replica_id] = (time.monotonic(), dict(state, replica_id=replica_id))
-        return {name: e.version for name, e in self._entries.items()}
+        return {name: e.version for name, e in self._entries.items()}, self._epoch
+
+    def released(self, name: str, epoch: int, max_age_s: float = REPORT_MAX_AGE_S) -> bool:
+        """Whether every replica still reporting has acted on the unregistrations up to
+        ``epoch`` (``unregister``'s answer) and holds no adapter named ``name``: a report
+        taken before a replica dropped it does not count."""
+        return all(
+            r.get("registry_epoch", 0) >= epoch and name not in r.get("held", ())
+            for r in self.replicas(max_age_s)
+        )
 
     def forget_replica(self, replica_id: str) -> None:
         self._reports.pop(replica_id, None)
