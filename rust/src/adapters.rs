@@ -220,19 +220,24 @@ impl Adapters {
     }
 
     /// A read proved valid: gives it a host slot if one can be had without evicting a pinned
-    /// key, one being copied, or one `protected` names. Returns the placement and the key
-    /// evicted for it (its device slot, if any, is freed too).
+    /// key, one being copied, or one `rank` keeps (`None`); of the others the highest rank
+    /// goes (see [`LruCache::acquire_ranked`]). Returns the placement and the key evicted
+    /// for it (its device slot, if any, is freed too).
     pub fn place(
         &mut self,
         key: Key,
-        protected: impl Fn(&Key) -> bool,
+        rank: impl Fn(&Key) -> Option<usize>,
     ) -> (Placement, Option<Key>) {
         if !matches!(self.state(key), Some(State::Reading | State::Validated)) {
             return (Placement::Gone, None);
         }
         let weights = &self.weights;
-        let acquired = self.host.acquire(&key, |k| {
-            protected(k) || weights.get(k).is_some_and(|w| w.state == State::Filling)
+        let acquired = self.host.acquire_ranked(&key, |k| {
+            if weights.get(k).is_some_and(|w| w.state == State::Filling) {
+                None
+            } else {
+                rank(k)
+            }
         });
         let w = self.weights.get_mut(&key).expect("checked");
         let Some(acquired) = acquired else {
@@ -354,7 +359,7 @@ mod tests {
 
     fn load(a: &mut Adapters, key: Key) -> (Placement, Option<Key>) {
         a.begin_read(key).unwrap();
-        let placed = a.place(key, |_| false);
+        let placed = a.place(key, |_| Some(usize::MAX));
         if let (Placement::Slot(slot), _) = placed {
             assert!(a.end_fill(key, slot));
         }
@@ -371,16 +376,19 @@ mod tests {
         a.begin_read(k2).unwrap();
         assert_eq!(a.residency(k2), Residency::Loading);
         assert_eq!(a.resident_ids(), vec![7]); // x stays while y is read
-        assert_eq!(a.place(k2, |k| *k == k1), (Placement::Wait, None));
-        assert_eq!(a.place(k2, |_| false), (Placement::Slot(0), Some(k1)));
+        assert_eq!(
+            a.place(k2, |k| (*k != k1).then_some(0)),
+            (Placement::Wait, None)
+        );
+        assert_eq!(a.place(k2, |_| Some(0)), (Placement::Slot(0), Some(k1)));
         a.forget(k2); // forgotten while copied: the slot stays reserved
         let (k3, _) = a.register(&req("z", 9)).unwrap();
         a.begin_read(k3).unwrap();
-        assert_eq!(a.place(k3, |_| false), (Placement::Wait, None));
+        assert_eq!(a.place(k3, |_| Some(0)), (Placement::Wait, None));
         assert!(!a.end_fill(k2, 0));
-        assert_eq!(a.place(k3, |_| false), (Placement::Slot(0), None));
+        assert_eq!(a.place(k3, |_| Some(0)), (Placement::Slot(0), None));
         a.forget(k1);
-        assert_eq!(a.place(k1, |_| false), (Placement::Gone, None));
+        assert_eq!(a.place(k1, |_| Some(0)), (Placement::Gone, None));
     }
 
     #[test]

@@ -98,6 +98,17 @@ impl<K: Hash + Eq + Clone> LruCache<K> {
     /// recently used unpinned key's for which `is_protected` is false. `None` when every
     /// resident key is pinned or protected (or the capacity is 0).
     pub fn acquire(&mut self, key: &K, is_protected: impl Fn(&K) -> bool) -> Option<Acquired<K>> {
+        self.acquire_ranked(key, |k| (!is_protected(k)).then_some(usize::MAX))
+    }
+
+    /// [`acquire`](Self::acquire) with a choice of victim: `rank` is `None` for a key that
+    /// must stay, else how readily it goes: the highest rank is evicted, the least recently
+    /// used among equals (`usize::MAX`, the highest, ends the search at the first such key).
+    pub fn acquire_ranked(
+        &mut self,
+        key: &K,
+        rank: impl Fn(&K) -> Option<usize>,
+    ) -> Option<Acquired<K>> {
         if let Some(slot) = self.touch(key) {
             return Some(Acquired {
                 slot,
@@ -108,7 +119,18 @@ impl<K: Hash + Eq + Clone> LruCache<K> {
         let (slot, evicted) = match self.free.pop() {
             Some(slot) => (slot, None),
             None => {
-                let victim = self.order.values().find(|k| !is_protected(k))?.clone();
+                let mut best: Option<(usize, &K)> = None;
+                for k in self.order.values() {
+                    match rank(k) {
+                        Some(usize::MAX) => {
+                            best = Some((usize::MAX, k));
+                            break;
+                        }
+                        Some(r) if best.is_none_or(|(b, _)| r > b) => best = Some((r, k)),
+                        _ => {}
+                    }
+                }
+                let victim = best?.1.clone();
                 (self.detach(&victim)?, Some(victim))
             }
         };
@@ -206,6 +228,25 @@ mod tests {
         assert!(c.acquire(&4, |_| true).unwrap().hit);
         assert_eq!(c.remove(&2), Some(1));
         assert_eq!(c.acquire(&6, |_| true).unwrap().slot, 1);
+    }
+
+    #[test]
+    fn ranked_evicts_the_highest_rank_then_the_least_recent() {
+        let mut c = LruCache::new(4);
+        for k in [1, 2, 3, 4] {
+            c.acquire(&k, |_| false);
+        }
+        // 1 must stay; 2 and 4 rank 7, 3 ranks 5: the older of 2 and 4 goes
+        let rank = |k: &i32| match k {
+            1 => None,
+            3 => Some(5),
+            _ => Some(7),
+        };
+        assert_eq!(c.acquire_ranked(&5, rank).unwrap().evicted, Some(2));
+        // an unranked-high key (usize::MAX) goes before any ranked one, even if more recent
+        let rank = |k: &i32| if *k == 5 { Some(usize::MAX) } else { Some(9) };
+        assert_eq!(c.acquire_ranked(&6, rank).unwrap().evicted, Some(5));
+        assert!(c.acquire_ranked(&7, |_| None).is_none());
     }
 
     #[test]

@@ -183,21 +183,17 @@ impl Scheduler {
     }
 
     /// The loader pool read and validated `key`'s weights: where to put them. A read ahead
-    /// of need never evicts an adapter in use, pinned, or wanted sooner by the waiting queue
-    /// (it waits for a slot: [`Placement::Wait`], and a later `schedule` names one in
-    /// `commits`); an `explicit` one (`add_lora`) takes the least recently used adapter that
-    /// nothing uses, and with none is dropped after validation (`Wait`: read again when
-    /// needed).
+    /// of need never evicts an adapter in use, pinned, or wanted sooner by the waiting queue;
+    /// it evicts one the queue wants later only when no request runs (a running one will
+    /// free a slot that nothing wants, without a second read of a wanted adapter).
+    /// Otherwise it waits for a slot ([`Placement::Wait`]; a later `schedule` names one in
+    /// `commits`). An `explicit` one (`add_lora`) may evict any adapter nothing uses, and
+    /// with none is dropped after validation (`Wait`: read again when needed). Either way
+    /// the victim is one the waiting queue does not want (the least recently used), else
+    /// the one it wants last.
     pub fn adapter_validated(&mut self, key: Key, explicit: bool) -> Placement {
-        let wanted = if explicit {
-            Vec::new()
-        } else {
-            self.wanted_before(key)
-        };
-        let active = &self.active;
-        let (placement, evicted) = self
-            .adapters
-            .place(key, |k| active.contains_key(k) || wanted.contains(k));
+        let upcoming = self.upcoming();
+        let (placement, evicted) = self.place(key, explicit, &upcoming);
         self.unready(evicted);
         if explicit && placement == Placement::Wait {
             self.adapters.unplace(key);
@@ -205,16 +201,44 @@ impl Scheduler {
         placement
     }
 
-    /// Ready adapters that waiting requests will want before `key`'s (within the host tier's
-    /// reach).
-    fn wanted_before(&self, key: Key) -> Vec<Key> {
+    /// Where each adapter comes in the order admission takes the waiting queue's adapters.
+    fn upcoming(&self) -> FastMap<Key, usize> {
         self.waiting
             .adapters_in_order()
             .flatten()
-            .take(self.adapters.host.capacity())
-            .take_while(|a| *a != key)
-            .filter(|a| self.adapters.residency(*a) == Residency::Ready)
+            .enumerate()
+            .map(|(i, k)| (k, i))
             .collect()
+    }
+
+    /// Places `key`'s validated weights (see [`Self::adapter_validated`]); `upcoming` is
+    /// [`Self::upcoming`].
+    fn place(
+        &mut self,
+        key: Key,
+        explicit: bool,
+        upcoming: &FastMap<Key, usize>,
+    ) -> (Placement, Option<Key>) {
+        // what a read ahead keeps of what the queue wants: all of it while requests run,
+        // else what comes before `key` (everything, if the queue does not want `key`)
+        let keep_before = if explicit {
+            0
+        } else if self.running.is_empty() {
+            upcoming.get(&key).copied().unwrap_or(usize::MAX)
+        } else {
+            usize::MAX
+        };
+        let active = &self.active;
+        self.adapters.place(key, |k| {
+            if active.contains_key(k) {
+                return None;
+            }
+            match upcoming.get(k) {
+                None => Some(usize::MAX),
+                Some(&at) if at < keep_before => None,
+                Some(&at) => Some(at),
+            }
+        })
     }
 
     /// `key`'s weights are in `host_slot`: its requests can be admitted.
@@ -676,11 +700,14 @@ impl Scheduler {
     /// in flight.
     fn read_ahead(&mut self, out: &mut SchedulerOutput) {
         out.unheld.append(&mut self.adapters.unheld);
-        for key in self.adapters.validated_keys() {
-            let wanted = self.wanted_before(key);
-            let active = &self.active;
-            let protected = |k: &Key| active.contains_key(k) || wanted.contains(k);
-            let (placement, evicted) = self.adapters.place(key, protected);
+        let validated = self.adapters.validated_keys();
+        let upcoming = if validated.is_empty() {
+            FastMap::default()
+        } else {
+            self.upcoming()
+        };
+        for key in validated {
+            let (placement, evicted) = self.place(key, false, &upcoming);
             self.unready(evicted);
             if let Placement::Slot(slot) = placement {
                 out.commits.push((key, slot));
@@ -755,6 +782,17 @@ mod tests {
         Scheduler::new(SchedulerConfig {
             max_loras,
             max_cpu_loras,
+            ..SchedulerConfig::default()
+        })
+        .unwrap()
+    }
+
+    /// One request runs at a time; `slots` device and host slots.
+    fn one_seat(slots: usize) -> Scheduler {
+        Scheduler::new(SchedulerConfig {
+            max_num_seqs: 1,
+            max_loras: slots,
+            max_cpu_loras: slots,
             ..SchedulerConfig::default()
         })
         .unwrap()
@@ -895,6 +933,78 @@ mod tests {
         assert_eq!(s.resident_adapters(), Vec::<i64>::new());
         s.adapter_loaded(later, 0);
         assert_eq!(s.schedule().seqs[0].request_id, 2);
+    }
+
+    #[test]
+    fn placement_evicts_what_the_queue_wants_last() {
+        let mut s = one_seat(3);
+        let (k1, k2, _k3) = (ready(&mut s, 1), ready(&mut s, 2), ready(&mut s, 3));
+        let reg = |s: &mut Scheduler, id: i64| {
+            let request = LoRARequest::new(format!("a{id}"), id, format!("/a/{id}")).unwrap();
+            s.register_adapter(&request).unwrap().0
+        };
+        let (k4, k5, k6) = (reg(&mut s, 4), reg(&mut s, 5), reg(&mut s, 6));
+        submit(&s, 10, None); // runs; the others wait for the one seat
+        submit(&s, 11, Some(k4));
+        submit(&s, 12, Some(k1));
+        submit(&s, 13, Some(k2));
+        submit(&s, 14, Some(k5));
+        let out = s.schedule();
+        assert_eq!(out.seqs.len(), 1);
+        assert!(out.reads.iter().any(|job| job.key == k4));
+        // 1 is the least recently used, but 3 is the one nobody waits for
+        let Placement::Slot(slot) = s.adapter_validated(k4, false) else {
+            panic!("3 can go")
+        };
+        s.adapter_loaded(k4, slot);
+        assert_eq!(s.resident_adapters(), vec![1, 2, 4]);
+        // 5 comes after 4, 1 and 2 in the queue: it waits rather than evict them
+        if let Staging::Read(_) = s.stage_adapter(k5).unwrap() {
+            assert_eq!(s.adapter_validated(k5, false), Placement::Wait);
+        }
+        // an explicit add evicts the one the queue wants last (2), not the oldest (1)
+        assert!(matches!(s.stage_adapter(k6).unwrap(), Staging::Read(_)));
+        assert!(matches!(s.adapter_validated(k6, true), Placement::Slot(_)));
+        assert_eq!(s.resident_adapters(), vec![1, 4]);
+        assert!(s.adapters.residency(k2) != Residency::Ready);
+    }
+
+    #[test]
+    fn a_read_ahead_waits_for_a_running_request_rather_than_evict_a_wanted_adapter() {
+        let mut s = one_seat(2);
+        let (k1, k2) = (ready(&mut s, 1), ready(&mut s, 2));
+        let request = LoRARequest::new("a3", 3, "/a/3").unwrap();
+        let k3 = s.register_adapter(&request).unwrap().0;
+        submit(&s, 10, None); // runs first
+        submit(&s, 11, Some(k3));
+        submit(&s, 12, Some(k1));
+        submit(&s, 13, Some(k2));
+        let (mut reads, mut finished) = (Vec::new(), Vec::new());
+        for _ in 0..40 {
+            let out = s.schedule();
+            for job in &out.reads {
+                reads.push(job.key);
+                // 1 and 2 are wanted by waiting requests and a request runs: 3 waits
+                match s.adapter_validated(job.key, false) {
+                    Placement::Slot(slot) => s.adapter_loaded(job.key, slot),
+                    Placement::Wait => assert!(s.num_running() > 0),
+                    Placement::Gone => panic!("nothing removed it"),
+                }
+            }
+            for &(key, slot) in &out.commits {
+                s.adapter_loaded(key, slot);
+            }
+            let ids: Vec<_> = out.seqs.iter().map(|q| q.request_id).collect();
+            s.postprocess(&ids); // each request ends after one step
+            finished.extend(ids);
+            if !s.has_unfinished() {
+                break;
+            }
+        }
+        finished.sort_unstable();
+        assert_eq!(finished, [10, 11, 12, 13]);
+        assert_eq!(reads, [k3]); // no adapter read twice: 3 took a slot nothing wanted
+        assert_eq!(s.kv().num_free_blocks(), s.kv().num_blocks());
     }
 
     #[test]

@@ -8,6 +8,8 @@ use proptest::prelude::*;
 #[derive(Debug, Clone)]
 enum Op {
     Acquire(u8, Vec<u8>),
+    /// `acquire_ranked` with each key's rank (None: kept; 3: usize::MAX, "not wanted").
+    AcquireRanked(u8, Vec<Option<u8>>),
     Touch(u8),
     Pin(u8, bool),
     Remove(u8),
@@ -16,6 +18,8 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0u8..10, prop::collection::vec(0u8..10, 0..4)).prop_map(|(k, p)| Op::Acquire(k, p)),
+        3 => (0u8..10, prop::collection::vec(prop::option::of(0u8..4), 10))
+            .prop_map(|(k, r)| Op::AcquireRanked(k, r)),
         2 => (0u8..10).prop_map(Op::Touch),
         1 => (0u8..10, any::<bool>()).prop_map(|(k, p)| Op::Pin(k, p)),
         1 => (0u8..10).prop_map(Op::Remove),
@@ -50,9 +54,26 @@ proptest! {
         let mut slots: HashMap<u8, usize> = HashMap::new();
         for op in ops {
             match op {
-                Op::Acquire(k, protected) => {
-                    let protected: HashSet<u8> = protected.into_iter().collect();
-                    let got = cache.acquire(&k, |x| protected.contains(x));
+                Op::Acquire(..) | Op::AcquireRanked(..) => {
+                    // the plain form is the ranked one with every unprotected key "not wanted"
+                    let (k, ranks, got) = match op {
+                        Op::Acquire(k, protected) => {
+                            let got = cache.acquire(&k, |x| protected.contains(x));
+                            let ranks: Vec<Option<usize>> = (0..10u8)
+                                .map(|x| (!protected.contains(&x)).then_some(usize::MAX))
+                                .collect();
+                            (k, ranks, got)
+                        }
+                        Op::AcquireRanked(k, r) => {
+                            let ranks: Vec<Option<usize>> = r
+                                .into_iter()
+                                .map(|x| x.map(|v| if v == 3 { usize::MAX } else { v as usize }))
+                                .collect();
+                            let got = cache.acquire_ranked(&k, |x| ranks[*x as usize]);
+                            (k, ranks, got)
+                        }
+                        _ => unreachable!(),
+                    };
                     if model.touch(k) {
                         let got = got.expect("resident key must hit");
                         prop_assert!(got.hit);
@@ -62,10 +83,22 @@ proptest! {
                     let victim = if model.order.len() < capacity {
                         None
                     } else {
-                        match model.order.iter().find(|x| !model.pinned.contains(x) && !protected.contains(x)) {
-                            Some(v) => Some(*v),
+                        // the highest rank among unpinned, unkept keys; the least recent of those
+                        let mut best: Option<(usize, u8)> = None;
+                        for x in &model.order {
+                            if model.pinned.contains(x) {
+                                continue;
+                            }
+                            if let Some(r) = ranks[*x as usize] {
+                                if best.is_none_or(|(b, _)| r > b) {
+                                    best = Some((r, *x));
+                                }
+                            }
+                        }
+                        match best {
+                            Some((_, v)) => Some(v),
                             None => {
-                                prop_assert!(got.is_none(), "evicted a pinned or protected key");
+                                prop_assert!(got.is_none(), "evicted a pinned or kept key");
                                 continue;
                             }
                         }
