@@ -22,7 +22,7 @@ import openai  # noqa: E402
 
 from test_ray_serve import HEADER  # noqa: E402
 from test_server import free_port, http, start_server  # noqa: E402
-from tiny_adapters import build_adapter  # noqa: E402
+from tiny_adapters import build_adapter, build_corrupt_adapter  # noqa: E402
 from tiny_models import build_model  # noqa: E402
 
 
@@ -95,8 +95,7 @@ def test_replicas_join_an_existing_cluster_and_leave_it_running(tmp_path, monkey
 def test_a_bad_startup_adapter_stops_the_start_naming_it(tmp_path):
     """The server exits non-zero naming the adapter (and is never healthy meanwhile)."""
     base = build_model(tmp_path / "base", "llama")
-    bad = build_adapter(base, tmp_path / "bad", seed=81)
-    (bad / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    bad = build_corrupt_adapter(base, tmp_path / "bad", seed=81)
     log = tmp_path / "server.log"
     args = [str(base), "--replicas", "1", "--enable-lora", "--max-lora-rank", "8"]
     args += ["--max-model-len", "128", "--lora-modules", f"broken={bad}"]

@@ -21,7 +21,7 @@ pytest.importorskip("ray", reason="Ray is not installed (pip install loraplex[ra
 
 from loraplex import LLM, LoRARequest, SamplingParams  # noqa: E402
 from test_server import http, start_server  # noqa: E402
-from tiny_adapters import build_adapter  # noqa: E402
+from tiny_adapters import build_adapter, build_corrupt_adapter  # noqa: E402
 from tiny_models import build_model  # noqa: E402
 
 HEADER = "x-loraplex-replica"
@@ -40,8 +40,7 @@ def assets(tmp_path_factory):
     paths = {name: build_adapter(base, root / name, seed=40 + i) for i, name in enumerate(ADAPTERS)}
     spare = build_adapter(base, tmp_path_factory.mktemp("ray-spare") / "s", seed=60)
     extra = build_adapter(base, root / "extra", seed=61)
-    corrupt = build_adapter(base, root / "corrupt", seed=62)
-    (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    build_corrupt_adapter(base, root / "corrupt", seed=62)
     return dict(base=base, root=root, paths=paths, spare=spare, extra=extra)
 
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from loraplex import LLM, LoRARequest, SamplingParams
-from tiny_adapters import build_adapter
+from tiny_adapters import build_adapter, build_corrupt_adapter
 from tiny_models import build_model, set_chat_template
 
 KEY = "sk-test-key"
@@ -79,8 +79,7 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora-root")
     adapters = {f"a{i}": build_adapter(base, root / f"a{i}", seed=70 + i) for i in range(3)}
     outside = build_adapter(base, tmp_path_factory.mktemp("outside") / "x", seed=99)
-    corrupt = build_adapter(base, root / "corrupt", seed=98)
-    (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    corrupt = build_corrupt_adapter(base, root / "corrupt", seed=98)
     (root / "link").symlink_to(outside, target_is_directory=True)
     return dict(base=base, root=root, adapters=adapters, outside=outside, corrupt=corrupt)
 

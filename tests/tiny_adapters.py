@@ -77,6 +77,13 @@ def edit_config(folder: Path, **changes) -> None:
     path.write_text(json.dumps(config))
 
 
+def build_corrupt_adapter(base: Path, folder: Path, seed: int) -> Path:
+    """A PEFT adapter folder whose weights file is not safetensors (its config is valid)."""
+    build_adapter(base, folder, seed=seed)
+    (folder / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    return folder
+
+
 def edit_weights(folder: Path, fn) -> None:
     """Applies ``fn`` to a saved adapter's tensors (a dict, edited in place) and saves them."""
     from safetensors.torch import load_file, save_file

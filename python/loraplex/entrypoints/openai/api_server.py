@@ -211,17 +211,18 @@ class Server:
 
     async def replicas(self) -> list[dict[str, Any]]:
         """The cluster view: one engine here, what it holds (as a replica reports it)."""
-        ids = {name: lora.lora_int_id for name, lora in list(self.loras.items())}
-        state = engine_snapshot(self.engine.engine, ids)
+        state = engine_snapshot(self.engine.engine, self._lora_ids())
         return [dict(state, replica_id="local", pid=os.getpid())]
+
+    def _lora_ids(self) -> dict[str, int]:
+        return {name: lora.lora_int_id for name, lora in list(self.loras.items())}
 
     async def refresh_metrics(self) -> None:
         """Before a scrape (the engine here is read at scrape time: nothing to fetch)."""
 
     def engine_metrics(self):
         """Gauges read from the engine at scrape time."""
-        ids = {name: lora.lora_int_id for name, lora in list(self.loras.items())}
-        return snapshot_metrics({None: engine_snapshot(self.engine.engine, ids)})
+        return snapshot_metrics({None: engine_snapshot(self.engine.engine, self._lora_ids())})
 
     def shutdown(self) -> None:
         self.engine.shutdown()
