@@ -12,21 +12,9 @@ from loraplex import LoRARequest
 from loraplex.engine.backend import LORA_CPP, LORA_PADDED, LORA_SGMV
 from loraplex.lora.adapter import LoRAAdapter, module_shape
 from loraplex.lora.slots import GROUPS, LoRAContext, LoRASlots
-from loraplex.model.config import ModelConfig
 from loraplex.ops import cpu_ext
+from tiny_models import SLOT_CFG as CFG
 
-CFG = ModelConfig.from_dict(
-    {
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": 32,
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-    }
-)
 MAX_RANK = 8
 NUM_SLOTS = 3
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -41,7 +29,7 @@ def make_adapter(seed: int, targets: list[str], rank: int) -> LoRAAdapter:
             a = torch.randn(rank, fan_in, generator=g)
             b = torch.randn(fan_out, rank, generator=g)
             weights[(layer, module)] = (a, b)
-    return LoRAAdapter(LoRARequest(f"s{seed}", seed + 1, "/nowhere"), rank, weights)
+    return LoRAAdapter.from_weights(LoRARequest(f"s{seed}", seed + 1, "/nowhere"), weights)
 
 
 def expected_slot(adapter: LoRAAdapter | None, layer: int, group: str):

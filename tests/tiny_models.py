@@ -13,6 +13,22 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from loraplex.model.config import ModelConfig
+
+# a model config for slot tests that need no model files (tiny, every module shape distinct)
+SLOT_CFG = ModelConfig.from_dict(
+    {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 32,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    }
+)
+
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
     "a journey of a thousand miles begins with a single step",

@@ -5,6 +5,7 @@ from typing import Any, final
 
 __all__ = [
     "AdapterConflictError",
+    "AdapterFile",
     "AdapterInUseError",
     "AdapterNotLoadedError",
     "AdapterRegistry",
@@ -309,3 +310,37 @@ class Scheduler:
     def max_cpu_loras(self) -> int: ...
     @property
     def max_loading(self) -> int: ...
+
+@final
+class AdapterFile:
+    """An adapter's safetensors file read into memory; the loader validates the adapter from
+    ``tensors()`` and fills slots from it."""
+
+    @staticmethod
+    def read(path: str | os.PathLike[str]) -> AdapterFile:
+        """Reads and parses ``path`` (without the GIL); ``OSError`` if it cannot be read,
+        ``ValueError`` if it is not a safetensors file."""
+
+    @staticmethod
+    def from_bytes(data: bytes) -> AdapterFile:
+        """Parses a safetensors file held in memory."""
+
+    def tensors(self) -> list[tuple[str, str, list[int], float | None]]:
+        """``[(name, dtype, shape, max_abs)]`` in file order: dtype as safetensors names it
+        ("F32", "BF16", ...), max_abs the largest magnitude as float32 (NaN if any value is
+        NaN), None for a dtype that is not a float."""
+
+    def to_bytes(self) -> bytes:
+        """The file's bytes."""
+
+    def fill(
+        self,
+        dsts: list[tuple[int, int]],
+        dtype: str,
+        copies: list[tuple[int, int, int, int, bool, float]],
+    ) -> None:
+        """Copies weights into slot memory, without the GIL. ``dsts``: (address, bytes) of
+        each destination region, which the caller owns and nothing else reads or writes
+        during the call (one slot of a stacked tensor); ``dtype``: "float32", "bfloat16" or
+        "float16"; ``copies``: (tensor index, destination index, offset, stride, transpose,
+        scale). Every copy is bounds-checked before anything is written."""

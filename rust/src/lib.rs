@@ -2,6 +2,7 @@
 //! of a multi-LoRA LLM serving engine. Pure Rust; the Python bindings live in `python.rs`
 //! behind the `python` feature.
 
+pub mod adapter_file;
 pub mod adapters;
 pub mod batch;
 pub mod config;
@@ -23,6 +24,7 @@ pub(crate) type FastSet<K> = std::collections::HashSet<K, rustc_hash::FxBuildHas
 #[cfg(feature = "python")]
 mod python;
 
+pub use adapter_file::{AdapterFile, SlotDtype, WeightCopy};
 pub use adapters::{Adapters, Key, Placement, ReadJob, Residency};
 pub use batch::{Eviction, ScheduledSeq, SchedulerOutput, Segment, SlotLoad, NO_SLOT};
 pub use config::SchedulerConfig;

@@ -8,11 +8,12 @@ use pyo3::exceptions::{
 };
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyInt, PyList, PyString, PyTuple, PyType};
+use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString, PyTuple, PyType};
 
+use crate::adapter_file::ReadError;
 use crate::{
-    AdapterRegistry, Error, LoRARequest, NewRequest, Placement, ReadJob, Residency, Scheduler,
-    SchedulerConfig, SchedulerOutput, Staging, Submitter,
+    AdapterFile, AdapterRegistry, Error, LoRARequest, NewRequest, Placement, ReadJob, Residency,
+    Scheduler, SchedulerConfig, SchedulerOutput, SlotDtype, Staging, Submitter, WeightCopy,
 };
 
 /// The error kinds, each a subclass of `LoraplexError` and of a builtin, so that
@@ -758,6 +759,115 @@ impl PyStepPlan {
     }
 }
 
+/// An adapter's safetensors file read into memory (`adapter_file.rs`); the loader validates
+/// the adapter from `tensors()` and fills slots from it.
+#[pyclass(name = "AdapterFile", module = "loraplex._core", frozen)]
+pub struct PyAdapterFile {
+    inner: AdapterFile,
+}
+
+fn read_error(e: ReadError) -> PyErr {
+    match e {
+        ReadError::Io(e) => e.into(),
+        ReadError::Format(_) => PyValueError::new_err(e.to_string()),
+    }
+}
+
+#[pymethods]
+impl PyAdapterFile {
+    /// Reads and parses `path` (without the GIL); `OSError` if it cannot be read,
+    /// `ValueError` if it is not a safetensors file.
+    #[staticmethod]
+    fn read(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = py.detach(|| AdapterFile::read(&path)).map_err(read_error)?;
+        Ok(Self { inner })
+    }
+
+    /// Parses a safetensors file held in memory.
+    #[staticmethod]
+    fn from_bytes(py: Python<'_>, data: Vec<u8>) -> PyResult<Self> {
+        let inner = py
+            .detach(|| AdapterFile::from_bytes(data))
+            .map_err(read_error)?;
+        Ok(Self { inner })
+    }
+
+    /// `[(name, dtype, shape, max_abs)]` in file order: dtype as safetensors names it
+    /// ("F32", "BF16", ...), max_abs the largest magnitude as float32 (NaN if any value is
+    /// NaN), None for a dtype that is not a float.
+    fn tensors(&self) -> Vec<(String, String, Vec<usize>, Option<f32>)> {
+        let entries = self.inner.entries().iter();
+        entries
+            .map(|e| {
+                (
+                    e.name.clone(),
+                    format!("{:?}", e.dtype),
+                    e.shape.clone(),
+                    e.max_abs,
+                )
+            })
+            .collect()
+    }
+
+    /// The file's bytes.
+    fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.bytes())
+    }
+
+    /// Copies weights into slot memory, without the GIL. `dsts`: (address, bytes) of each
+    /// destination region, which the caller owns and nothing else reads or writes during the
+    /// call (one slot of a stacked tensor); `dtype`: "float32", "bfloat16" or "float16";
+    /// `copies`: (tensor index, destination index, offset, stride, transpose, scale), see
+    /// `WeightCopy`. Every copy is bounds-checked before anything is written.
+    fn fill(
+        &self,
+        py: Python<'_>,
+        dsts: Vec<(usize, usize)>,
+        dtype: &str,
+        copies: Vec<(usize, usize, usize, usize, bool, f32)>,
+    ) -> PyResult<()> {
+        let dtype = match dtype {
+            "float32" => SlotDtype::F32,
+            "bfloat16" => SlotDtype::BF16,
+            "float16" => SlotDtype::F16,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unsupported slot dtype {other}"
+                )))
+            }
+        };
+        let copies: Vec<WeightCopy> = copies
+            .into_iter()
+            .map(
+                |(tensor, dst, offset, stride, transpose, scale)| WeightCopy {
+                    tensor,
+                    dst,
+                    offset,
+                    stride,
+                    transpose,
+                    scale,
+                },
+            )
+            .collect();
+        if dsts.iter().any(|&(address, len)| address == 0 && len > 0) {
+            return Err(PyValueError::new_err("a destination at address 0"));
+        }
+        py.detach(|| {
+            // SAFETY: the caller hands regions of live tensors it owns, disjoint, that no
+            // other code touches during the call (LoRASlots: one slot the core has given
+            // this fill alone)
+            let mut regions: Vec<&mut [u8]> = dsts
+                .iter()
+                .map(|&(address, len)| unsafe {
+                    std::slice::from_raw_parts_mut(address as *mut u8, len)
+                })
+                .collect();
+            self.inner.fill(&mut regions, dtype, &copies)
+        })
+        .map_err(PyValueError::new_err)
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -765,6 +875,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyAdapterRegistry>()?;
     m.add_class::<PyScheduler>()?;
     m.add_class::<PyStepPlan>()?;
+    m.add_class::<PyAdapterFile>()?;
     m.add_function(wrap_pyfunction!(_restore_lora_request, m)?)?;
     let t = error_types(py)?;
     for (name, ty) in [

@@ -1,18 +1,20 @@
 """PEFT LoRA adapters: read a folder (or hub repo), check every field and tensor against the
-served model, and fold the scaling into B. Every failure names the adapter and the cause."""
+served model; slots copy the weights from the file, the scaling folded into B. Every failure
+names the adapter and the cause."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from loraplex._core import LoRARequest
+from loraplex._core import AdapterFile, LoRARequest
 from loraplex.errors import InvalidAdapterError
 from loraplex.model.config import ModelConfig
 from loraplex.model.llama import PROJECTIONS
@@ -40,14 +42,70 @@ def module_shape(cfg: ModelConfig, module: str) -> tuple[int, int]:
     }[module]
 
 
+@dataclass(frozen=True)
+class ModuleWeights:
+    """Where one module's weights lie in the adapter's file, and what the checks measured."""
+
+    a: int  # index of lora_A [r, in] among the file's tensors
+    b: int  # index of lora_B [out, r]
+    rank: int
+    scale: float  # lora_alpha / r (or / sqrt(r)): folded into B as it is copied
+    a_max: float  # the largest magnitude in A (float32)
+    b_max: float  # the largest magnitude in B * scale (float32)
+
+
 @dataclass
 class LoRAAdapter:
-    """A validated adapter: per (layer, module), A ``[r, in]`` and B ``[out, r]`` with the
-    scaling folded into B, float32 on the host."""
+    """A validated adapter: its weights file in memory (read once) and, per (layer, module),
+    where A and B lie in it. Slots copy from the file directly (``LoRASlots.load``)."""
 
     request: LoRARequest
     rank: int  # the largest rank over its modules
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    modules: dict[tuple[int, str], ModuleWeights]
+    file: AdapterFile
+
+    @property
+    def weights(self) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """Per (layer, module), A ``[r, in]`` and B ``[out, r]`` with the scaling folded in,
+        as float32 tensors (built on each call; the engine never needs them)."""
+        from safetensors.torch import load
+
+        tensors = load(self.file.to_bytes())
+        names = [name for name, *_ in self.file.tensors()]  # as the modules index them
+        return {
+            key: (tensors[names[m.a]].float(), tensors[names[m.b]].float() * m.scale)
+            for key, m in self.modules.items()
+        }
+
+    @classmethod
+    def from_weights(
+        cls,
+        request: LoRARequest,
+        weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+    ) -> LoRAAdapter:
+        """An adapter of these A ``[r, in]`` and B ``[out, r]`` (scaling already in B), as
+        if read from a file (tests build slots from it)."""
+        from safetensors.torch import save
+
+        named = {}
+        for (layer, module), (a, b) in weights.items():
+            prefix = f"base_model.model.model.layers.{layer}.{_block(module)}.{module}"
+            named[f"{prefix}.lora_A.weight"] = a.float().contiguous()
+            named[f"{prefix}.lora_B.weight"] = b.float().contiguous()
+        file = AdapterFile.from_bytes(save(named))
+        index = {name: i for i, (name, *_) in enumerate(file.tensors())}
+        maxes = [m for *_, m in file.tensors()]
+        modules = {}
+        for (layer, module), (a, _) in weights.items():
+            prefix = f"base_model.model.model.layers.{layer}.{_block(module)}.{module}"
+            ia, ib = index[f"{prefix}.lora_A.weight"], index[f"{prefix}.lora_B.weight"]
+            modules[(layer, module)] = ModuleWeights(ia, ib, a.shape[0], 1.0, maxes[ia], maxes[ib])
+        rank = max(m.rank for m in modules.values())
+        return cls(request, rank, modules, file)
+
+
+def _block(module: str) -> str:
+    return "self_attn" if MODULES[module][0] in ("qkv_proj", "o_proj") else "mlp"
 
 
 def resolve_adapter_path(request: LoRARequest) -> Path:
@@ -91,8 +149,8 @@ def load_adapter(
     folder = resolve_adapter_path(request)
     config = _read_config(request, folder)
     _check_config(request, config, cfg)
-    tensors = _read_tensors(request, folder)
-    return _build(request, config, tensors, cfg, max_lora_rank)
+    file = _read_weights(request, folder)
+    return _build(request, config, file, cfg, max_lora_rank)
 
 
 def adapter_error(request: LoRARequest, cause: str) -> InvalidAdapterError:
@@ -183,30 +241,33 @@ def _check_config(request: LoRARequest, c: dict[str, Any], cfg: ModelConfig) -> 
         )
 
 
-def _read_tensors(request: LoRARequest, folder: Path) -> dict[str, torch.Tensor]:
+def _read_weights(request: LoRARequest, folder: Path) -> AdapterFile:
+    """The weights file, read once (without the GIL); a PyTorch ``adapter_model.bin`` is
+    converted to the same form."""
     st, binary = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
     try:
         if st.is_file():
-            from safetensors.torch import load
+            return AdapterFile.read(st)
+        if not binary.is_file():
+            raise adapter_error(
+                request, f"no adapter_model.safetensors or adapter_model.bin in {folder}"
+            )
+        tensors = torch.load(binary, map_location="cpu", weights_only=True)
+        if not isinstance(tensors, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+        ):
+            raise adapter_error(
+                request, "the adapter weights are not a mapping of names to tensors"
+            )
+        from safetensors.torch import save
 
-            tensors = load(st.read_bytes())  # one read; faster than load_file's mmap
-        elif binary.is_file():
-            tensors = torch.load(binary, map_location="cpu", weights_only=True)
-        else:
-            tensors = None
+        return AdapterFile.from_bytes(save({k: v.clone() for k, v in tensors.items()}))
+    except InvalidAdapterError:
+        raise
     except Exception as e:  # corrupt files raise many kinds; keep the cause
         raise adapter_error(
             request, f"cannot read adapter weights ({type(e).__name__}: {e})"
         ) from e
-    if tensors is None:
-        raise adapter_error(
-            request, f"no adapter_model.safetensors or adapter_model.bin in {folder}"
-        )
-    if not isinstance(tensors, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
-    ):
-        raise adapter_error(request, "the adapter weights are not a mapping of names to tensors")
-    return tensors
 
 
 def _check_regex(request: LoRARequest, what: str, pattern: Any) -> None:
@@ -235,9 +296,20 @@ def _pattern_value(patterns: dict[str, Any], key: str, default: float) -> float:
     return default
 
 
-def _build(request, c, tensors, cfg: ModelConfig, max_lora_rank: int) -> LoRAAdapter:
-    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def _as_float32(x: float) -> float:
+    """``x`` rounded to float32 (inf beyond its range), as torch computes ``b * scale``."""
+    return array("f", [x])[0]
+
+
+def _build(request, c, file: AdapterFile, cfg: ModelConfig, max_lora_rank: int) -> LoRAAdapter:
+    """Validates the adapter from its file's header (names, dtypes, shapes) and the largest
+    magnitude the read measured in each weight."""
+    entries = file.tensors()
+    parts: dict[tuple[int, str], dict[str, int]] = {}
+    for index, (key, *_) in enumerate(entries):
         m = _KEY.match(key)
         if m is None:
             raise adapter_error(
@@ -253,32 +325,30 @@ def _build(request, c, tensors, cfg: ModelConfig, max_lora_rank: int) -> LoRAAda
                 request,
                 f"weight {key!r} is for layer {layer}; the model has {cfg.num_hidden_layers}",
             )
-        parts.setdefault((layer, module), {})[ab] = tensor
+        parts.setdefault((layer, module), {})[ab] = index
     if not parts:
         raise adapter_error(request, "the adapter has no LoRA weights")
-    weights, max_rank = {}, 0
-    scales: dict[str, tuple[Any, int, torch.Tensor]] = {}  # name -> alpha, r, B unscaled
+    modules, max_rank = {}, 0
     for (layer, module), ab in sorted(parts.items()):
-        block = "self_attn" if MODULES[module][0] in ("qkv_proj", "o_proj") else "mlp"
-        name = f"model.layers.{layer}.{block}.{module}"
+        name = f"model.layers.{layer}.{_block(module)}.{module}"
         if set(ab) != {"A", "B"}:
             raise adapter_error(
                 request, f"{name} has lora_{''.join(ab)} but not both lora_A and lora_B"
             )
-        a, b = ab["A"], ab["B"]
-        if not (a.is_floating_point() and b.is_floating_point()):
+        _, a_dtype, a_shape, a_max = entries[ab["A"]]
+        _, b_dtype, b_shape, b_max = entries[ab["B"]]
+        if a_dtype not in _FLOAT_DTYPES or b_dtype not in _FLOAT_DTYPES:
             raise adapter_error(
                 request,
-                f"{name}: lora_A / lora_B must be floating point, got {a.dtype} / {b.dtype}",
+                f"{name}: lora_A / lora_B must be floating point, got {a_dtype} / {b_dtype}",
             )
-        a, b = a.float(), b.float()
         fan_in, fan_out = module_shape(cfg, module)
-        r = a.shape[0] if a.dim() >= 1 else 0
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape != (fan_out, r):
+        r = a_shape[0] if a_shape else 0
+        if len(a_shape) != 2 or a_shape[1] != fan_in or b_shape != [fan_out, r]:
             raise adapter_error(
                 request,
-                f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
-                f"model's {module} ({fan_in} -> {fan_out}); "
+                f"{name}: lora_A {tuple(a_shape)} / lora_B {tuple(b_shape)} do not fit the "
+                f"base model's {module} ({fan_in} -> {fan_out}); "
                 f"expected [r, {fan_in}] and [{fan_out}, r]",
             )
         expected_r = _pattern_value(c.get("rank_pattern"), name, c["r"])
@@ -293,26 +363,15 @@ def _build(request, c, tensors, cfg: ModelConfig, max_lora_rank: int) -> LoRAAda
         alpha = _pattern_value(c.get("alpha_pattern"), name, c["lora_alpha"])
         if r < 1:
             raise adapter_error(request, f"{name}: lora_A has rank 0")
+        if not (math.isfinite(a_max) and math.isfinite(b_max)):
+            raise adapter_error(request, f"{name} has non-finite values (NaN or inf)")
         scale = alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
-        if not math.isfinite(scale):
+        scaled_max = _as_float32(b_max * _as_float32(scale)) if math.isfinite(scale) else scale
+        if not math.isfinite(scaled_max):
             raise adapter_error(
                 request,
                 f"{name}: scaling lora_alpha / r = {alpha} / {r} makes lora_B non-finite",
             )
-        weights[(layer, module)] = (a.contiguous(), (b * scale).contiguous())
-        scales[name] = (alpha, r, b)
+        modules[(layer, module)] = ModuleWeights(ab["A"], ab["B"], r, scale, a_max, scaled_max)
         max_rank = max(max_rank, r)
-    # one finiteness check over every weight (a sum: NaN and inf carry through it; the
-    # loader runs beside the step thread); only when it fails (a sum can also overflow) is
-    # each module checked, and the culprit named
-    flat = torch.cat([t.view(-1) for pair in weights.values() for t in pair])
-    if not torch.isfinite(flat.sum()):
-        for (a, scaled), (name, (alpha, r, b)) in zip(weights.values(), scales.items()):
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise adapter_error(request, f"{name} has non-finite values (NaN or inf)")
-            if not torch.isfinite(scaled).all():
-                raise adapter_error(
-                    request,
-                    f"{name}: scaling lora_alpha / r = {alpha} / {r} makes lora_B non-finite",
-                )
-    return LoRAAdapter(request, max_rank, weights)
+    return LoRAAdapter(request, max_rank, modules, file)

@@ -198,8 +198,8 @@ class LoRAManager:
         dtype = self.host.dtype
         if dtype == torch.float16:  # (bfloat16 has float32's range)
             limit = torch.finfo(dtype).max
-            for (layer, module), pair in adapter.weights.items():
-                if any(w.abs().max() > limit for w in pair):
+            for (layer, module), m in adapter.modules.items():
+                if max(m.a_max, m.b_max) > limit:
                     raise adapter_error(
                         request,
                         f"layer {layer} {module}: weights beyond {dtype}'s range "

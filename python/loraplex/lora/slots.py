@@ -70,6 +70,15 @@ class LoRASlots:
         # does not overwrite, and a step skips the merged projections a slot leaves empty
         self.written: list[dict[tuple[int, str], int]] = [{} for _ in range(num_slots)]
         self.groups: list[frozenset[str]] = [frozenset()] * num_slots
+        # the stacked tensors in one order (a then bt of each merged projection), for fills:
+        # their addresses and the bytes of one slot (the tensors are never reallocated)
+        self.device = next(iter(self.a.values())).device
+        self.regions: dict[tuple[int, str], int] = {}
+        self._addresses: list[tuple[int, int]] = []
+        for key, a in self.a.items():
+            self.regions[key] = len(self._addresses)
+            for t in (a, self.bt[key]):
+                self._addresses.append((t.data_ptr(), t.stride(0) * t.element_size()))
 
     def _zero(self, slot: int, layer: int, module: str, lo: int, hi: int) -> None:
         """Zeroes rows ``lo..hi`` of ``module``'s block in ``slot`` (layer ``layer``)."""
@@ -95,20 +104,34 @@ class LoRASlots:
         self.groups[slot] = src.groups[src_slot]
 
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
-        """Copies ``adapter`` into ``slot``; modules it does not target are zero."""
+        """Copies ``adapter`` into ``slot`` from its file (one call, without the GIL: the
+        scaling folded into B, each weight rounded to the slots' dtype); modules it does not
+        target are zero. Host slots only (a device's are filled by ``copy_slot``)."""
         r_max = self.max_rank
-        new = {key: a.shape[0] for key, (a, _) in adapter.weights.items()}
+        new = {key: m.rank for key, m in adapter.modules.items()}
         for key, r_old in self.written[slot].items():
             if new.get(key, 0) < r_old:
                 self._zero(slot, *key, new.get(key, 0), r_old)
         self.written[slot] = new
         self.groups[slot] = frozenset(MODULES[module][0] for _, module in new)
-        for (layer, module), (a, b) in adapter.weights.items():
+        copies = []
+        for (layer, module), m in adapter.modules.items():
             group, index = MODULES[module]
-            r, col = a.shape[0], index * r_max
-            row = self.offsets[group][index]
-            self.a[(layer, group)][slot, col : col + r].copy_(a)
-            self.bt[(layer, group)][slot, col : col + r, row : row + b.shape[0]].copy_(b.T)
+            col, row = index * r_max, self.offsets[group][index]
+            dst = self.regions[(layer, group)]
+            fan_in, width = self.a[(layer, group)].shape[2], self.bt[(layer, group)].shape[2]
+            copies.append((m.a, dst, col * fan_in, fan_in, False, 1.0))
+            copies.append((m.b, dst + 1, col * width + row, width, True, m.scale))
+        adapter.file.fill(self._slot_regions(slot), _DTYPE_NAMES[self.dtype], copies)
+
+    def _slot_regions(self, slot: int) -> list[tuple[int, int]]:
+        """(address, bytes) of ``slot`` in every stacked tensor, in ``regions``' order."""
+        if self.device.type != "cpu":
+            raise RuntimeError(f"slots on {self.device} are filled by copy_slot, not load")
+        return [(address + slot * size, size) for address, size in self._addresses]
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 class LoRAContext:
