@@ -22,7 +22,7 @@
    float64 loop reference, at decode and prefill shapes (576 -> rank 16 -> 1536).
 
     .venv/bin/python benches/bench_lora.py [--threads 2] [--skip-many]
-        [--thousand-only [--lora-dtype bfloat16]]
+        [--thousand-only [--lora-dtype bfloat16] [--slots 64|256]]
 
 Prints one JSON line per setup.
 """
@@ -197,6 +197,9 @@ def main() -> None:
     ap.add_argument("--skip-many", action="store_true")
     ap.add_argument("--thousand-only", action="store_true")
     ap.add_argument("--lora-dtype", default="auto", help="the thousand case's lora_dtype")
+    ap.add_argument(
+        "--slots", type=int, choices=(64, 256), help="the thousand case at one max_loras only"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.thousand_only:
@@ -204,7 +207,7 @@ def main() -> None:
             base = Path(tmp) / "base"
             base.mkdir()
             build(base)
-            bench_thousand(base, Path(tmp), args.lora_dtype)
+            bench_thousand(base, Path(tmp), args.lora_dtype, args.slots)
         return
     for row in bench_ops():
         print(json.dumps(row), flush=True)
@@ -269,10 +272,10 @@ def main() -> None:
                     }
                 )
             )
-            bench_thousand(base, Path(tmp), args.lora_dtype)
+            bench_thousand(base, Path(tmp), args.lora_dtype, args.slots)
 
 
-def bench_thousand(base: Path, tmp: Path, lora_dtype: str) -> None:
+def bench_thousand(base: Path, tmp: Path, lora_dtype: str, slots: int | None = None) -> None:
     rng = random.Random(2)
     vocab = 49152
     jobs = [
@@ -284,6 +287,8 @@ def bench_thousand(base: Path, tmp: Path, lora_dtype: str) -> None:
     # max_num_seqs; host 512, still half the adapters): with one request per adapter, 64
     # slots hold at most 64 running requests where 8 adapters let 256 run
     for max_loras, max_cpu_loras in ((64, 128), (256, 512)):
+        if slots not in (None, max_loras):
+            continue
         kw = dict(max_loras=max_loras, max_cpu_loras=max_cpu_loras, rank=8, lora_dtype=lora_dtype)
         tag = f"max_loras={max_loras}, max_cpu_loras={max_cpu_loras}, lora_dtype={lora_dtype}"
         rows = {

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from loraplex.engine import host_memory
 from loraplex.ops import cpu_ext
 
 if TYPE_CHECKING:
@@ -143,6 +144,9 @@ class CPUBackend(Backend):
 
     def decode_attention(self) -> DecodeAttention | None:
         return cpu_ext.paged_decode_attention if self.cpp else None
+
+    def zeros(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        return host_memory.zeros(shape, dtype)  # (the KV cache: on huge pages)
 
     def lora_kernel(self, slot_dtype: torch.dtype, max_rank: int) -> str:
         if (

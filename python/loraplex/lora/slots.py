@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from loraplex import ops
+from loraplex.engine import host_memory
 from loraplex.engine.backend import LORA_CPP, LORA_PADDED, LORA_SGMV
 from loraplex.lora.adapter import MODULES, LoRAAdapter, module_shape
 from loraplex.model.config import ModelConfig
@@ -62,9 +63,12 @@ class LoRASlots:
             for layer in range(cfg.num_hidden_layers):
                 for store, width in ((self.a, fan_in), (self.bt, sum(outs))):
                     shape = (num_slots, k * max_rank, width)
-                    store[(layer, group)] = torch.zeros(
-                        shape, dtype=dtype, device=device, pin_memory=pin_memory
-                    )
+                    if (device is None or device.type == "cpu") and not pin_memory:
+                        store[(layer, group)] = host_memory.zeros(shape, dtype)
+                    else:
+                        store[(layer, group)] = torch.zeros(
+                            shape, dtype=dtype, device=device, pin_memory=pin_memory
+                        )
         # per slot, the blocks written (``(layer, module) -> rank``): everything else in the
         # slot is zero, so a load clears only what the last occupant wrote and the new one
         # does not overwrite, and a step skips the merged projections a slot leaves empty
