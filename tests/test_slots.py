@@ -4,6 +4,7 @@ adapter modules, including the merged projections a slot's adapter leaves out.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -110,3 +111,12 @@ def test_reused_slots_hold_exactly_their_adapter(loads, segment_plan):
                 got = torch.zeros(start, sum(outs))
                 ctx.apply(layer, group, xg.float(), got)
                 torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+
+
+def test_a_slot_out_of_range_is_refused_before_anything_is_written():
+    slots = LoRASlots(CFG, NUM_SLOTS, MAX_RANK, torch.float32)
+    adapter = make_adapter(1, ["q_proj"], 4)
+    for slot in (NUM_SLOTS, -1):
+        with pytest.raises(IndexError, match="out of range"):
+            slots.load(slot, adapter)
+    assert all(t.abs().sum() == 0 for t in [*slots.a.values(), *slots.bt.values()])

@@ -111,6 +111,8 @@ class LoRASlots:
         """Copies ``adapter`` into ``slot`` from its file (one call, without the GIL: the
         scaling folded into B, each weight rounded to the slots' dtype); modules it does not
         target are zero. Host slots only (a device's are filled by ``copy_slot``)."""
+        if not 0 <= slot < len(self.written):
+            raise IndexError(f"slot {slot} out of range (0..{len(self.written) - 1})")
         r_max = self.max_rank
         new = {key: m.rank for key, m in adapter.modules.items()}
         for key, r_old in self.written[slot].items():
