@@ -156,3 +156,26 @@ def test_unreadable_and_corrupt_files_raise_what_they_are(tmp_path):
     whole = save({"w": torch.ones(4)})
     with pytest.raises(ValueError, match="not a safetensors file"):
         AdapterFile.from_bytes(whole[:-1])  # truncated: its data does not match the header
+
+
+def test_adapters_sharing_a_header_are_each_checked_and_scaled_by_their_own_config(tmp_path):
+    """The validated layout is reused for files with the same header; the config's scaling
+    and each file's magnitudes are still the adapter's own."""
+    fan_in, fan_out = module_shape(CFG, "q_proj")
+    a, b = torch.full((4, fan_in), 0.5), torch.full((fan_out, 4), 0.25)
+    first = load_adapter(
+        write_adapter(tmp_path / "x", {(0, "q_proj"): (a, b)}, 4, 8), CFG, MAX_RANK, set()
+    )
+    second = load_adapter(
+        write_adapter(tmp_path / "y", {(0, "q_proj"): (a, b)}, 4, 32), CFG, MAX_RANK, set()
+    )
+    assert first.file.header() == second.file.header()
+    assert (first.modules[(0, "q_proj")].scale, second.modules[(0, "q_proj")].scale) == (2, 8)
+    assert second.modules[(0, "q_proj")].b_max == 0.25 * 8
+    bad = b.clone()
+    bad[3, 1] = math.nan
+    request = write_adapter(tmp_path / "z", {(0, "q_proj"): (a, bad)}, 4, 8)
+    with pytest.raises(InvalidAdapterError, match="q_proj has non-finite values"):
+        load_adapter(request, CFG, MAX_RANK, set())
+    with pytest.raises(InvalidAdapterError, match="above max_lora_rank=2"):
+        load_adapter(write_adapter(tmp_path / "w", {(0, "q_proj"): (a, b)}, 4, 8), CFG, 2, set())

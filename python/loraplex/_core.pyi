@@ -330,6 +330,13 @@ class AdapterFile:
         ("F32", "BF16", ...), max_abs the largest magnitude as float32 (NaN if any value is
         NaN), None for a dtype that is not a float."""
 
+    def header(self) -> bytes:
+        """The header's JSON: files that share it have the same names, dtypes, shapes and
+        offsets."""
+
+    def max_abs(self) -> list[float | None]:
+        """Each tensor's max_abs, in file order (see ``tensors``)."""
+
     def to_bytes(self) -> bytes:
         """The file's bytes."""
 

@@ -47,6 +47,7 @@ pub struct Entry {
 /// A weights file in memory: the bytes, and its tensors in file order.
 pub struct AdapterFile {
     bytes: Vec<u8>,
+    header_end: usize,
     entries: Vec<Entry>,
 }
 
@@ -107,11 +108,21 @@ impl AdapterFile {
         for e in &mut entries {
             e.max_abs = max_abs(e.dtype, &bytes[e.start..e.end]);
         }
-        Ok(Self { bytes, entries })
+        Ok(Self {
+            bytes,
+            header_end: data_start,
+            entries,
+        })
     }
 
     pub fn entries(&self) -> &[Entry] {
         &self.entries
+    }
+
+    /// The header (its JSON): names, dtypes, shapes and offsets. Files that share it share
+    /// a layout, which the loader validates once.
+    pub fn header(&self) -> &[u8] {
+        &self.bytes[8..self.header_end]
     }
 
     /// The file's bytes (a copy of them is what `weights` in Python is built from).

@@ -809,6 +809,17 @@ impl PyAdapterFile {
             .collect()
     }
 
+    /// The header's JSON: files that share it have the same names, dtypes, shapes and
+    /// offsets.
+    fn header<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.header())
+    }
+
+    /// Each tensor's max_abs, in file order (see `tensors`).
+    fn max_abs(&self) -> Vec<Option<f32>> {
+        self.inner.entries().iter().map(|e| e.max_abs).collect()
+    }
+
     /// The file's bytes.
     fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, self.inner.bytes())

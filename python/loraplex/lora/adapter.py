@@ -304,10 +304,59 @@ def _as_float32(x: float) -> float:
     return array("f", [x])[0]
 
 
+@dataclass(frozen=True)
+class _Module:
+    """One module of a validated layout: where its weights lie, and its scaling."""
+
+    key: tuple[int, str]
+    name: str
+    a: int
+    b: int
+    rank: int
+    alpha: float
+    scale: float
+
+
+# validated layouts, by (header, config, max_lora_rank, model config): adapters trained with
+# one recipe share a header, and the loader then checks only their magnitudes; the model
+# config is held with its layouts so that its id is not reused while they are cached
+_LAYOUTS: dict[tuple, tuple[ModelConfig, list[_Module], int]] = {}
+_MAX_LAYOUTS = 64
+
+
 def _build(request, c, file: AdapterFile, cfg: ModelConfig, max_lora_rank: int) -> LoRAAdapter:
-    """Validates the adapter from its file's header (names, dtypes, shapes) and the largest
-    magnitude the read measured in each weight."""
-    entries = file.tensors()
+    """Validates the adapter from its file's header (names, dtypes, shapes; once per distinct
+    header and config) and the largest magnitude the read measured in each weight."""
+    cache_key = (file.header(), json.dumps(c, sort_keys=True), max_lora_rank, id(cfg))
+    cached = _LAYOUTS.get(cache_key)
+    if cached is None:
+        layout, max_rank = _layout(request, c, file.tensors(), cfg, max_lora_rank)
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        _LAYOUTS[cache_key] = (cfg, layout, max_rank)
+    else:
+        _, layout, max_rank = cached
+    maxes = file.max_abs()
+    modules = {}
+    for m in layout:
+        a_max, b_max = maxes[m.a], maxes[m.b]
+        if not (math.isfinite(a_max) and math.isfinite(b_max)):
+            raise adapter_error(request, f"{m.name} has non-finite values (NaN or inf)")
+        scaled_max = (
+            _as_float32(b_max * _as_float32(m.scale)) if math.isfinite(m.scale) else m.scale
+        )
+        if not math.isfinite(scaled_max):
+            raise adapter_error(
+                request,
+                f"{m.name}: scaling lora_alpha / r = {m.alpha} / {m.rank} makes lora_B non-finite",
+            )
+        modules[m.key] = ModuleWeights(m.a, m.b, m.rank, m.scale, a_max, scaled_max)
+    return LoRAAdapter(request, max_rank, modules, file)
+
+
+def _layout(request, c, entries, cfg: ModelConfig, max_lora_rank: int):
+    """The modules of a header (``AdapterFile.tensors()``) under config ``c``, checked: names,
+    dtypes, shapes, ranks. Returns them sorted by (layer, module), and the largest rank."""
     parts: dict[tuple[int, str], dict[str, int]] = {}
     for index, (key, *_) in enumerate(entries):
         m = _KEY.match(key)
@@ -328,15 +377,15 @@ def _build(request, c, file: AdapterFile, cfg: ModelConfig, max_lora_rank: int) 
         parts.setdefault((layer, module), {})[ab] = index
     if not parts:
         raise adapter_error(request, "the adapter has no LoRA weights")
-    modules, max_rank = {}, 0
+    layout, max_rank = [], 0
     for (layer, module), ab in sorted(parts.items()):
         name = f"model.layers.{layer}.{_block(module)}.{module}"
         if set(ab) != {"A", "B"}:
             raise adapter_error(
                 request, f"{name} has lora_{''.join(ab)} but not both lora_A and lora_B"
             )
-        _, a_dtype, a_shape, a_max = entries[ab["A"]]
-        _, b_dtype, b_shape, b_max = entries[ab["B"]]
+        _, a_dtype, a_shape, _ = entries[ab["A"]]
+        _, b_dtype, b_shape, _ = entries[ab["B"]]
         if a_dtype not in _FLOAT_DTYPES or b_dtype not in _FLOAT_DTYPES:
             raise adapter_error(
                 request,
@@ -363,15 +412,7 @@ def _build(request, c, file: AdapterFile, cfg: ModelConfig, max_lora_rank: int) 
         alpha = _pattern_value(c.get("alpha_pattern"), name, c["lora_alpha"])
         if r < 1:
             raise adapter_error(request, f"{name}: lora_A has rank 0")
-        if not (math.isfinite(a_max) and math.isfinite(b_max)):
-            raise adapter_error(request, f"{name} has non-finite values (NaN or inf)")
         scale = alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
-        scaled_max = _as_float32(b_max * _as_float32(scale)) if math.isfinite(scale) else scale
-        if not math.isfinite(scaled_max):
-            raise adapter_error(
-                request,
-                f"{name}: scaling lora_alpha / r = {alpha} / {r} makes lora_B non-finite",
-            )
-        modules[(layer, module)] = ModuleWeights(ab["A"], ab["B"], r, scale, a_max, scaled_max)
+        layout.append(_Module((layer, module), name, ab["A"], ab["B"], r, alpha, scale))
         max_rank = max(max_rank, r)
-    return LoRAAdapter(request, max_rank, modules, file)
+    return layout, max_rank
