@@ -145,6 +145,11 @@ def test_a_copy_that_does_not_fit_is_refused_and_writes_nothing():
         assert dst.abs().sum() == 0, bad
     with pytest.raises(ValueError, match="unsupported slot dtype"):
         file.fill(region, "int8", [])
+    overlapping = [(dst.data_ptr(), 24), (dst.data_ptr() + 4, 20)]
+    for dsts in (overlapping, [(0, 24)]):
+        with pytest.raises(ValueError, match="non-null and disjoint"):
+            file.fill(dsts, "float32", [(0, 0, 0, 3, False, 1.0)])
+    assert dst.abs().sum() == 0
 
 
 def test_unreadable_and_corrupt_files_raise_what_they_are(tmp_path):

@@ -860,17 +860,28 @@ impl PyAdapterFile {
                 },
             )
             .collect();
-        if dsts.iter().any(|&(address, len)| address == 0 && len > 0) {
-            return Err(PyValueError::new_err("a destination at address 0"));
+        // what can be checked of the caller's promise: non-null, and no two regions overlap
+        let mut spans: Vec<(usize, usize)> = dsts.iter().copied().filter(|&(_, n)| n > 0).collect();
+        spans.sort_unstable();
+        if spans.first().is_some_and(|&(address, _)| address == 0)
+            || spans
+                .iter()
+                .any(|&(a, n)| a.checked_add(n).is_none_or(|end| end > isize::MAX as usize))
+            || spans.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0)
+        {
+            return Err(PyValueError::new_err(
+                "destinations must be non-null and disjoint",
+            ));
         }
         py.detach(|| {
-            // SAFETY: the caller hands regions of live tensors it owns, disjoint, that no
-            // other code touches during the call (LoRASlots: one slot the core has given
-            // this fill alone)
+            // SAFETY: the caller hands regions of live tensors it owns, which no other code
+            // touches during the call (LoRASlots: one slot, given to this fill alone by the
+            // core); they are non-null and disjoint (checked above)
             let mut regions: Vec<&mut [u8]> = dsts
                 .iter()
-                .map(|&(address, len)| unsafe {
-                    std::slice::from_raw_parts_mut(address as *mut u8, len)
+                .map(|&(address, len)| match len {
+                    0 => &mut [][..],
+                    _ => unsafe { std::slice::from_raw_parts_mut(address as *mut u8, len) },
                 })
                 .collect();
             self.inner.fill(&mut regions, dtype, &copies)
