@@ -24,7 +24,7 @@ def zeros(shape, dtype: torch.dtype) -> torch.Tensor:
     """A zero-filled CPU tensor of ``shape``, on huge pages where the OS offers them."""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if advice is None or nbytes < HUGE_PAGE:
         return torch.zeros(shape, dtype=dtype)

@@ -87,19 +87,22 @@ class LoRAAdapter:
         if read from a file (tests build slots from it)."""
         from safetensors.torch import save
 
-        named = {}
+        named, names = {}, {}
         for (layer, module), (a, b) in weights.items():
             prefix = f"base_model.model.model.layers.{layer}.{_block(module)}.{module}"
-            named[f"{prefix}.lora_A.weight"] = a.float().contiguous()
-            named[f"{prefix}.lora_B.weight"] = b.float().contiguous()
+            name_a, name_b = names[(layer, module)] = (
+                f"{prefix}.lora_A.weight",
+                f"{prefix}.lora_B.weight",
+            )
+            named[name_a], named[name_b] = a.float().contiguous(), b.float().contiguous()
         file = AdapterFile.from_bytes(save(named))
         index = {name: i for i, (name, *_) in enumerate(file.tensors())}
-        maxes = [m for *_, m in file.tensors()]
+        maxes = file.max_abs()
         modules = {}
-        for (layer, module), (a, _) in weights.items():
-            prefix = f"base_model.model.model.layers.{layer}.{_block(module)}.{module}"
-            ia, ib = index[f"{prefix}.lora_A.weight"], index[f"{prefix}.lora_B.weight"]
-            modules[(layer, module)] = ModuleWeights(ia, ib, a.shape[0], 1.0, maxes[ia], maxes[ib])
+        for key, (name_a, name_b) in names.items():
+            ia, ib = index[name_a], index[name_b]
+            r = weights[key][0].shape[0]
+            modules[key] = ModuleWeights(ia, ib, r, 1.0, maxes[ia], maxes[ib])
         rank = max(m.rank for m in modules.values())
         return cls(request, rank, modules, file)
 
