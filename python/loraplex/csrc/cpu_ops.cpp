@@ -60,16 +60,28 @@ inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// Decode reads each adapter's weights once per step, from memory, a few rows at a time (2
+// rows per block at four tokens): too few streams for the hardware prefetcher, which also
+// starts over at each 4 KiB page. So each block prefetches the next one's rows (`next`) at
+// the pace it reads its own, and each expand chunk the next chunk's columns: 4-token decode
+// over 8 of 1,024 slots measured ~25% faster in float32, ~40% in bfloat16; 1-token items
+// (8 rows a block) no different. Never past the item's own weights: those are not read next.
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
 // y[m * ldy + r] = x[m] . a[r] for m < M, r < RB (RB rows of a from `a`); n = fan-in.
-// M * RB independent accumulators keep both FMA ports busy even for one token.
+// M * RB independent accumulators keep both FMA ports busy even for one token. `next`: the
+// RB rows read after these (prefetched as these are read), or null.
 template <int M, int RB, typename W>
 inline void shrink_block(const float* x, int64_t ldx, const W* a, int64_t n, float* y,
-                         int64_t ldy) {
+                         int64_t ldy, const W* next) {
   __m256 acc[M][RB];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < RB; ++r) acc[m][r] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
+    if (next != nullptr && (i & 15) == 0) {  // one prefetch per 64 bytes of float32
+      for (int r = 0; r < RB; ++r) prefetch(next + r * n + i);
+    }
     __m256 vx[M];
     for (int m = 0; m < M; ++m) vx[m] = _mm256_loadu_ps(x + m * ldx + i);
     for (int r = 0; r < RB; ++r) {
@@ -91,15 +103,23 @@ void shrink(const float* x, int64_t ldx, const W* a, int64_t rows, int64_t n, fl
             int64_t ldy) {
   constexpr int RB = M == 1 ? 8 : M == 2 ? 4 : 2;
   int64_t r = 0;
-  for (; r + RB <= rows; r += RB) shrink_block<M, RB>(x, ldx, a + r * n, n, y + r, ldy);
-  for (; r < rows; ++r) shrink_block<M, 1>(x, ldx, a + r * n, n, y + r, ldy);
+  for (; r + RB <= rows; r += RB) {
+    const W* next = r + 2 * RB <= rows ? a + (r + RB) * n : nullptr;
+    shrink_block<M, RB>(x, ldx, a + r * n, n, y + r, ldy, next);
+  }
+  for (; r < rows; ++r) shrink_block<M, 1>(x, ldx, a + r * n, n, y + r, ldy, (const W*)nullptr);
 }
 
 // out[m, c] += sum_{r < R} y[m * ldy + r] * bt[r * ldb + c] for c in [c0, c1), CV vectors of
-// 8 columns at a time (M * CV accumulators).
+// 8 columns at a time (M * CV accumulators); `ahead`: prefetch the next chunk's columns.
 template <int M, int CV, typename W>
 inline void expand_block(const float* y, int64_t ldy, const W* bt, int64_t ldb, int64_t R,
-                         float* out, int64_t ldo, int64_t c) {
+                         float* out, int64_t ldo, int64_t c, bool ahead) {
+  if (ahead) {
+    for (int64_t r = 0; r < R; ++r) {
+      for (int v = 0; v < CV; v += 2) prefetch(bt + r * ldb + c + 8 * CV + 8 * v);
+    }
+  }
   __m256 acc[M][CV];
   for (int m = 0; m < M; ++m)
     for (int v = 0; v < CV; ++v) acc[m][v] = _mm256_loadu_ps(out + m * ldo + c + 8 * v);
@@ -120,8 +140,10 @@ void expand(const float* y, int64_t ldy, const W* bt, int64_t ldb, int64_t R, fl
             int64_t ldo, int64_t c0, int64_t c1) {
   constexpr int CV = M <= 2 ? 4 : 2;
   int64_t c = c0;
-  for (; c + 8 * CV <= c1; c += 8 * CV) expand_block<M, CV>(y, ldy, bt, ldb, R, out, ldo, c);
-  for (; c + 8 <= c1; c += 8) expand_block<M, 1>(y, ldy, bt, ldb, R, out, ldo, c);
+  for (; c + 8 * CV <= c1; c += 8 * CV) {
+    expand_block<M, CV>(y, ldy, bt, ldb, R, out, ldo, c, c + 16 * CV <= c1);
+  }
+  for (; c + 8 <= c1; c += 8) expand_block<M, 1>(y, ldy, bt, ldb, R, out, ldo, c, false);
   for (; c < c1; ++c) {
     for (int m = 0; m < M; ++m) {
       float s = out[m * ldo + c];
