@@ -202,74 +202,99 @@ fn copy_as<const N: usize>(
     dtype: SlotDtype,
     e: &Entry,
     c: &WeightCopy,
-    load: impl Fn([u8; N]) -> f32 + Copy,
+    load: impl Fn([u8; N]) -> f32,
 ) {
-    let value = move |k: usize| load(src[k * N..(k + 1) * N].try_into().unwrap()) * c.scale;
     match dtype {
-        SlotDtype::F32 => place::<4>(dst, e, c, value, f32::to_ne_bytes),
-        SlotDtype::BF16 => place::<2>(dst, e, c, value, |v| bf16::from_f32(v).to_ne_bytes()),
-        SlotDtype::F16 => place::<2>(dst, e, c, value, |v| f16::from_f32(v).to_ne_bytes()),
+        SlotDtype::F32 => place(src, dst, e, c, load, f32::to_ne_bytes),
+        SlotDtype::BF16 => place(src, dst, e, c, load, |v| bf16::from_f32(v).to_ne_bytes()),
+        SlotDtype::F16 => place(src, dst, e, c, load, |v| f16::from_f32(v).to_ne_bytes()),
     }
 }
 
-/// Writes the destination row by row (sequential writes; a transposed weight is read down
-/// its columns, and at LoRA ranks a whole weight sits in L1).
-fn place<const M: usize>(
+/// Reads the weight row by row, each value scaled and stored as M bytes. A weight kept as it
+/// is (A) copies each row into a destination row, with no bounds check per value, so the
+/// loop vectorizes (~2x faster than indexing each value); a transposed one (B) writes each
+/// source row down a destination column, which at LoRA ranks stays in L1.
+fn place<const N: usize, const M: usize>(
+    src: &[u8],
     dst: &mut [u8],
     e: &Entry,
     c: &WeightCopy,
-    value: impl Fn(usize) -> f32,
+    load: impl Fn([u8; N]) -> f32,
     store: impl Fn(f32) -> [u8; M],
 ) {
     let (rows, cols) = (e.shape[0], e.shape[1]);
-    let (out_rows, out_cols) = if c.transpose {
-        (cols, rows)
-    } else {
-        (rows, cols)
-    };
-    for i in 0..out_rows {
-        let at = (c.offset + i * c.stride) * M;
-        let row = &mut dst[at..at + out_cols * M];
-        for (j, d) in row.chunks_exact_mut(M).enumerate() {
-            let k = if c.transpose {
-                j * cols + i
-            } else {
-                i * cols + j
-            };
-            d.copy_from_slice(&store(value(k)));
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let value = |b: &[u8]| store(load(b.try_into().unwrap()) * c.scale);
+    for (i, row) in src.chunks_exact(cols * N).take(rows).enumerate() {
+        if c.transpose {
+            for (j, v) in row.chunks_exact(N).enumerate() {
+                let at = (c.offset + j * c.stride + i) * M;
+                dst[at..at + M].copy_from_slice(&value(v));
+            }
+        } else {
+            let at = (c.offset + i * c.stride) * M;
+            let out = dst[at..at + cols * M].chunks_exact_mut(M);
+            for (d, v) in out.zip(row.chunks_exact(N)) {
+                d.copy_from_slice(&value(v));
+            }
         }
     }
 }
 
 /// The largest magnitude as float32, NaN if any value is NaN; `None` for a dtype that is not
 /// a float of 16, 32 or 64 bits. Computed on the bits: with the sign cleared, a float's bits
-/// order as its magnitude does, NaNs above infinity, so one integer max (which vectorizes)
-/// answers both.
+/// order as its magnitude does, NaNs above infinity, so one integer max answers both.
 fn max_abs(dtype: Dtype, src: &[u8]) -> Option<f32> {
-    fn max_bits<const N: usize>(src: &[u8], bits: impl Fn([u8; N]) -> u64) -> u64 {
-        src.chunks_exact(N)
-            .map(|b| bits(b.try_into().unwrap()))
-            .fold(0, u64::max)
-    }
     Some(match dtype {
-        Dtype::F32 => {
-            let m = max_bits::<4>(src, |b| (u32::from_le_bytes(b) & 0x7fff_ffff) as u64) as u32;
-            f32::from_bits(m) // NaN when m is above inf's bits
-        }
-        Dtype::BF16 => {
-            let m = max_bits::<2>(src, |b| (u16::from_le_bytes(b) & 0x7fff) as u64) as u16;
-            bf16::from_bits(m).to_f32()
-        }
-        Dtype::F16 => {
-            let m = max_bits::<2>(src, |b| (u16::from_le_bytes(b) & 0x7fff) as u64) as u16;
-            f16::from_bits(m).to_f32()
-        }
-        Dtype::F64 => {
-            let m = max_bits::<8>(src, |b| u64::from_le_bytes(b) & 0x7fff_ffff_ffff_ffff);
-            f64::from_bits(m) as f32
-        }
+        Dtype::F32 => f32::from_bits(max_bits::<4, u32>(src, 0x7fff_ffff)), // NaN above inf
+        Dtype::BF16 => bf16::from_bits(max_bits::<2, u16>(src, 0x7fff)).to_f32(),
+        Dtype::F16 => f16::from_bits(max_bits::<2, u16>(src, 0x7fff)).to_f32(),
+        Dtype::F64 => f64::from_bits(max_bits::<8, u64>(src, 0x7fff_ffff_ffff_ffff)) as f32,
         _ => return None,
     })
+}
+
+/// The largest of `src`'s little-endian N-byte values, each masked by `mask`. Runs over 16
+/// independent lanes so the compiler keeps them in vector registers: one running max over
+/// the whole weight was a serial chain, ~0.8 ms a 3.7 MB adapter (~0.1 ms this way).
+fn max_bits<const N: usize, T: Bits<N>>(src: &[u8], mask: T) -> T {
+    const LANES: usize = 16;
+    let mut lanes = [T::default(); LANES];
+    let mut blocks = src.chunks_exact(N * LANES);
+    for block in &mut blocks {
+        for (lane, b) in lanes.iter_mut().zip(block.chunks_exact(N)) {
+            *lane = (*lane).max(T::from_le(b.try_into().unwrap()) & mask);
+        }
+    }
+    let rest = blocks.remainder().chunks_exact(N);
+    let tail = rest.map(|b| T::from_le(b.try_into().unwrap()) & mask);
+    lanes.into_iter().chain(tail).fold(T::default(), T::max)
+}
+
+/// The unsigned integers that hold a float's bits.
+trait Bits<const N: usize>: Copy + Default + Ord + std::ops::BitAnd<Output = Self> {
+    fn from_le(b: [u8; N]) -> Self;
+}
+
+impl Bits<2> for u16 {
+    fn from_le(b: [u8; 2]) -> Self {
+        u16::from_le_bytes(b)
+    }
+}
+
+impl Bits<4> for u32 {
+    fn from_le(b: [u8; 4]) -> Self {
+        u32::from_le_bytes(b)
+    }
+}
+
+impl Bits<8> for u64 {
+    fn from_le(b: [u8; 8]) -> Self {
+        u64::from_le_bytes(b)
+    }
 }
 
 #[cfg(test)]
@@ -306,6 +331,45 @@ mod tests {
         assert_eq!(by_name("a"), Some(4.0));
         assert!(by_name("b").unwrap().is_nan());
         assert_eq!(by_name("i"), None);
+    }
+
+    proptest::proptest! {
+        /// The lane-wise max over the bits equals a plain max of the values' magnitudes, for
+        /// any length (whole 16-value blocks and a remainder) and specials anywhere.
+        #[test]
+        fn max_abs_is_the_largest_magnitude(
+            values in proptest::collection::vec(
+                proptest::prop_oneof![
+                    8 => -1e30f64..1e30,
+                    1 => proptest::sample::select(vec![
+                        f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.0, 1e300, -1e-300,
+                    ]),
+                ],
+                0..80,
+            )
+        ) {
+            let f32s: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+            let expected = |v: &[f32]| {
+                if v.iter().any(|x| x.is_nan()) {
+                    f32::NAN
+                } else {
+                    v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+                }
+            };
+            let same = |got: Option<f32>, want: f32| {
+                got.is_some_and(|g| g == want || (g.is_nan() && want.is_nan()))
+            };
+            let le = |b: Vec<[u8; 2]>| b.concat();
+            let bf16s: Vec<f32> = f32s.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+            let f16s: Vec<f32> = f32s.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+            let bf16_bytes = le(f32s.iter().map(|&v| bf16::from_f32(v).to_le_bytes()).collect());
+            let f16_bytes = le(f32s.iter().map(|&v| f16::from_f32(v).to_le_bytes()).collect());
+            let f64_bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            proptest::prop_assert!(same(max_abs(Dtype::F32, &f32_bytes(&f32s)), expected(&f32s)));
+            proptest::prop_assert!(same(max_abs(Dtype::BF16, &bf16_bytes), expected(&bf16s)));
+            proptest::prop_assert!(same(max_abs(Dtype::F16, &f16_bytes), expected(&f16s)));
+            proptest::prop_assert!(same(max_abs(Dtype::F64, &f64_bytes), expected(&f32s)));
+        }
     }
 
     #[test]
