@@ -64,8 +64,9 @@ inline __m256 load8(const c10::Half* p) {
 // rows per block at four tokens): too few streams for the hardware prefetcher, which also
 // starts over at each 4 KiB page. So each block prefetches the next one's rows (`next`) at
 // the pace it reads its own, and each expand chunk the next chunk's columns: 4-token decode
-// over 8 of 1,024 slots measured ~25% faster in float32, ~40% in bfloat16; 1-token items
-// (8 rows a block) no different. Never past the item's own weights: those are not read next.
+// over 8 of 1,024 slots measured ~25% faster in float32, ~40% in bfloat16. Not for 1-token
+// items (8 rows a block, streams enough): there it measured no faster alone and slower end to
+// end (a thousand adapters, one request each). Never past the item's own weights.
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
 // y[m * ldy + r] = x[m] . a[r] for m < M, r < RB (RB rows of a from `a`); n = fan-in.
@@ -104,7 +105,7 @@ void shrink(const float* x, int64_t ldx, const W* a, int64_t rows, int64_t n, fl
   constexpr int RB = M == 1 ? 8 : M == 2 ? 4 : 2;
   int64_t r = 0;
   for (; r + RB <= rows; r += RB) {
-    const W* next = r + 2 * RB <= rows ? a + (r + RB) * n : nullptr;
+    const W* next = M > 1 && r + 2 * RB <= rows ? a + (r + RB) * n : nullptr;
     shrink_block<M, RB>(x, ldx, a + r * n, n, y + r, ldy, next);
   }
   for (; r < rows; ++r) shrink_block<M, 1>(x, ldx, a + r * n, n, y + r, ldy, (const W*)nullptr);
@@ -141,7 +142,7 @@ void expand(const float* y, int64_t ldy, const W* bt, int64_t ldb, int64_t R, fl
   constexpr int CV = M <= 2 ? 4 : 2;
   int64_t c = c0;
   for (; c + 8 * CV <= c1; c += 8 * CV) {
-    expand_block<M, CV>(y, ldy, bt, ldb, R, out, ldo, c, c + 16 * CV <= c1);
+    expand_block<M, CV>(y, ldy, bt, ldb, R, out, ldo, c, M > 1 && c + 16 * CV <= c1);
   }
   for (; c + 8 <= c1; c += 8) expand_block<M, 1>(y, ldy, bt, ldb, R, out, ldo, c, false);
   for (; c < c1; ++c) {
