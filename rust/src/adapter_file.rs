@@ -213,8 +213,8 @@ fn copy_as<const N: usize>(
 
 /// Reads the weight row by row, each value scaled and stored as M bytes. A weight kept as it
 /// is (A) copies each row into a destination row, with no bounds check per value, so the
-/// loop vectorizes (~2x faster than indexing each value); a transposed one (B) writes each
-/// source row down a destination column, which at LoRA ranks stays in L1.
+/// loop vectorizes (a rank-8 adapter's slot copy: 0.58 -> 0.47 ms); a transposed one (B)
+/// writes each source row down a destination column, which at LoRA ranks stays in L1.
 fn place<const N: usize, const M: usize>(
     src: &[u8],
     dst: &mut [u8],
@@ -259,7 +259,7 @@ fn max_abs(dtype: Dtype, src: &[u8]) -> Option<f32> {
 
 /// The largest of `src`'s little-endian N-byte values, each masked by `mask`. Runs over 16
 /// independent lanes so the compiler keeps them in vector registers: one running max over
-/// the whole weight was a serial chain, ~0.8 ms a 3.7 MB adapter (~0.1 ms this way).
+/// the whole weight was a serial chain: a 3.7 MB adapter's read took 1.1 ms, now 0.64 ms.
 fn max_bits<const N: usize, T: Bits<N>>(src: &[u8], mask: T) -> T {
     const LANES: usize = 16;
     let mut lanes = [T::default(); LANES];

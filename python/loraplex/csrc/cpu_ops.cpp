@@ -108,7 +108,9 @@ void shrink(const float* x, int64_t ldx, const W* a, int64_t rows, int64_t n, fl
     const W* next = M > 1 && r + 2 * RB <= rows ? a + (r + RB) * n : nullptr;
     shrink_block<M, RB>(x, ldx, a + r * n, n, y + r, ldy, next);
   }
-  for (; r < rows; ++r) shrink_block<M, 1>(x, ldx, a + r * n, n, y + r, ldy, (const W*)nullptr);
+  for (; r < rows; ++r) {
+    shrink_block<M, 1>(x, ldx, a + r * n, n, y + r, ldy, static_cast<const W*>(nullptr));
+  }
 }
 
 // out[m, c] += sum_{r < R} y[m * ldy + r] * bt[r * ldb + c] for c in [c0, c1), CV vectors of
