@@ -47,3 +47,34 @@ def test_a_large_buffer_gets_huge_pages():
     t.fill_(1)
     # the kernel may fall back to small pages under fragmentation; most of 64 MiB it backs
     assert anon_huge_kib() - before >= 32 << 10
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Rss:"):
+            return int(line.split()[1])
+    raise AssertionError("no Rss line")
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/smaps_rollup").exists() or not hasattr(mmap, "MADV_HUGEPAGE"),
+    reason="needs Linux's /proc/self/smaps_rollup and mmap.madvise",
+)
+@pytest.mark.parametrize("advice", ["populate_write", "unknown to the kernel"])
+def test_populate_commits_the_memory_when_made(advice, monkeypatch):
+    """``populate`` faults every page in before anything touches the buffer (the adapters'
+    host tier: no page faults while the model runs); a kernel without
+    ``MADV_POPULATE_WRITE`` (EINVAL, as for any advice it does not know) gets the pages
+    written instead. Without it, an untouched buffer holds no memory."""
+    if advice != "populate_write":
+        monkeypatch.setattr(host_memory, "MADV_POPULATE_WRITE", 9999)
+    nbytes = 64 << 20
+    before = rss_kib()
+    lazy = host_memory.zeros(nbytes // 4, torch.float32)
+    made_lazy = rss_kib()
+    eager = host_memory.zeros((nbytes // 4 // 576, 576), torch.float32, populate=True)
+    made_eager = rss_kib()
+    assert made_lazy - before < 8 << 10
+    assert made_eager - made_lazy >= (nbytes >> 10) * 15 // 16
+    assert eager.shape == (nbytes // 4 // 576, 576) and torch.count_nonzero(eager) == 0
+    assert torch.count_nonzero(lazy) == 0

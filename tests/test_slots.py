@@ -4,6 +4,8 @@ adapter modules, including the merged projections a slot's adapter leaves out.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 from loraplex import LoRARequest
 from loraplex.engine.backend import LORA_CPP, LORA_PADDED, LORA_SGMV
 from loraplex.lora.adapter import LoRAAdapter, module_shape
-from loraplex.lora.slots import GROUPS, LoRAContext, LoRASlots
+from loraplex.lora.slots import GROUPS, LoRAContext, LoRASlots, slot_numel
 from loraplex.ops import cpu_ext
 from tiny_models import SLOT_CFG as CFG
 
@@ -120,3 +122,25 @@ def test_a_slot_out_of_range_is_refused_before_anything_is_written():
         with pytest.raises(IndexError, match="out of range"):
             slots.load(slot, adapter)
     assert all(t.abs().sum() == 0 for t in [*slots.a.values(), *slots.bt.values()])
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux's /proc/self/smaps_rollup"
+)
+def test_host_slots_hold_their_memory_from_the_start():
+    """The host tier (where the CPU backend's kernels read) is committed when it is made, as
+    a device's slots are: no load pays a page fault while the model runs. 2,048 slots make
+    every stacked tensor at least 2 MiB (the size above which slots map their own memory)."""
+    num_slots = 2048
+    before = _rss_kib()
+    slots = LoRASlots(CFG, num_slots, MAX_RANK, torch.float32)
+    grown = _rss_kib() - before
+    assert grown >= slot_numel(CFG, MAX_RANK) * num_slots * 4 // 1024 * 15 // 16
+    assert all(torch.count_nonzero(t) == 0 for t in [*slots.a.values(), *slots.bt.values()])
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Rss:"):
+            return int(line.split()[1])
+    raise AssertionError("no Rss line")

@@ -64,7 +64,9 @@ class LoRASlots:
                 for store, width in ((self.a, fan_in), (self.bt, sum(outs))):
                     shape = (num_slots, k * max_rank, width)
                     if (device is None or device.type == "cpu") and not pin_memory:
-                        store[(layer, group)] = host_memory.zeros(shape, dtype)
+                        # committed now, as a device's slots are: a first load into a
+                        # slot then takes no page faults while the model runs
+                        store[(layer, group)] = host_memory.zeros(shape, dtype, populate=True)
                     else:
                         store[(layer, group)] = torch.zeros(
                             shape, dtype=dtype, device=device, pin_memory=pin_memory
