@@ -184,3 +184,58 @@ def test_adapters_sharing_a_header_are_each_checked_and_scaled_by_their_own_conf
         load_adapter(request, CFG, MAX_RANK, set())
     with pytest.raises(InvalidAdapterError, match="above max_lora_rank=2"):
         load_adapter(write_adapter(tmp_path / "w", {(0, "q_proj"): (a, b)}, 4, 8), CFG, 2, set())
+
+
+MAGNITUDES = [0.5, 3e38, math.inf, -math.inf, math.nan]
+CHECKED = [(0, "q_proj"), (0, "v_proj"), (1, "o_proj")]  # (layer, module), in check order
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    cells=st.lists(
+        st.tuples(
+            st.sampled_from(MAGNITUDES),
+            st.sampled_from(MAGNITUDES),
+            st.sampled_from([1.0, 8.0, 1e9, 4e39]),  # 4e39 / r: beyond float32
+        ),
+        min_size=len(CHECKED),
+        max_size=len(CHECKED),
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_an_adapter_is_accepted_exactly_when_torch_finds_every_weight_finite(
+    tmp_path_factory, cells, seed
+):
+    """Each module's own lora_alpha (``alpha_pattern``) and one extreme value in its A and
+    its B: the adapter loads exactly when torch finds every A and B finite and every B times
+    its scaling (float32) finite; else the error names the first module that is not (by
+    layer, then module; its values before its scaling)."""
+    r, g = 4, torch.Generator().manual_seed(seed)
+    weights, patterns, expected = {}, {}, None
+    for (layer, module), (a_val, b_val, alpha) in zip(CHECKED, cells):
+        fan_in, fan_out = module_shape(CFG, module)
+        a, b = torch.full((r, fan_in), 0.01), torch.full((fan_out, r), 0.01)
+        a.view(-1)[torch.randint(a.numel(), (1,), generator=g)] = a_val
+        b.view(-1)[torch.randint(b.numel(), (1,), generator=g)] = b_val
+        weights[(layer, module)] = (a, b)
+        name = f"model.layers.{layer}.{BLOCK[module]}.{module}"
+        patterns[name.replace(".", r"\.")] = alpha
+        scaled = b * torch.tensor(alpha / r, dtype=torch.float32)
+        if expected is not None:
+            continue
+        if not (a.isfinite().all() and b.isfinite().all()):
+            expected = f"{name} has non-finite values"
+        elif not scaled.isfinite().all():
+            expected = f"{name}: scaling lora_alpha / r = {alpha} / {r} makes lora_B non-finite"
+    folder = tmp_path_factory.mktemp("adapter")
+    request = write_adapter(folder, weights, r, 1.0)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["alpha_pattern"] = patterns
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    if expected is None:
+        adapter = load_adapter(request, CFG, MAX_RANK, set())
+        assert sorted(adapter.modules) == CHECKED
+    else:
+        with pytest.raises(InvalidAdapterError) as e:
+            load_adapter(request, CFG, MAX_RANK, set())
+        assert expected in str(e.value)

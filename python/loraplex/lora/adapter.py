@@ -9,6 +9,7 @@ import math
 import re
 from array import array
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +55,33 @@ class ModuleWeights:
     b_max: float  # the largest magnitude in B * scale (float32)
 
 
-@dataclass
+@dataclass(eq=False)
 class LoRAAdapter:
-    """A validated adapter: its weights file in memory (read once) and, per (layer, module),
-    where A and B lie in it. Slots copy from the file directly (``LoRASlots.load``)."""
+    """A validated adapter: its weights file in memory (read once), the layout it shares with
+    every adapter of the same header and config (where each module's A and B lie, ranks,
+    scaling), and the largest magnitude the read measured in each of the file's tensors.
+    Slots copy from the file directly (``LoRASlots.load``)."""
 
     request: LoRARequest
-    rank: int  # the largest rank over its modules
-    modules: dict[tuple[int, str], ModuleWeights]
+    layout: Layout
+    maxes: list[float]  # per tensor of the file, in ``file.tensors()`` order
     file: AdapterFile
+
+    @property
+    def rank(self) -> int:
+        """The largest rank over its modules."""
+        return self.layout.rank
+
+    @cached_property
+    def modules(self) -> dict[tuple[int, str], ModuleWeights]:
+        """Per (layer, module), where its weights lie and what the checks measured (built on
+        first use: loads read the shared layout)."""
+        return {
+            m.key: ModuleWeights(
+                m.a, m.b, m.rank, m.scale, self.maxes[m.a], _scaled(self.maxes[m.b], m.scale)
+            )
+            for m in self.layout.modules
+        }
 
     @property
     def weights(self) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
@@ -97,14 +116,12 @@ class LoRAAdapter:
             named[name_a], named[name_b] = a.float().contiguous(), b.float().contiguous()
         file = AdapterFile.from_bytes(save(named))
         index = {name: i for i, (name, *_) in enumerate(file.tensors())}
-        maxes = file.max_abs()
-        modules = {}
-        for key, (name_a, name_b) in names.items():
-            ia, ib = index[name_a], index[name_b]
-            r = weights[key][0].shape[0]
-            modules[key] = ModuleWeights(ia, ib, r, 1.0, maxes[ia], maxes[ib])
-        rank = max(m.rank for m in modules.values())
-        return cls(request, rank, modules, file)
+        modules = []
+        for (layer, module), (name_a, name_b) in sorted(names.items()):
+            r = weights[(layer, module)][0].shape[0]
+            name = f"model.layers.{layer}.{_block(module)}.{module}"
+            modules.append(_Module((layer, module), name, index[name_a], index[name_b], r, r, 1.0))
+        return cls(request, Layout(tuple(modules)), file.max_abs(), file)
 
 
 def _block(module: str) -> str:
@@ -320,10 +337,29 @@ class _Module:
     scale: float
 
 
-# validated layouts, by (header, config, max_lora_rank, model config): adapters trained with
-# one recipe share a header, and the loader then checks only their magnitudes; the model
-# config is held with its layouts so that its id is not reused while they are cached
-_LAYOUTS: dict[tuple, tuple[ModelConfig, list[_Module], int]] = {}
+class Layout:
+    """The modules of one validated header under one config, sorted by (layer, module):
+    adapters trained with one recipe share it, and slots plan their copies once per layout.
+    Compared by identity."""
+
+    def __init__(self, modules: tuple[_Module, ...]):
+        self.modules = modules
+        self.rank = max(m.rank for m in modules)
+        self.b_tensors = [m.b for m in modules]
+        # the largest factor any module scales its B by, rounded as the products are: with
+        # the largest B magnitude under it, no scaled B overflows (the check of each load)
+        self.max_scale = max(_as_float32(m.scale) for m in modules)
+
+
+def _scaled(b_max: float, scale: float) -> float:
+    """``b_max * scale`` as float32 computes it (inf beyond its range)."""
+    return _as_float32(b_max * _as_float32(scale)) if math.isfinite(scale) else scale
+
+
+# validated layouts, by (header, config, max_lora_rank, model config): the loader checks only
+# each file's magnitudes against a layout it has seen; the model config is held with its
+# layouts so that its id is not reused while they are cached
+_LAYOUTS: dict[tuple, tuple[ModelConfig, Layout]] = {}
 _MAX_LAYOUTS = 64
 
 
@@ -333,33 +369,39 @@ def _build(request, c, file: AdapterFile, cfg: ModelConfig, max_lora_rank: int) 
     cache_key = (file.header(), json.dumps(c, sort_keys=True), max_lora_rank, id(cfg))
     cached = _LAYOUTS.get(cache_key)
     if cached is None:
-        layout, max_rank = _layout(request, c, file.tensors(), cfg, max_lora_rank)
+        layout = Layout(_layout(request, c, file.tensors(), cfg, max_lora_rank))
         if len(_LAYOUTS) >= _MAX_LAYOUTS:
             _LAYOUTS.clear()
-        _LAYOUTS[cache_key] = (cfg, layout, max_rank)
+        _LAYOUTS[cache_key] = (cfg, layout)
     else:
-        _, layout, max_rank = cached
+        _, layout = cached
     maxes = file.max_abs()
-    modules = {}
-    for m in layout:
+    # every tensor of the file is a module's A or B: their sum is finite only if each is,
+    # and the largest B under the largest scale bounds every scaled B (one pass of C; a
+    # module by module look, to name the culprit, only when a bound fails)
+    b_largest = max(maxes[i] for i in layout.b_tensors)
+    if not (math.isfinite(sum(maxes)) and math.isfinite(_scaled(b_largest, layout.max_scale))):
+        _check_magnitudes(request, layout, maxes)
+    return LoRAAdapter(request, layout, maxes, file)
+
+
+def _check_magnitudes(request, layout: Layout, maxes: list[float]) -> None:
+    """Raises for the first module (by layer, then module) with a non-finite weight, or whose
+    scaling makes lora_B non-finite."""
+    for m in layout.modules:
         a_max, b_max = maxes[m.a], maxes[m.b]
         if not (math.isfinite(a_max) and math.isfinite(b_max)):
             raise adapter_error(request, f"{m.name} has non-finite values (NaN or inf)")
-        scaled_max = (
-            _as_float32(b_max * _as_float32(m.scale)) if math.isfinite(m.scale) else m.scale
-        )
-        if not math.isfinite(scaled_max):
+        if not math.isfinite(_scaled(b_max, m.scale)):
             raise adapter_error(
                 request,
                 f"{m.name}: scaling lora_alpha / r = {m.alpha} / {m.rank} makes lora_B non-finite",
             )
-        modules[m.key] = ModuleWeights(m.a, m.b, m.rank, m.scale, a_max, scaled_max)
-    return LoRAAdapter(request, max_rank, modules, file)
 
 
 def _layout(request, c, entries, cfg: ModelConfig, max_lora_rank: int):
     """The modules of a header (``AdapterFile.tensors()``) under config ``c``, checked: names,
-    dtypes, shapes, ranks. Returns them sorted by (layer, module), and the largest rank."""
+    dtypes, shapes, ranks. Returns them sorted by (layer, module)."""
     parts: dict[tuple[int, str], dict[str, int]] = {}
     for index, (key, *_) in enumerate(entries):
         m = _KEY.match(key)
@@ -380,7 +422,7 @@ def _layout(request, c, entries, cfg: ModelConfig, max_lora_rank: int):
         parts.setdefault((layer, module), {})[ab] = index
     if not parts:
         raise adapter_error(request, "the adapter has no LoRA weights")
-    layout, max_rank = [], 0
+    layout = []
     for (layer, module), ab in sorted(parts.items()):
         name = f"model.layers.{layer}.{_block(module)}.{module}"
         if set(ab) != {"A", "B"}:
@@ -417,5 +459,4 @@ def _layout(request, c, entries, cfg: ModelConfig, max_lora_rank: int):
             raise adapter_error(request, f"{name}: lora_A has rank 0")
         scale = alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
         layout.append(_Module((layer, module), name, ab["A"], ab["B"], r, alpha, scale))
-        max_rank = max(max_rank, r)
-    return layout, max_rank
+    return tuple(layout)

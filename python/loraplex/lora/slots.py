@@ -8,7 +8,7 @@ import torch
 from loraplex import ops
 from loraplex.engine import host_memory
 from loraplex.engine.backend import LORA_CPP, LORA_PADDED, LORA_SGMV
-from loraplex.lora.adapter import MODULES, LoRAAdapter, module_shape
+from loraplex.lora.adapter import MODULES, Layout, LoRAAdapter, module_shape
 from loraplex.model.config import ModelConfig
 from loraplex.ops import cpu, cpu_ext
 
@@ -76,6 +76,7 @@ class LoRASlots:
         # does not overwrite, and a step skips the merged projections a slot leaves empty
         self.written: list[dict[tuple[int, str], int]] = [{} for _ in range(num_slots)]
         self.groups: list[frozenset[str]] = [frozenset()] * num_slots
+        self._plans: dict[Layout, tuple] = {}  # by layout: what a load writes (``_plan``)
         # the stacked tensors in one order (a then bt of each merged projection), for fills:
         # their addresses and the bytes of one slot (the tensors are never reallocated)
         self.device = next(iter(self.a.values())).device
@@ -115,22 +116,36 @@ class LoRASlots:
         target are zero. Host slots only (a device's are filled by ``copy_slot``)."""
         if not 0 <= slot < len(self.written):
             raise IndexError(f"slot {slot} out of range (0..{len(self.written) - 1})")
-        r_max = self.max_rank
-        new = {key: m.rank for key, m in adapter.modules.items()}
+        new, groups, copies = self._plan(adapter.layout)
         for key, r_old in self.written[slot].items():
             if new.get(key, 0) < r_old:
                 self._zero(slot, *key, new.get(key, 0), r_old)
-        self.written[slot] = new
-        self.groups[slot] = frozenset(MODULES[module][0] for _, module in new)
-        copies = []
-        for (layer, module), m in adapter.modules.items():
+        self.written[slot] = new  # (never changed in place: slots of one layout share it)
+        self.groups[slot] = groups
+        adapter.file.fill(self._slot_regions(slot), _DTYPE_NAMES[self.dtype], copies)
+
+    def _plan(self, layout: Layout):
+        """What a load of an adapter of ``layout`` writes (blocks and ranks, merged
+        projections) and the fill's copies: the same for every adapter of one recipe, so
+        planned once per layout (a load's Python work was most of its GIL time)."""
+        plan = self._plans.get(layout)
+        if plan is not None:
+            return plan
+        r_max, copies = self.max_rank, []
+        for m in layout.modules:
+            layer, module = m.key
             group, index = MODULES[module]
             col, row = index * r_max, self.offsets[group][index]
             dst = self.regions[(layer, group)]
             fan_in, width = self.a[(layer, group)].shape[2], self.bt[(layer, group)].shape[2]
             copies.append((m.a, dst, col * fan_in, fan_in, False, 1.0))
             copies.append((m.b, dst + 1, col * width + row, width, True, m.scale))
-        adapter.file.fill(self._slot_regions(slot), _DTYPE_NAMES[self.dtype], copies)
+        written = {m.key: m.rank for m in layout.modules}
+        groups = frozenset(MODULES[module][0] for _, module in written)
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        self._plans[layout] = plan = (written, groups, copies)
+        return plan
 
     def _slot_regions(self, slot: int) -> list[tuple[int, int]]:
         """(address, bytes) of ``slot`` in every stacked tensor, in ``regions``' order."""
@@ -139,6 +154,7 @@ class LoRASlots:
         return [(address + slot * size, size) for address, size in self._addresses]
 
 
+_MAX_PLANS = 64  # as the layouts the loader keeps
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
