@@ -260,3 +260,23 @@ def test_other_requests_run_while_an_adapter_is_read(base, good, tmp_path):
     release.set()
     done |= run(engine)
     assert done["s"].error is None and done["s"].outputs[0].finish_reason == "length"
+
+
+def test_a_host_tier_that_does_not_fit_fails_at_start_naming_its_settings(base, monkeypatch):
+    """The host tier is committed when the engine is built: memory the machine has not got
+    fails there, naming the settings that size it (here the commit is made to fail)."""
+    from loraplex.engine import host_memory
+
+    zeros = host_memory.zeros
+
+    def no_memory(shape, dtype, populate=False):
+        if populate:
+            raise MemoryError("cannot commit 1.00 GiB of host memory")
+        return zeros(shape, dtype)
+
+    monkeypatch.setattr(host_memory, "zeros", no_memory)
+    with pytest.raises(MemoryError, match=r"max_cpu_loras=5 slots of .* MiB \(max_lora_rank=8"):
+        engine_for(base, max_cpu_loras=5)
+    monkeypatch.undo()
+    engine = engine_for(base, max_cpu_loras=5)  # and nothing of the failed one is in the way
+    assert engine.list_loras() == set()

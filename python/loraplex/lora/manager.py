@@ -25,7 +25,7 @@ from loraplex._core import (
 from loraplex.engine.backend import Backend
 from loraplex.errors import InvalidAdapterError
 from loraplex.lora.adapter import LoRAAdapter, adapter_error, check_request, load_adapter
-from loraplex.lora.slots import LoRAContext, LoRASlots
+from loraplex.lora.slots import LoRAContext, LoRASlots, slot_numel
 from loraplex.model.config import ModelConfig
 
 
@@ -48,9 +48,23 @@ class LoRAManager:
         self.backend = backend
         dtype = backend.lora_dtype
         kernel = backend.lora_kernel(dtype, max_lora_rank)
-        self.host = LoRASlots(
-            cfg, core.max_cpu_loras, max_lora_rank, dtype, kernel, pin_memory=backend.pin_host_tier
-        )
+        try:
+            self.host = LoRASlots(
+                cfg,
+                core.max_cpu_loras,
+                max_lora_rank,
+                dtype,
+                kernel,
+                pin_memory=backend.pin_host_tier,
+            )
+        except MemoryError as e:  # (committed when made: a tier too big fails here)
+            n, per_slot = core.max_cpu_loras, slot_numel(cfg, max_lora_rank) * dtype.itemsize
+            raise MemoryError(
+                f"the adapters' host tier does not fit in memory: max_cpu_loras={n} slots of "
+                f"{per_slot / (1 << 20):.1f} MiB (max_lora_rank={max_lora_rank}, {dtype}, "
+                f"every projection), {n * per_slot / (1 << 30):.2f} GiB in all; lower "
+                f"max_cpu_loras or max_lora_rank ({e})"
+            ) from None
         self.device_slots: LoRASlots | None = None
         if backend.separate_device_slots:
             self.device_slots = LoRASlots(
