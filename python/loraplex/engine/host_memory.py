@@ -14,8 +14,8 @@ adapters' host tier asks for it (the CPU backend's kernels read it): a loader's 
 into a slot no longer takes the page faults while the model runs (on this project's VM a
 first touch of fresh memory ran at 0.8 GB/s, against 15 GB/s for memory touched before; in a
 thousand-adapter run the loader's copies took 4.0 ms per adapter, 1.0 ms committed, see
-benches/README.md), and a tier larger than the memory free fails when the engine is built,
-not in the middle of serving.
+benches/README.md), and a tier larger than the memory free fails when the engine is built
+(``MemoryError``, or the kernel's OOM killer there), not in the middle of serving.
 """
 
 from __future__ import annotations
