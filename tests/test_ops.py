@@ -196,9 +196,20 @@ def merged_problems(draw):
 
 
 @needs_avx2
+@pytest.mark.parametrize("wide", [False, True], ids=["avx2", "avx512"])
 @settings(max_examples=60)
 @given(merged_problems())
-def test_cpp_lora_apply_matches_reference(cpp_ops, problem):
+def test_cpp_lora_apply_matches_reference(cpp_ops, wide, problem):
+    """Both kernel widths: AVX2, and AVX-512 where the CPU has it (the default there)."""
+    if cpu_ext.set_wide(wide) != wide:
+        pytest.skip("CPU without AVX-512: only the AVX2 kernels run here")
+    try:
+        _check_lora_apply(problem)
+    finally:
+        cpu_ext.set_wide(True)  # the default: AVX-512 where the CPU has it
+
+
+def _check_lora_apply(problem):
     fan_in, outs, rank, num_slots, lengths, slots, inference, dtype, seed = problem
     g = torch.Generator().manual_seed(seed)
     segments, total = back_to_back(lengths, slots)

@@ -99,6 +99,12 @@ def lora_apply(x, a, bt, segments: torch.Tensor, out, splits: list[int]) -> None
     torch.ops.loraplex_cpu.lora_apply(x, a, bt, segments, out, splits)
 
 
+def set_wide(on: bool) -> bool:
+    """Turns the AVX-512 LoRA kernels on (the default where the CPU has them) or off, for
+    every later call; returns whether they are on (never where the CPU lacks them)."""
+    return torch.ops.loraplex_cpu.set_wide(on)
+
+
 def paged_decode_attention(q, k_cache, v_cache, slots, rows, key_start, key_end, out) -> None:
     """For each decode sequence b: ``out[rows[b], h] = softmax(q[rows[b], h] . K^T / sqrt(D))
     @ V`` over the keys ``key_start[b]..key_end[b]`` of cache slots ``slots[b]``, query head h
