@@ -165,6 +165,8 @@ void expand(const float* y, int64_t ldy, const W* bt, int64_t ldb, int64_t R, fl
 // Xeon VM): 4-token decode over 8 adapters 21.7 -> 13.4 us, 100-token segments over 8
 // adapters 463 -> 291 us, 24-token segments over 64 of 1,024 slots (rank 8) 321 -> 253 us;
 // 1-token items reading their adapters from memory gain nothing (220 us either way).
+// They repeat the AVX2 kernels' shape at twice the width: separate functions, since a
+// function's target (AVX-512 here) cannot depend on a template parameter.
 // (The zero-masked forms of the intrinsics below: their plain forms start from an
 // "undefined" register that GCC 12 flags as uninitialized under -Werror. Same instructions.)
 #define LORAPLEX_WIDE __attribute__((target("avx512f")))
