@@ -713,13 +713,6 @@ impl Scheduler {
                 out.commits.push((key, slot));
             }
         }
-        let room = self
-            .config
-            .max_loading
-            .saturating_sub(self.adapters.num_loading());
-        if room == 0 {
-            return;
-        }
         let reach = self
             .adapters
             .host
@@ -732,12 +725,58 @@ impl Scheduler {
             .flatten()
             .take(reach)
             .collect();
+        self.yield_held(&upcoming, out);
+        let room = self
+            .config
+            .max_loading
+            .saturating_sub(self.adapters.num_loading());
+        if room == 0 {
+            return;
+        }
         for key in upcoming {
             if out.reads.len() == room {
                 break;
             }
             if let Some(job) = self.adapters.begin_read(key) {
                 out.reads.push(job);
+            }
+        }
+    }
+
+    /// Validated weights that wait for a host slot count against `max_loading`. Where an
+    /// adapter of `upcoming` (the queue's, in admission order) must be read and no read is
+    /// left, the held weights the queue wants last, if later than it (or not at all), are
+    /// dropped (`unheld`; read again when wanted): held weights never keep an adapter wanted
+    /// sooner from being read. (Without it, weights held for a request since aborted, and
+    /// others for a later one, could fill `max_loading` while the head of a strict FIFO
+    /// queue waited for a read forever.)
+    fn yield_held(&mut self, upcoming: &[Key], out: &mut SchedulerOutput) {
+        let held = self.adapters.validated_keys();
+        if held.is_empty() {
+            return;
+        }
+        let at = |k: &Key| upcoming.iter().position(|u| u == k).unwrap_or(usize::MAX);
+        let mut held: Vec<(usize, Key)> = held.into_iter().map(|k| (at(&k), k)).collect();
+        held.sort_unstable();
+        let mut room = self
+            .config
+            .max_loading
+            .saturating_sub(self.adapters.num_loading());
+        for (i, key) in upcoming.iter().enumerate() {
+            if self.adapters.residency(*key) != Residency::Absent {
+                continue;
+            }
+            if room > 0 {
+                room -= 1;
+                continue;
+            }
+            match held.last() {
+                Some(&(wanted_at, victim)) if wanted_at > i => {
+                    held.pop();
+                    self.adapters.unplace(victim);
+                    out.unheld.push(victim);
+                }
+                _ => break,
             }
         }
     }
@@ -933,6 +972,46 @@ mod tests {
         assert_eq!(s.resident_adapters(), Vec::<i64>::new());
         s.adapter_loaded(later, 0);
         assert_eq!(s.schedule().seqs[0].request_id, 2);
+    }
+
+    #[test]
+    fn held_weights_give_way_to_a_read_wanted_sooner() {
+        // one host slot, one read in flight: weights held for a request since aborted must
+        // not keep the next request's adapter from being read (found by scheduler_props)
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_loras: 1,
+            max_cpu_loras: 1,
+            max_loading: 1,
+            max_skipped_steps: 0,
+            ..SchedulerConfig::default()
+        })
+        .unwrap();
+        let first = ready(&mut s, 1);
+        let reg = |s: &mut Scheduler, id: i64| {
+            let request = LoRARequest::new(format!("a{id}"), id, format!("/a/{id}")).unwrap();
+            s.register_adapter(&request).unwrap().0
+        };
+        let (held, next) = (reg(&mut s, 2), reg(&mut s, 3));
+        submit(&s, 1, Some(first));
+        submit(&s, 2, Some(held));
+        let out = s.schedule(); // runs request 1; reads adapter 2
+        assert_eq!(
+            out.reads.iter().map(|r| r.key).collect::<Vec<_>>(),
+            vec![held]
+        );
+        assert_eq!(s.adapter_validated(held, false), Placement::Wait); // 1 is in use
+        s.submitter().abort(2).unwrap();
+        submit(&s, 3, Some(next));
+        let out = s.schedule();
+        assert_eq!(out.unheld, vec![held]);
+        assert_eq!(
+            out.reads.iter().map(|r| r.key).collect::<Vec<_>>(),
+            vec![next]
+        );
+        s.postprocess(&[1]);
+        assert_eq!(s.adapter_validated(next, false), Placement::Slot(0));
+        s.adapter_loaded(next, 0);
+        assert_eq!(s.schedule().seqs[0].request_id, 3);
     }
 
     #[test]
