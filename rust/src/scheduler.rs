@@ -713,6 +713,10 @@ impl Scheduler {
                 out.commits.push((key, slot));
             }
         }
+        let held = self.adapters.validated_keys(); // (those still without a slot)
+        if held.is_empty() && self.adapters.num_loading() >= self.config.max_loading {
+            return; // no read to hand out, none held to give way: the queue is not walked
+        }
         let reach = self
             .adapters
             .host
@@ -725,7 +729,7 @@ impl Scheduler {
             .flatten()
             .take(reach)
             .collect();
-        self.yield_held(&upcoming, out);
+        self.yield_held(held, &upcoming, out);
         let room = self
             .config
             .max_loading
@@ -743,15 +747,14 @@ impl Scheduler {
         }
     }
 
-    /// Validated weights that wait for a host slot count against `max_loading`. Where an
-    /// adapter of `upcoming` (the queue's, in admission order) must be read and no read is
+    /// Validated weights that wait for a host slot (`held`) count against `max_loading`.
+    /// Where an adapter of `upcoming` (the queue's, in admission order) must be read and no read is
     /// left, the held weights the queue wants last, if later than it (or not at all), are
     /// dropped (`unheld`; read again when wanted): held weights never keep an adapter wanted
     /// sooner from being read. (Without it, weights held for a request since aborted, and
     /// others for a later one, could fill `max_loading` while the head of a strict FIFO
     /// queue waited for a read forever.)
-    fn yield_held(&mut self, upcoming: &[Key], out: &mut SchedulerOutput) {
-        let held = self.adapters.validated_keys();
+    fn yield_held(&mut self, held: Vec<Key>, upcoming: &[Key], out: &mut SchedulerOutput) {
         if held.is_empty() {
             return;
         }
