@@ -39,11 +39,19 @@ def test_ids_are_unique_stable_and_versions_count_replacements(sequence):
         _, name, path, lora_id, replace = call
         before = reg.resolve(name)
         try:
+            reg.check(name, path, lora_id, replace)
+            checked = None
+        except RegistryError as e:
+            checked = str(e)
+        assert reg.resolve(name) == before  # a check registers nothing
+        try:
             entry = reg.register(name, path, lora_id, replace)
         except RegistryError as e:
             assert name in str(e)
+            assert str(e) == checked  # refused exactly as the check said
             assert reg.resolve(name) == before  # a refusal changes nothing
             continue
+        assert checked is None, checked
         assert entry["lora_int_id"] == first_id.setdefault(name, entry["lora_int_id"])
         if before is None:
             assert entry["version"] == 1

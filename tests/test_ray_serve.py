@@ -200,30 +200,47 @@ def test_a_saturated_holder_spills_and_outputs_stay_right(cluster, reference):
         assert text == reference[("a0", PROMPTS[i % 2], SPILL_TOKENS)]
 
 
-def test_an_id_clash_through_one_replica_is_refused_through_the_other(cluster, assets):
+def test_an_id_clash_through_one_replica_is_refused_through_the_other(cluster, assets, reference):
     url = cluster
     status, body, headers = urllib_post(
         url + "/v1/load_lora_adapter",
         {"lora_name": "c1", "lora_path": str(assets["extra"]), "lora_int_id": 777},
     )
     assert status == 200, body
-    owner = {headers[HEADER]}
-    # loads of new names go to the replica holding fewer adapters: try names until one is
-    # refused by the other replica (the header names the replica that refused it)
-    refused_by = set()
-    for k in range(6):
-        status, body, headers = urllib_post(
-            url + "/v1/load_lora_adapter",
-            {"lora_name": f"c2-{k}", "lora_path": str(assets["extra"]), "lora_int_id": 777},
-        )
-        assert status == 400, body
-        assert "777" in body and "'c1'" in body, body
-        refused_by.add(headers[HEADER])
-        if refused_by - owner:
-            break
-    assert refused_by - owner, (refused_by, owner)  # refused through the other replica too
+    owner = headers[HEADER]
+    # an adapter whose requests go to the other replica (affinity: sequential requests go
+    # to the holder); its in-place reload goes there too
+    elsewhere = {}
+    for model in ADAPTERS:
+        _, replica = complete(url, model, PROMPTS[0])
+        if replica != owner:
+            elsewhere[model] = replica
+    assert elsewhere, f"every adapter's requests went to {owner}, the replica that loaded c1"
+    model, other = next(iter(elsewhere.items()))
+    status, body, headers = urllib_post(
+        url + "/v1/load_lora_adapter",
+        {
+            "lora_name": model,
+            "lora_path": str(assets["extra"]),
+            "lora_int_id": 777,
+            "load_inplace": True,
+        },
+    )
+    assert status == 400, body
+    assert "777" in body and "'c1'" in body, body
+    assert headers[HEADER] == other  # refused through the other replica
+    # ... before its engine took the new weights: the adapter serves its own, there
+    for prompt in PROMPTS:
+        assert complete(url, model, prompt) == (reference[(model, prompt, MAX_TOKENS)], other)
+    # a new name with the id is refused too, wherever it goes, and is not registered
+    status, body, headers = urllib_post(
+        url + "/v1/load_lora_adapter",
+        {"lora_name": "c2", "lora_path": str(assets["extra"]), "lora_int_id": 777},
+    )
+    assert status == 400, body
+    assert "777" in body and "'c1'" in body and headers[HEADER] in (owner, other), body
     names = [m.id for m in client(url).models.list().data]
-    assert "c1" in names and not any(n.startswith("c2-") for n in names)
+    assert "c1" in names and "c2" not in names
     # unload frees it on every replica; it is gone from the cluster
     assert http(url + "/v1/unload_lora_adapter", "POST", {"lora_name": "c1"})[0] == 200
     assert "c1" not in holders(url), replicas(url)

@@ -162,10 +162,22 @@ def engine_deployment(
 
             old = await self.registry.resolve.remote(name)
             if old is not None and inplace:  # the new weights are read before they replace
+                # a refusal (an id clash) comes before the engine takes the new weights
+                await self.registry.check.remote(name, path, lora_int_id, True)
                 lora = LoRARequest(name, old["lora_int_id"], path, load_inplace=True)
                 async with self.locks.setdefault(name, asyncio.Lock()):
+                    held = self.held.get(name)
                     await self.engine.add_lora(lora)
-                    entry = await self.registry.register.remote(name, path, lora_int_id, True)
+                    try:
+                        entry = await self.registry.register.remote(name, path, lora_int_id, True)
+                    except BaseException:  # refused since the check: the old weights return
+                        if held is None:
+                            await self.engine.remove_lora(lora.lora_int_id)
+                        else:
+                            back = LoRARequest(name, held[0], old["path"], load_inplace=True)
+                            await self.engine.add_lora(back)
+                            self.held[name] = (held[0], old["version"])
+                        raise
                     self.held[name] = (entry["lora_int_id"], entry["version"])
             else:
                 entry = await self.registry.register.remote(name, path, lora_int_id)

@@ -47,6 +47,24 @@ class AdapterRegistry:
         """The entry for ``name`` (as a dict). The same name and path again: the same entry.
         Another path: refused, unless ``replace`` (the next version, the same id). An id
         already held by another name: refused."""
+        self.check(name, path, lora_int_id, replace)
+        entry = self._entries.get(name)
+        if entry is not None:
+            if entry.path == path:
+                return asdict(entry)
+            entry = Entry(name, entry.lora_int_id, path, entry.version + 1)
+        else:
+            entry = Entry(name, self._ids.get(name) or lora_int_id or self._new_id(), path, 1)
+        self._entries[name] = entry
+        self._ids[name] = entry.lora_int_id
+        self._owner[entry.lora_int_id] = name
+        return asdict(entry)
+
+    def check(
+        self, name: str, path: str, lora_int_id: int | None = None, replace: bool = False
+    ) -> None:
+        """Raises the ``RegistryError`` that ``register`` would, registering nothing: a
+        replica asks before it reads new weights in place of the old ones."""
         if not name or not isinstance(name, str):
             raise RegistryError(f"adapter name must be a non-empty string, got {name!r}")
         if lora_int_id is not None and (not isinstance(lora_int_id, int) or lora_int_id < 1):
@@ -64,21 +82,11 @@ class AdapterRegistry:
                     f"adapter {name!r} has lora_int_id {known} in this cluster, not {lora_int_id}"
                 )
         entry = self._entries.get(name)
-        if entry is not None:
-            if entry.path == path:
-                return asdict(entry)
-            if not replace:
-                raise RegistryError(
-                    f"adapter {name!r} is registered with path {entry.path!r}, not {path!r} "
-                    "(load it in place to replace its weights)"
-                )
-            entry = Entry(name, entry.lora_int_id, path, entry.version + 1)
-        else:
-            entry = Entry(name, known or lora_int_id or self._new_id(), path, 1)
-        self._entries[name] = entry
-        self._ids[name] = entry.lora_int_id
-        self._owner[entry.lora_int_id] = name
-        return asdict(entry)
+        if entry is not None and entry.path != path and not replace:
+            raise RegistryError(
+                f"adapter {name!r} is registered with path {entry.path!r}, not {path!r} "
+                "(load it in place to replace its weights)"
+            )
 
     def _new_id(self) -> int:
         while self._next_id in self._owner:
