@@ -124,3 +124,18 @@ def test_simulation_affinity_hits_more_without_unbalancing(load):
         assert ours["adapter_hit_rate"] > rows[other]["adapter_hit_rate"] + 0.1, rows
         assert ours["inflight_max_over_mean"] <= 1.5 * rows[other]["inflight_max_over_mean"]
     assert ours["served_max_over_mean"] < 1.25, rows
+
+
+def test_new_adapters_spread_over_replicas_whose_tiers_are_full():
+    """Equally loaded replicas whose host tiers are full (a new adapter evicts one there):
+    new adapters still spread, each name to one replica every time, rather than all to
+    the first replica by id while the others' tiers stay as they are."""
+    views = [
+        ReplicaView(f"r{i}", frozenset(f"held-{i}-{j}" for j in range(4)), 0, 8, 4)
+        for i in range(3)
+    ]
+    names = [f"n{k}" for k in range(90)]
+    chosen = {n: choose_replica(n, views).replica_id for n in names}
+    shares = {v.replica_id: list(chosen.values()).count(v.replica_id) for v in views}
+    assert min(shares.values()) >= 15, shares
+    assert chosen == {n: choose_replica(n, list(reversed(views))).replica_id for n in names}

@@ -12,6 +12,7 @@ each replica reports, so the Ray Serve router and the simulation
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 
@@ -53,16 +54,28 @@ def spill_margin(replica: ReplicaView) -> float:
     return max(SPILL, MIN_SPILL_REQUESTS / max(replica.max_ongoing, 1))
 
 
+def rendezvous(adapter: str | None, replica_id: str) -> bytes:
+    """The last tie-break for an adapter its replica does not hold: a hash of the adapter
+    and the replica (rendezvous hashing), so replicas alike in room, load and count each
+    take a fair share of new adapters, the same replica for the same name, instead of the
+    first by id taking them all (evicting its own while the others' tiers stay as they
+    are)."""
+    if adapter is None:
+        return b""
+    key = f"{adapter}\0{replica_id}".encode()
+    return hashlib.blake2b(key, digest_size=8).digest()
+
+
 def rank_replicas(
     adapter: str | None, replicas: list[ReplicaView], last: str | None = None
 ) -> list[list[ReplicaView]]:
     """Every replica once, in ranks (the first is preferred): holders of ``adapter`` that are
     not full and within ``spill_margin`` of the least loaded replica, least loaded first;
     the other replicas within it, those with room in the host tier first, then by load, then
-    the one holding fewer adapters (new adapters spread over idle replicas); the rest that
-    are not full, least loaded first; the full ones. Among holders equally loaded, ``last``
-    (the replica the adapter was last sent to) comes first: an adapter held by several
-    replicas keeps going to one while the load allows."""
+    the one holding fewer adapters (new adapters spread over idle replicas), then by
+    ``rendezvous``; the rest that are not full, least loaded first; the full ones. Among
+    holders equally loaded, ``last`` (the replica the adapter was last sent to) comes first:
+    an adapter held by several replicas keeps going to one while the load allows."""
     open_ = [r for r in replicas if not r.full]
     floor = min((r.load for r in open_), default=0.0)
     holders, near, far, full = [], [], [], []
@@ -76,7 +89,13 @@ def rank_replicas(
         else:
             near.append(r)
     by_load = lambda r: (r.load, r.replica_id)  # noqa: E731
-    by_room = lambda r: (not r.has_room, r.load, len(r.adapters), r.replica_id)  # noqa: E731
+    by_room = lambda r: (  # noqa: E731
+        not r.has_room,
+        r.load,
+        len(r.adapters),
+        rendezvous(adapter, r.replica_id),
+        r.replica_id,
+    )
     sticky = lambda r: (r.load, r.replica_id != last, r.replica_id)  # noqa: E731
     ranks = [sorted(holders, key=sticky), sorted(near, key=by_room)]
     ranks += [sorted(far, key=by_load), sorted(full, key=by_load)]
