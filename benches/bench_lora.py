@@ -21,7 +21,9 @@
    setup runs twice in mirrored order (8, registered, on demand, on demand, registered, 8),
    the faster run kept, as the overhead runs are.
 4. Ops: the CPU paths (torch SGMV loop, BGMV, padded grid; the C++ op) vs the per-segment
-   float64 loop reference, at decode and prefill shapes (576 -> rank 16 -> 1536).
+   float64 loop reference, at decode and prefill shapes (576 -> rank 16 -> 1536); and the
+   C++ op on one-token items over distinct slots whose weights come from memory (as a
+   thousand adapters meet it), with the read rate it reaches.
 
     .venv/bin/python benches/bench_lora.py [--threads 2] [--skip-many]
         [--thousand-only [--lora-dtype bfloat16] [--slots 64|256]]
@@ -186,11 +188,45 @@ def _bench_shape(label, lengths, fan_in=576, rank=16, fan_out=1536):
 
 
 def bench_ops():
-    return [
+    rows = [
         _bench_shape("decode: 32 tokens over 8 adapters", [4] * 8),
         _bench_shape("decode: 32 tokens over 32 adapters", [1] * 32),
         _bench_shape("prefill: 2048 tokens over 8 adapters", [256] * 8),
     ]
+    from loraplex.ops import cpu_ext
+
+    if cpu_ext.available():
+        rows += [_bench_from_memory(dtype) for dtype in (torch.float32, torch.bfloat16)]
+    return rows
+
+
+def _bench_from_memory(dtype, pool=16384, tokens=256, rank=8, fan_in=576, splits=(576, 192, 192)):
+    """The C++ op as a thousand distinct adapters meet it in decode: one token per slot, a
+    new set of slots each call from a pool far larger than the caches (2.4 GB of float32
+    q/k/v weights, on huge pages as the host tier is), so the weights come from memory."""
+    from loraplex.engine import host_memory
+    from loraplex.ops import cpu_ext
+
+    k, out_total = len(splits), sum(splits)
+    a = host_memory.zeros((pool, k * rank, fan_in), dtype, populate=True)
+    bt = host_memory.zeros((pool, k * rank, out_total), dtype, populate=True)
+    for chunk in range(0, pool, 1024):  # random weights, a chunk at a time
+        n = min(1024, pool - chunk)
+        a[chunk : chunk + n] = torch.randn(n, k * rank, fan_in) * 0.01
+        bt[chunk : chunk + n] = torch.randn(n, k * rank, out_total) * 0.01
+    x, out = torch.randn(tokens, fan_in), torch.zeros(tokens, out_total)
+    tables = [
+        cpu_ext.segment_table([(i, 1, start + i) for i in range(tokens)])
+        for start in range(0, pool - tokens + 1, tokens)
+    ]
+    cols = [sum(splits[:i]) for i in range(k + 1)]
+    calls = iter(range(10**9))
+    us = _timeit(
+        lambda: cpu_ext.lora_apply(x, a, bt, tables[next(calls) % len(tables)], out, cols), 60
+    )
+    read = tokens * (a[0].numel() + bt[0].numel()) * a.element_size()
+    label = f"decode from memory: {tokens} tokens over distinct slots of {pool}, {dtype}"
+    return {"ops": label, "cpp_us": round(us, 1), "read_gb_per_s": round(read / us / 1e3, 1)}
 
 
 def main() -> None:
