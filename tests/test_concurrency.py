@@ -122,7 +122,9 @@ def worker(engine, loras, clock, ops, submitted, aborted, errors):
 
 
 @settings(
-    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(plans)
 def test_four_threads_and_a_stepping_loop(base, loras, alone, plans):

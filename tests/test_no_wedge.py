@@ -22,7 +22,9 @@ from tiny_models import build_model
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 IDS = itertools.count(100)
 FUZZ = settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
 
