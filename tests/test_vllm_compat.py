@@ -324,6 +324,37 @@ def test_seed_none_and_vllm_module_paths(base):
     assert clone == params and clone is not params
 
 
+def test_model_config_as_vllm_gives_it(base):
+    """``llm.llm_engine.model_config`` (and ``llm.model_config``, the async engine's): the
+    engine's max_model_len and model, and vLLM's accessors, read against config.json."""
+    import asyncio
+
+    from loraplex import LLM, AsyncEngineArgs, AsyncLLM
+
+    hf = json.loads((base / "config.json").read_text())
+    llm = LLM(model=str(base), max_model_len=48)
+    mc = llm.llm_engine.model_config
+    assert mc is llm.model_config is llm.llm_engine.get_model_config()
+    assert (mc.max_model_len, mc.model) == (48, str(base))
+    assert mc.get_vocab_size() == hf["vocab_size"]
+    assert mc.get_hidden_size() == hf["hidden_size"]
+    assert mc.get_num_layers(None) == hf["num_hidden_layers"]
+    assert mc.get_num_attention_heads(None) == hf["num_attention_heads"]
+    assert mc.get_num_kv_heads(None) == mc.get_total_num_kv_heads() == hf["num_key_value_heads"]
+    assert mc.get_head_size() == hf["hidden_size"] // hf["num_attention_heads"]
+    assert mc.hf_config.model_type == hf["model_type"]
+    # without max_model_len: the model's max_position_embeddings, as vLLM derives it
+    default = LLM(model=str(base)).llm_engine.model_config
+    assert default.max_model_len == hf["max_position_embeddings"]
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(base), max_model_len=40))
+    try:
+        assert engine.model_config.max_model_len == 40
+        assert asyncio.run(engine.get_model_config()).max_model_len == 40
+    finally:
+        engine.shutdown()
+
+
 def test_default_sampling_params_are_what_generate_uses(base):
     from loraplex import LLM, SamplingParams
 

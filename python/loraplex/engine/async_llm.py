@@ -15,6 +15,7 @@ from loraplex._core import LoRARequest
 from loraplex.engine.arg_utils import AsyncEngineArgs, EngineArgs
 from loraplex.engine.input_processor import Prompt
 from loraplex.engine.llm_engine import LLMEngine
+from loraplex.model.config import ModelConfig
 from loraplex.outputs import RequestOutput
 from loraplex.sampling_params import SamplingParams
 from loraplex.tokenizer import Tokenizer
@@ -210,6 +211,13 @@ class AsyncLLM:
 
     async def get_tokenizer(self, lora_request: LoRARequest | None = None) -> Tokenizer:
         return self.engine.get_tokenizer()
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.engine.model_config
+
+    async def get_model_config(self) -> ModelConfig:
+        return self.engine.model_config
 
     async def is_tracing_enabled(self) -> bool:
         return False

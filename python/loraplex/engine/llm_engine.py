@@ -6,7 +6,7 @@ import itertools
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ class ModelFrontend:
                 f"max_model_len ({max_model_len}) exceeds the model's "
                 f"max_position_embeddings ({cfg.max_position_embeddings})"
             )
+        cfg = replace(cfg, max_model_len=max_model_len, model=str(args.model))
         tok_folder = resolve_model_path(args.tokenizer) if args.tokenizer else folder
         tokenizer = Tokenizer(tok_folder, cfg.raw)
         processor = InputProcessor(tokenizer, cfg.vocab_size, max_model_len, args.max_logprobs)
@@ -141,6 +142,10 @@ class LLMEngine:
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
+
+    def get_model_config(self) -> ModelConfig:
+        """The model's config with the engine's ``max_model_len``, as vLLM's."""
+        return self.model_config
 
     def add_request(
         self,

@@ -12,6 +12,7 @@ from loraplex._core import LoRARequest
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.input_processor import Prompt
 from loraplex.engine.llm_engine import LLMEngine
+from loraplex.model.config import ModelConfig
 from loraplex.outputs import RequestOutput
 from loraplex.sampling_params import RequestOutputKind, SamplingParams
 from loraplex.tokenizer import Tokenizer
@@ -29,6 +30,12 @@ class LLM:
 
     def get_tokenizer(self) -> Tokenizer:
         return self.llm_engine.get_tokenizer()
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The model's config with the engine's ``max_model_len`` (vLLM's
+        ``llm.llm_engine.model_config`` too)."""
+        return self.llm_engine.model_config
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What ``generate`` and ``chat`` use when given no sampling params (a fresh copy):

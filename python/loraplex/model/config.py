@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -33,6 +34,41 @@ class ModelConfig:
     sliding_window: int | None
     dtype: torch.dtype
     raw: dict[str, Any]
+    # the engine's side, as vLLM's ModelConfig has it (set when an engine is made from args)
+    max_model_len: int = 0
+    model: str = ""  # the model as the engine was given it (a folder or a hub id)
+
+    # vLLM's accessors (the parallel config is accepted and means nothing here: one device)
+
+    @property
+    def hf_config(self) -> SimpleNamespace:
+        """``config.json``'s fields as attributes (a namespace, not a transformers
+        ``PretrainedConfig``)."""
+        return SimpleNamespace(**self.raw)
+
+    def get_vocab_size(self) -> int:
+        return self.vocab_size
+
+    def get_hidden_size(self) -> int:
+        return self.hidden_size
+
+    def get_head_size(self) -> int:
+        return self.head_dim
+
+    def get_num_layers(self, parallel_config: Any = None) -> int:
+        return self.num_hidden_layers
+
+    def get_num_attention_heads(self, parallel_config: Any = None) -> int:
+        return self.num_attention_heads
+
+    def get_num_kv_heads(self, parallel_config: Any = None) -> int:
+        return self.num_key_value_heads
+
+    def get_total_num_kv_heads(self) -> int:
+        return self.num_key_value_heads
+
+    def get_sliding_window(self) -> int | None:
+        return self.sliding_window
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> ModelConfig:
