@@ -116,7 +116,7 @@ def test_stop_strings_completed_by_one_token_cut_at_the_earliest(llm):
     tok = llm.get_tokenizer()
     full = ref.text
     for k in range(len(ref.token_ids), 0, -1):
-        end = len(tok.decode(ref.token_ids[:k]))
+        end = len(tok.decode(ref.token_ids[:k], skip_special_tokens=True))
         short, long = full[end - 2 : end], full[end - 5 : end]
         if end >= 6 and full.find(short) == end - 2 and full.find(long) == end - 5:
             break
@@ -137,7 +137,8 @@ def test_stop_token_id_is_the_stop_reason(llm):
     assert out.token_ids == ref.token_ids[: first + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", stop)
     tok = llm.get_tokenizer()
-    assert out.text == tok.decode(ref.token_ids[:first])  # the stop token's text left out
+    # the stop token's text left out
+    assert out.text == tok.decode(ref.token_ids[:first], skip_special_tokens=True)
 
 
 def test_eos_is_stop_with_no_stop_reason(llm):

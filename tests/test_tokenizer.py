@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from loraplex.tokenizer import Tokenizer
-from tiny_models import EOS, build_tokenizer
+from tiny_models import BOS, EOS, build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,48 @@ def test_encode_adds_bos_like_autotokenizer(tok, tok_dir):
     hf = AutoTokenizer.from_pretrained(tok_dir)
     for text in ["the quick brown fox", "héllo 🙂", "SELECT 1;"]:
         assert tok.encode(text) == hf(text)["input_ids"]
+
+
+@pytest.mark.parametrize("extra", [{}, {"pad_token": EOS, "unk_token": BOS}])
+def test_the_transformers_surface_answers_as_autotokenizer(tmp_path, extra):
+    """What code written against vLLM's ``get_tokenizer()`` (a transformers fast tokenizer)
+    calls: the same answers as ``AutoTokenizer`` on the same folder."""
+    from transformers import AutoTokenizer
+
+    build_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **extra}))
+    ours, hf = Tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    texts = ["the quick brown fox", "héllo 🙂", "SELECT 1;"]
+    for text in texts:
+        enc, want = ours(text), hf(text)
+        assert enc["input_ids"] == enc.input_ids == want["input_ids"]
+        assert enc.attention_mask == want["attention_mask"]
+        assert (
+            ours(text, add_special_tokens=False).input_ids
+            == hf(text, add_special_tokens=False)["input_ids"]
+        )
+        assert ours.tokenize(text) == hf.tokenize(text)
+        ids = want["input_ids"] + [hf.eos_token_id]
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(
+                ids, skip_special_tokens=skip
+            )
+        assert ours.decode(ids) == hf.decode(ids)  # the default keeps special tokens
+        assert ours.convert_ids_to_tokens(ids) == hf.convert_ids_to_tokens(ids)
+        tokens = hf.convert_ids_to_tokens(ids)
+        assert ours.convert_tokens_to_ids(tokens) == hf.convert_tokens_to_ids(tokens)
+    batch = ours(texts)
+    assert batch.input_ids == hf(texts)["input_ids"]
+    assert ours.batch_decode(batch.input_ids) == hf.batch_decode(batch.input_ids)
+    assert ours.convert_tokens_to_ids("never-a-token") == hf.convert_tokens_to_ids("never-a-token")
+    assert (len(ours), ours.vocab_size) == (len(hf), hf.vocab_size)
+    assert ours.get_vocab() == hf.get_vocab()
+    for name in ("bos", "eos", "pad", "unk"):
+        assert getattr(ours, f"{name}_token") == getattr(hf, f"{name}_token"), name
+        assert getattr(ours, f"{name}_token_id") == getattr(hf, f"{name}_token_id"), name
+    assert set(ours.all_special_tokens) == set(hf.all_special_tokens)
+    assert set(ours.all_special_ids) == set(hf.all_special_ids)
 
 
 def test_eos_from_tokenizer_config(tok):

@@ -78,7 +78,9 @@ class Tokenizer:
         }
         self.eos_token_ids = self._eos_ids(tok_config, gen_config, model_config)
         self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # transformers' meanings: vocab_size leaves added tokens out, len() counts them
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=False)
+        self.name_or_path = str(folder)
 
     def _eos_ids(self, tok_config: dict, gen_config: dict, model_config: dict) -> list[int]:
         """EOS ids: generation_config.json, then config.json, then tokenizer_config.json's
@@ -128,11 +130,104 @@ class Tokenizer:
         )
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # transformers' tokenizer surface, for code written against vLLM's ``get_tokenizer()``
+    # (a transformers fast tokenizer there)
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> Encoding:
+        """``input_ids`` and ``attention_mask`` of a text (or of each of a list of texts)."""
+        if isinstance(text, str):
+            ids = self.encode(text, add_special_tokens)
+            return Encoding(input_ids=ids, attention_mask=[1] * len(ids))
+        rows = [self.encode(t, add_special_tokens) for t in text]
+        return Encoding(input_ids=rows, attention_mask=[[1] * len(r) for r in rows])
+
+    def __len__(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def batch_decode(
+        self, sequences: list[list[int]], skip_special_tokens: bool = False
+    ) -> list[str]:
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._tok.encode(text, add_special_tokens=False).tokens
+
+    def convert_ids_to_tokens(self, ids: int | list[int]) -> str | None | list[str | None]:
+        if isinstance(ids, int):
+            return self._tok.id_to_token(ids)
+        return [self._tok.id_to_token(i) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | None | list[int | None]:
+        """Unknown tokens give ``unk_token_id`` (None without one), as transformers'."""
+        if isinstance(tokens, str):
+            return self._id_or_unk(tokens)
+        return [self._id_or_unk(t) for t in tokens]
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    def _id_or_unk(self, token: str) -> int | None:
+        found = self._tok.token_to_id(token)
+        return found if found is not None else self.unk_token_id
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.special_tokens.get("bos_token")
+
+    @property
+    def eos_token(self) -> str | None:
+        if "eos_token" in self.special_tokens:
+            return self.special_tokens["eos_token"]
+        return None if self.eos_token_id is None else self._tok.id_to_token(self.eos_token_id)
+
+    @property
+    def pad_token(self) -> str | None:
+        return self.special_tokens.get("pad_token")
+
+    @property
+    def unk_token(self) -> str | None:
+        return self.special_tokens.get("unk_token")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._id_of(self.bos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._id_of(self.pad_token)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._id_of(self.unk_token)
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return list(dict.fromkeys(self.special_tokens.values()))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        ids = (self._id_of(t) for t in self.all_special_tokens)
+        return [i for i in ids if i is not None]
 
     def detokenizer(self, prompt_ids: list[int], skip_special_tokens: bool) -> Detokenizer:
         return Detokenizer(self, prompt_ids, skip_special_tokens)
+
+
+class Encoding(dict):
+    """What calling the tokenizer answers: a dict (``out["input_ids"]``) whose keys are
+    also attributes (``out.input_ids``), as transformers' ``BatchEncoding``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class Detokenizer:
