@@ -158,27 +158,12 @@ def engine_deployment(
             return dict(entry, replica_id=self.replica_id)
 
         async def _load_adapter(self, name, path, inplace, lora_int_id) -> dict:
-            from loraplex import LoRARequest
-
             old = await self.registry.resolve.remote(name)
             if old is not None and inplace:  # the new weights are read before they replace
-                # a refusal (an id clash) comes before the engine takes the new weights
-                await self.registry.check.remote(name, path, lora_int_id, True)
-                lora = LoRARequest(name, old["lora_int_id"], path, load_inplace=True)
                 async with self.locks.setdefault(name, asyncio.Lock()):
-                    held = self.held.get(name)
-                    await self.engine.add_lora(lora)
-                    try:
-                        entry = await self.registry.register.remote(name, path, lora_int_id, True)
-                    except BaseException:  # refused since the check: the old weights return
-                        if held is None:
-                            await self.engine.remove_lora(lora.lora_int_id)
-                        else:
-                            back = LoRARequest(name, held[0], old["path"], load_inplace=True)
-                            await self.engine.add_lora(back)
-                            self.held[name] = (held[0], old["version"])
-                        raise
-                    self.held[name] = (entry["lora_int_id"], entry["version"])
+                    entry = await reload_in_place(
+                        self.engine, self.registry, self.held, old, path, lora_int_id
+                    )
             else:
                 entry = await self.registry.register.remote(name, path, lora_int_id)
                 try:
@@ -234,6 +219,40 @@ def engine_deployment(
             self.engine.shutdown()
 
     return LoraplexReplica
+
+
+async def reload_in_place(
+    engine: Any,
+    registry: Any,
+    held: dict[str, tuple[int, int]],
+    old: dict[str, Any],
+    path: str,
+    lora_int_id: int | None,
+) -> dict[str, Any]:
+    """Replaces the weights of ``old`` (the registry's entry) with ``path``'s, in ``engine``
+    (an ``AsyncLLM``) and in ``registry`` (the cluster's actor), and records the version in
+    ``held`` (name -> (id, version) this engine has). The registry is asked first, so a
+    refusal (an id clash) leaves the engine as it was; if registering fails after the engine
+    took the new weights (the registry lost), the old weights are put back. Raises what
+    refused or failed."""
+    from loraplex import LoRARequest
+
+    name = old["name"]
+    await registry.check.remote(name, path, lora_int_id, True)
+    before = held.get(name)
+    lora = LoRARequest(name, old["lora_int_id"], path, load_inplace=True)
+    await engine.add_lora(lora)
+    try:
+        entry = await registry.register.remote(name, path, lora_int_id, True)
+    except BaseException:
+        if before is None:  # this engine did not have it: nothing of it stays
+            await engine.remove_lora(lora.lora_int_id)
+        else:
+            await engine.add_lora(LoRARequest(name, before[0], old["path"], load_inplace=True))
+            held[name] = (before[0], old["version"])
+        raise
+    held[name] = (entry["lora_int_id"], entry["version"])
+    return entry
 
 
 def discover(name: str, roots: list[str]) -> str:
