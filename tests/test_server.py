@@ -179,6 +179,45 @@ def metric(url: str, name: str, **labels) -> float:
     return 0.0
 
 
+def test_tokenize_and_detokenize_as_transformers(server, assets):
+    """vLLM's ``/tokenize`` (a prompt, or messages through the chat template) and
+    ``/detokenize``, against transformers' tokenizer on the same folder."""
+    hf = AutoTokenizer.from_pretrained(assets["base"])
+    post = lambda route, body: http(server + route, "POST", body)  # noqa: E731
+    for model in ("tiny", "a1"):  # the base and an adapter share the tokenizer
+        status, body = post("/tokenize", {"model": model, "prompt": PROMPTS[0]})
+        assert status == 200, body
+        want = hf(PROMPTS[0])["input_ids"]
+        assert json.loads(body) == {
+            "count": len(want),
+            "max_model_len": 256,
+            "tokens": want,
+            "token_strs": None,
+        }
+    status, body = post(
+        "/tokenize", {"prompt": PROMPTS[1], "add_special_tokens": False, "return_token_strs": True}
+    )
+    got, want = json.loads(body), hf(PROMPTS[1], add_special_tokens=False)["input_ids"]
+    assert (got["tokens"], got["token_strs"]) == (want, hf.convert_ids_to_tokens(want))
+    messages = [{"role": "user", "content": "hello there"}]
+    status, body = post("/tokenize", {"messages": messages})
+    text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert json.loads(body)["tokens"] == hf(text, add_special_tokens=False)["input_ids"]
+    ids = hf(PROMPTS[2])["input_ids"] + [hf.eos_token_id]
+    status, body = post("/detokenize", {"model": "tiny", "tokens": ids})
+    assert status == 200 and json.loads(body) == {"prompt": hf.decode(ids)}, body
+    # refusals: each names its culprit, in OpenAI's error shape
+    status, body = post("/tokenize", {"model": "nope", "prompt": "x"})
+    assert status == 404 and "nope" in body
+    for bad in ({}, {"prompt": "x", "messages": messages}):
+        status, body = post("/tokenize", bad)
+        assert status == 400 and "prompt" in json.loads(body)["error"]["message"], body
+    status, body = post("/detokenize", {"tokens": [1, 10**6]})
+    assert status == 400 and "1000000" in body, body
+    status, body = post("/detokenize", {"tokens": "abc"})
+    assert status == 400 and "tokens" in body, body
+
+
 def test_models_list_the_base_and_every_adapter(server, assets):
     data = client(server).models.list().data
     by_id = {m.id: m for m in data}
@@ -552,6 +591,19 @@ FIELDS = {
         "tools",
         "response_format",
     ],
+    "/tokenize": [
+        "model",
+        "prompt",
+        "messages",
+        "add_special_tokens",
+        "return_token_strs",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template",
+        "chat_template_kwargs",
+        "tools",
+    ],
+    "/detokenize": ["model", "tokens"],
 }
 
 

@@ -36,7 +36,9 @@ from loraplex.entrypoints.openai.metrics import Metrics, engine_snapshot, snapsh
 from loraplex.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     LoadLoRAAdapterRequest,
+    TokenizeRequest,
     UnloadLoRAAdapterRequest,
 )
 from loraplex.errors import InvalidAdapterError
@@ -308,6 +310,14 @@ def build_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
         return await serve_chat(server, body, request)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        return await serve_tokenize(server, body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        return await serve_detokenize(server, body)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(body: LoadLoRAAdapterRequest):
@@ -614,6 +624,56 @@ def _chat_logprobs(tokenizer, token_ids, logprobs, top: int) -> dict[str, Any]:
     return {"content": content}
 
 
+def _render_chat(tokenizer, body, tokenize: bool):
+    """``body.messages`` through the chat template (a 400 naming ``messages`` if it cannot
+    render): the text, or its ids without added special tokens."""
+    try:
+        return tokenizer.apply_chat_template(
+            body.messages,
+            chat_template=body.chat_template,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            tools=body.tools,
+            tokenize=tokenize,
+            **(body.chat_template_kwargs or {}),
+        )
+    except Exception as e:  # a template error is the request's: jinja2, TypeError, ...
+        raise APIError(
+            400, f"messages: cannot render the chat template ({e})", "messages"
+        ) from None
+
+
+async def serve_tokenize(server: Server, body: TokenizeRequest):
+    """vLLM's ``/tokenize``: the ids a prompt (or a chat) becomes, their count and the
+    context length; the model must be one this server serves (404 otherwise)."""
+    await server.lora_for(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of prompt and messages", "prompt")
+    tokenizer = server.tokenizer
+    if body.prompt is not None:
+        special = True if body.add_special_tokens is None else body.add_special_tokens
+        tokens = tokenizer.encode(body.prompt, add_special_tokens=special)
+    else:
+        text = _render_chat(tokenizer, body, tokenize=False)
+        tokens = tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+    strs = tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+    return dict(
+        count=len(tokens), max_model_len=server.max_model_len, tokens=tokens, token_strs=strs
+    )
+
+
+async def serve_detokenize(server: Server, body: DetokenizeRequest):
+    """vLLM's ``/detokenize``: the text of ``tokens``, special tokens kept."""
+    await server.lora_for(body.model)
+    size = len(server.tokenizer)
+    bad = [t for t in body.tokens if not 0 <= t < size]
+    if bad:
+        raise APIError(
+            400, f"tokens: ids {bad[:8]} are outside the vocabulary (size {size})", "tokens"
+        )
+    return {"prompt": server.tokenizer.decode(body.tokens)}
+
+
 async def serve_chat(server: Server, body: ChatCompletionRequest, request: Request):
     lora = await server.lora_for(body.model)
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -625,20 +685,7 @@ async def serve_chat(server: Server, body: ChatCompletionRequest, request: Reque
     except (ValueError, TypeError) as e:
         raise _bad_request(e) from None
     tokenizer = server.tokenizer
-    try:
-        ids = tokenizer.apply_chat_template(
-            body.messages,
-            chat_template=body.chat_template,
-            add_generation_prompt=body.add_generation_prompt,
-            continue_final_message=body.continue_final_message,
-            tools=body.tools,
-            tokenize=True,
-            **(body.chat_template_kwargs or {}),
-        )
-    except Exception as e:  # a template error is the request's: jinja2, TypeError, ...
-        raise APIError(
-            400, f"messages: cannot render the chat template ({e})", "messages"
-        ) from None
+    ids = _render_chat(tokenizer, body, tokenize=True)
     model = body.model or server.base
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     stream = await _submit(server, {"prompt_token_ids": ids}, params, lora, body.priority)

@@ -112,6 +112,28 @@ class ChatCompletionRequest(_Sampling):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
+class TokenizeRequest(OpenAIBaseModel):
+    """vLLM's ``/tokenize``: a ``prompt``, or chat ``messages`` rendered by the chat
+    template (exactly one of them). ``add_special_tokens`` defaults as vLLM's: True for a
+    prompt, False for messages (the template writes its own)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool | None = None
+    return_token_strs: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
 class LoadLoRAAdapterRequest(OpenAIBaseModel):
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
