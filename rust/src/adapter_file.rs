@@ -148,6 +148,7 @@ impl AdapterFile {
             let src = &self.bytes[e.start..e.end];
             let dst = &mut *dsts[c.dst];
             match e.dtype {
+                Dtype::F32 if dtype == SlotDtype::F32 && place_streamed(src, dst, e, c) => {}
                 Dtype::F32 => copy_as::<4>(src, dst, dtype, e, c, f32::from_le_bytes),
                 Dtype::F64 => copy_as::<8>(src, dst, dtype, e, c, |b| f64::from_le_bytes(b) as f32),
                 Dtype::BF16 => {
@@ -242,6 +243,77 @@ fn place<const N: usize, const M: usize>(
             }
         }
     }
+}
+
+/// A float32 weight into float32 slots, whole cache lines at a time with non-temporal
+/// stores: a host slot is written once and read later, by then out of the cache, and a store
+/// that allocates its line reads the line from memory first (the slots are far larger than
+/// the cache), doubling the traffic. A (rows kept) goes row by row; B (transposed) 16 source
+/// rows at a time, so each destination line is written whole by four consecutive stores.
+/// Where the destination's lines do not line up with the weight's rows (alignment, lengths
+/// not a multiple of 16), nothing is written and `false` sends the copy to `place`.
+#[cfg(target_arch = "x86_64")]
+fn place_streamed(src: &[u8], dst: &mut [u8], e: &Entry, c: &WeightCopy) -> bool {
+    use std::arch::x86_64::_mm_stream_ps;
+    use std::arch::x86_64::{_mm_loadu_ps, _mm_mul_ps, _mm_set1_ps, _mm_set_ps, _mm_sfence};
+    const LINE: usize = 16; // float32 values in a 64-byte line
+    let (rows, cols) = (e.shape[0], e.shape[1]);
+    let run = if c.transpose { rows } else { cols }; // contiguous values in the destination
+    let lined = |at: usize| (dst.as_ptr() as usize + 4 * at).is_multiple_of(64);
+    if rows == 0
+        || cols == 0
+        || src.len() < 4 * rows * cols
+        || !run.is_multiple_of(LINE)
+        || !c.stride.is_multiple_of(LINE)
+        || !lined(c.offset)
+    {
+        return false;
+    }
+    // SAFETY: SSE is part of x86-64. Every store is inside `dst`: `check` proved the copy's
+    // rows fit, and each store covers 4 values of one of them; 16-byte alignment follows
+    // from the line alignment checked above. Loads are unaligned and inside `src` rows.
+    unsafe {
+        let scale = _mm_set1_ps(c.scale);
+        let (base, len) = (dst.as_mut_ptr(), dst.len());
+        let at = |r: usize, k: usize| {
+            let byte = 4 * (c.offset + r * c.stride + k);
+            debug_assert!(byte + 16 <= len);
+            base.add(byte)
+        };
+        let value = |i: usize, j: usize| {
+            f32::from_le_bytes(src[4 * (i * cols + j)..][..4].try_into().unwrap())
+        };
+        if !c.transpose {
+            for (i, row) in src.chunks_exact(4 * cols).take(rows).enumerate() {
+                for (k, v) in row.chunks_exact(16).enumerate() {
+                    let x = _mm_loadu_ps(v.as_ptr().cast::<f32>());
+                    _mm_stream_ps(at(i, 4 * k).cast::<f32>(), _mm_mul_ps(x, scale));
+                }
+            }
+        } else {
+            for i0 in (0..rows).step_by(LINE) {
+                for j in 0..cols {
+                    for q in 0..LINE / 4 {
+                        let i = i0 + 4 * q;
+                        let x = _mm_set_ps(
+                            value(i + 3, j),
+                            value(i + 2, j),
+                            value(i + 1, j),
+                            value(i, j),
+                        );
+                        _mm_stream_ps(at(j, i).cast::<f32>(), _mm_mul_ps(x, scale));
+                    }
+                }
+            }
+        }
+        _mm_sfence(); // the streamed lines are visible before the slot is handed out
+    }
+    true
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn place_streamed(_: &[u8], _: &mut [u8], _: &Entry, _: &WeightCopy) -> bool {
+    false
 }
 
 /// The largest magnitude as float32, NaN if any value is NaN; `None` for a dtype that is not
@@ -370,6 +442,74 @@ mod tests {
             proptest::prop_assert!(same(max_abs(Dtype::F16, &f16_bytes), expected(&f16s)));
             proptest::prop_assert!(same(max_abs(Dtype::F64, &f64_bytes), expected(&f32s)));
         }
+    }
+
+    proptest::proptest! {
+        /// Float32 into float32 slots, aligned (the streamed path, whole lines) or not (the
+        /// plain one): every value lands scaled where the copy says, every other byte of the
+        /// destination stays zero.
+        #[test]
+        fn float32_fills_place_every_value_and_nothing_else(
+            rows_lines in 1usize..4,
+            cols in proptest::prop_oneof![1usize..20, proptest::strategy::Just(16), proptest::strategy::Just(32)],
+            transpose in proptest::bool::ANY,
+            offset_lines in 0usize..3,
+            misalign in proptest::prop_oneof![4 => proptest::strategy::Just(0usize), 1 => 1usize..16],
+            extra_stride in 0usize..3,
+            scale in -4.0f32..4.0,
+            seed in 0u32..1000,
+        ) {
+            let rows = 16 * rows_lines; // a multiple of a line's 16 values either way
+            let values: Vec<f32> = (0..rows * cols)
+                .map(|k| (((k as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 100.0 - 5.0)
+                .collect();
+            let f = file(&[("w", Dtype::F32, vec![rows, cols], f32_bytes(&values))]);
+            let (run, count) = if transpose { (rows, cols) } else { (cols, rows) };
+            let stride = 16 * run.div_ceil(16) + 16 * extra_stride;
+            let offset = 16 * offset_lines + misalign;
+            let len = offset + stride * count + 16;
+            // a destination starting on a 64-byte line, as a slot tensor does
+            let mut buf = vec![0u8; 4 * len + 64];
+            let skip = buf.as_ptr().align_offset(64);
+            let dst = &mut buf[skip..skip + 4 * len];
+            let copy = WeightCopy { tensor: 0, dst: 0, offset, stride, transpose, scale };
+            f.fill(&mut [dst], SlotDtype::F32, &[copy]).unwrap();
+            let got = read_f32(&buf[skip..skip + 4 * len]);
+            let mut want = vec![0f32; len];
+            for i in 0..rows {
+                for j in 0..cols {
+                    let at = if transpose { offset + j * stride + i } else { offset + i * stride + j };
+                    want[at] = values[i * cols + j] * scale;
+                }
+            }
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
+
+    /// The streamed path takes copies whose destination lines line up and leaves the rest
+    /// (writing nothing) to `place`.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn streams_only_whole_aligned_lines() {
+        let f = file(&[("w", Dtype::F32, vec![16, 8], f32_bytes(&[1.5; 128]))]);
+        let e = &f.entries()[0];
+        let src = &f.bytes()[e.start..e.end];
+        let mut buf = vec![0u8; 4 * (16 * 8 + 16) + 64];
+        let skip = buf.as_ptr().align_offset(64);
+        let dst = &mut buf[skip..];
+        let copy = |offset, transpose| WeightCopy {
+            tensor: 0,
+            dst: 0,
+            offset,
+            stride: 16,
+            transpose,
+            scale: 2.0,
+        };
+        assert!(!place_streamed(src, dst, e, &copy(0, false))); // rows of 8: half a line
+        assert!(!place_streamed(src, dst, e, &copy(4, true))); // not on a line
+        assert!(dst.iter().all(|&b| b == 0));
+        assert!(place_streamed(src, dst, e, &copy(16, true))); // 8 rows of 16, on lines
+        assert!(read_f32(&dst[64..64 + 4 * 128]).iter().all(|&v| v == 3.0));
     }
 
     #[test]
