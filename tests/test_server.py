@@ -325,6 +325,8 @@ def test_wrong_or_missing_key_is_401(server, route, body):
 
 def test_health_and_metrics_need_no_key(server):
     assert http(server + "/health", key=None)[0] == 200
+    assert http(server + "/ping", key=None)[0] == 200  # vLLM's alias, GET and POST
+    assert http(server + "/ping", "POST", {}, key=None)[0] == 200
     status, text = http(server + "/metrics", key=None)
     assert status == 200 and "loraplex:num_requests_running" in text
 

@@ -44,7 +44,7 @@ from loraplex.entrypoints.openai.protocol import (
 from loraplex.errors import InvalidAdapterError
 from loraplex.outputs import RequestOutput
 
-OPEN_ROUTES = {"/health", "/metrics"}  # reachable without the API key
+OPEN_ROUTES = {"/health", "/ping", "/metrics"}  # reachable without the API key
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 
 
@@ -267,6 +267,8 @@ def build_app(server: Server) -> FastAPI:
         return error_response(e.status_code, str(e.detail))
 
     @app.get("/health")
+    @app.get("/ping")  # vLLM's (SageMaker's) name for the same check, by GET or POST
+    @app.post("/ping")
     async def health() -> Response:
         try:
             await server.check_health()
