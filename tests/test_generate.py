@@ -23,6 +23,28 @@ def llm(folder):
     return LLM(model=str(folder))
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_end(folder):
+    """vLLM's ``SamplingParams.truncate_prompt_tokens``: the prompt's last k tokens (-1: as
+    many as the context holds); the output is the one for those tokens alone."""
+    from transformers import AutoTokenizer
+
+    llm = LLM(model=str(folder), max_model_len=24)
+    ids = AutoTokenizer.from_pretrained(folder)("the quick brown fox " * 6)["input_ids"]
+    assert len(ids) > 24
+    greedy = dict(temperature=0, max_tokens=4, ignore_eos=True)
+    for keep, want in ((5, ids[-5:]), (-1, ids[-24:])):
+        cut = SamplingParams(truncate_prompt_tokens=keep, **greedy)
+        out = llm.generate({"prompt_token_ids": ids}, cut, use_tqdm=False)[0]
+        alone = llm.generate({"prompt_token_ids": want}, SamplingParams(**greedy))[0]
+        assert out.prompt_token_ids == want
+        assert out.outputs[0].token_ids == alone.outputs[0].token_ids
+    text = llm.generate("the quick brown fox " * 6, SamplingParams(truncate_prompt_tokens=3))
+    assert text[0].prompt_token_ids == ids[-3:]
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+            SamplingParams(truncate_prompt_tokens=bad)
+
+
 def test_issue_example_on_a_fresh_folder(folder):
     outs = LLM(model=str(folder)).generate(
         ["a", "bb"], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False

@@ -276,6 +276,11 @@ def test_vllm_extra_fields_in_the_body(server):
         extra_body={"ignore_eos": True, "min_tokens": 6, "top_k": 1},
     )
     assert out.usage.completion_tokens == 6
+    long = "the quick brown fox " * 40  # past the context, kept to its last 5 tokens
+    out = client(server).completions.create(
+        model="tiny", prompt=long, max_tokens=2, extra_body={"truncate_prompt_tokens": 5}
+    )
+    assert out.usage.prompt_tokens == 5
 
 
 def test_errors_keep_openai_shape(server):

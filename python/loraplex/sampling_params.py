@@ -51,6 +51,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the context)
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
@@ -131,6 +132,9 @@ class SamplingParams:
             isinstance(w, str) and w.strip() for w in self.bad_words
         ):
             raise bad("bad_words", "a list of non-blank strings")
+        keep = self.truncate_prompt_tokens
+        if keep is not None and (not is_int(keep) or keep == 0 or keep < -1):
+            raise bad("truncate_prompt_tokens", "an integer >= 1 or -1")
         if not self.detokenize and self._stop:
             raise ValueError("stop strings are only supported when detokenize is True.")
         try:

@@ -14,6 +14,14 @@ Prompt = str | list[int] | dict[str, Any]
 _TOKENIZATION_KWARGS = {"add_special_tokens", "truncate_prompt_tokens"}
 
 
+def with_truncation(kwargs: dict[str, Any] | None, params: SamplingParams) -> dict | None:
+    """Tokenization kwargs with ``params.truncate_prompt_tokens`` (vLLM's field) where the
+    kwargs do not set it themselves."""
+    if params.truncate_prompt_tokens is None or "truncate_prompt_tokens" in (kwargs or {}):
+        return kwargs
+    return {**(kwargs or {}), "truncate_prompt_tokens": params.truncate_prompt_tokens}
+
+
 class InputProcessor:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int, max_logprobs):
         self.tokenizer = tokenizer
@@ -52,12 +60,13 @@ class InputProcessor:
                 f"got {type(prompt).__name__}"
             )
         keep = kwargs.get("truncate_prompt_tokens")
-        if keep is not None:
-            if not isinstance(keep, int) or keep < 1:
+        if keep is not None:  # the last ``keep`` tokens; -1: as many as the context holds
+            if not isinstance(keep, int) or isinstance(keep, bool) or keep == 0 or keep < -1:
                 raise ValueError(
-                    f"request {request_id!r}: truncate_prompt_tokens must be >= 1, got {keep!r}"
+                    f"request {request_id!r}: truncate_prompt_tokens must be >= 1 or -1, "
+                    f"got {keep!r}"
                 )
-            ids = ids[-keep:]
+            ids = ids[-(self.max_model_len if keep == -1 else keep) :]
         if not ids:
             raise ValueError(f"request {request_id!r}: the prompt is empty")
         bad = self._outside_vocab(ids)

@@ -21,7 +21,7 @@ from loraplex._core import (
 )
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.backend import select_backend
-from loraplex.engine.input_processor import InputProcessor, Prompt
+from loraplex.engine.input_processor import InputProcessor, Prompt, with_truncation
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.output_processor import OutputProcessor
 from loraplex.engine.sequence import Request, Sequence
@@ -177,7 +177,9 @@ class LLMEngine:
             raise ValueError(
                 f"request {request_id!r}: priority={priority} needs scheduling_policy='priority'"
             )
-        text, ids = self.processor.tokenize(request_id, prompt, tokenization_kwargs)
+        text, ids = self.processor.tokenize(
+            request_id, prompt, with_truncation(tokenization_kwargs, params)
+        )
         bad_words = self.processor.check_params(request_id, params)
         key = self._adapter_key(lora_request)
         arrival = time.time() if arrival_time is None else arrival_time

@@ -32,6 +32,7 @@ from loraplex._core import (
 )
 from loraplex.engine.arg_utils import AsyncEngineArgs
 from loraplex.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream
+from loraplex.engine.input_processor import with_truncation
 from loraplex.entrypoints.openai.metrics import Metrics, engine_snapshot, snapshot_metrics
 from loraplex.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -351,7 +352,7 @@ async def _submit(server: Server, prompt, params, lora, priority) -> RequestStre
             "n",
         )
     try:
-        text, ids = server.processor.tokenize(request_id, prompt)
+        text, ids = server.processor.tokenize(request_id, prompt, with_truncation(None, params))
         limit = server.max_model_len
         if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
             raise APIError(
