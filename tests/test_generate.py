@@ -45,6 +45,13 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(folder):
             SamplingParams(truncate_prompt_tokens=bad)
 
 
+def test_prompts_that_are_no_prompt_are_refused_naming_them(llm):
+    for bad in (None, 42, (p for p in ["a"])):
+        with pytest.raises(TypeError, match="prompts must be"):
+            llm.generate(bad, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert llm.generate(("a",), SamplingParams(max_tokens=2), use_tqdm=False)[0].prompt == "a"
+
+
 def test_issue_example_on_a_fresh_folder(folder):
     outs = LLM(model=str(folder)).generate(
         ["a", "bb"], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False

@@ -142,6 +142,11 @@ class LLM:
 def _as_prompt_list(prompts: Any) -> list[Prompt]:
     if isinstance(prompts, (str, dict)):
         return [prompts]
+    if not isinstance(prompts, Sequence):
+        raise TypeError(
+            "prompts must be a prompt (str, token ids or a dict) or a list of them, "
+            f"got {type(prompts).__name__}"
+        )
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # one prompt given as token ids
