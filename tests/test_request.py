@@ -65,9 +65,15 @@ def test_empty_name_raises():
         LoRARequest("", 1, "/a")
 
 
-def test_non_integer_id_is_a_type_error():
-    with pytest.raises(TypeError):
+def test_a_wrong_type_is_a_type_error_naming_the_field():
+    with pytest.raises(TypeError, match="lora_int_id must be an int, got float"):
         LoRARequest("sql", 1.5, "/a")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="lora_int_id must be an int, got str"):
+        LoRARequest("sql", "1", "/a")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="lora_name must be a str, got int"):
+        LoRARequest(7, 1, "/a")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="lora_path must be a str or os.PathLike, got int"):
+        LoRARequest("sql", 1, 5)  # type: ignore[arg-type]
 
 
 def test_path_like_is_accepted(tmp_path):

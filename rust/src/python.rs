@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use parking_lot::Mutex;
 use pyo3::exceptions::{
-    PyDeprecationWarning, PyException, PyLookupError, PyRuntimeError, PyValueError,
+    PyDeprecationWarning, PyException, PyLookupError, PyRuntimeError, PyTypeError, PyValueError,
 };
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -154,9 +154,21 @@ pub struct PyLoRARequest {
     load_inplace: bool,
 }
 
+/// A `TypeError` naming the argument `name`, what it must be, and the type it was given.
+fn type_error(value: &Bound<'_, PyAny>, name: &str, must: &str) -> PyErr {
+    let given = value
+        .get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_default();
+    PyTypeError::new_err(format!("{name} must be {must}, got {given}"))
+}
+
 /// A Python int as an adapter id; ints beyond `i64` are out of range with the culprit named.
 fn lora_id(ob: &Bound<'_, PyAny>) -> PyResult<i64> {
-    let int = ob.cast::<PyInt>()?;
+    let int = ob
+        .cast::<PyInt>()
+        .map_err(|_| type_error(ob, "lora_int_id", "an int"))?;
     int.extract::<i64>().or_else(|_| {
         let bound = if int.lt(0)? {
             "> 0"
@@ -214,9 +226,9 @@ impl PyLoRARequest {
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
-        lora_name: String,
+        lora_name: &Bound<'_, PyAny>,
         lora_int_id: &Bound<'_, PyAny>,
-        lora_path: Option<PathBuf>,
+        lora_path: Option<&Bound<'_, PyAny>>,
         lora_local_path: Option<PathBuf>,
         long_lora_max_len: Option<u64>,
         base_model_name: Option<String>,
@@ -228,10 +240,21 @@ impl PyLoRARequest {
             let category = py.get_type::<PyDeprecationWarning>();
             PyErr::warn(py, &category, c"The 'lora_local_path' attribute is deprecated and will be removed in a future version. Please use 'lora_path' instead.", 1)?;
         }
+        let lora_name: String = lora_name
+            .extract()
+            .map_err(|_| type_error(lora_name, "lora_name", "a str"))?;
+        let lora_id = lora_id(lora_int_id)?;
+        let lora_path = match lora_path.filter(|p| !p.is_none()) {
+            Some(p) => Some(
+                p.extract::<PathBuf>()
+                    .map_err(|_| type_error(p, "lora_path", "a str or os.PathLike"))?,
+            ),
+            None => None,
+        };
         let path = path_string(lora_path).unwrap_or_default();
         Self::build(
             lora_name,
-            lora_id(lora_int_id)?,
+            lora_id,
             path,
             local,
             long_lora_max_len,
