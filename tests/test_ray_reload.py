@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from types import SimpleNamespace
 
 import pytest
 
@@ -32,17 +33,13 @@ class ActorShim:
         self.registry = registry
         self.fail_register: BaseException | None = None
 
-    def __getattr__(self, method: str):
-        shim = self
+    def __getattr__(self, method: str) -> SimpleNamespace:
+        async def remote(*args):
+            if method == "register" and self.fail_register is not None:
+                raise self.fail_register
+            return getattr(self.registry, method)(*args)
 
-        class Remote:
-            @staticmethod
-            async def remote(*args):
-                if method == "register" and shim.fail_register is not None:
-                    raise shim.fail_register
-                return getattr(shim.registry, method)(*args)
-
-        return Remote
+        return SimpleNamespace(remote=remote)
 
 
 @pytest.fixture(scope="module")
