@@ -821,12 +821,13 @@ impl PyAdapterFile {
     fn tensors(&self) -> Vec<(String, String, Vec<usize>, Option<f32>)> {
         let entries = self.inner.entries().iter();
         entries
-            .map(|e| {
+            .zip(self.inner.max_abs())
+            .map(|(e, &max_abs)| {
                 (
                     e.name.clone(),
                     format!("{:?}", e.dtype),
                     e.shape.clone(),
-                    e.max_abs,
+                    max_abs,
                 )
             })
             .collect()
@@ -840,7 +841,7 @@ impl PyAdapterFile {
 
     /// Each tensor's max_abs, in file order (see `tensors`).
     fn max_abs(&self) -> Vec<Option<f32>> {
-        self.inner.entries().iter().map(|e| e.max_abs).collect()
+        self.inner.max_abs().to_vec()
     }
 
     /// The file's bytes.
