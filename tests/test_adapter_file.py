@@ -17,6 +17,7 @@ from safetensors.torch import save, save_file
 
 from loraplex import LoRARequest
 from loraplex._core import AdapterFile
+from loraplex.engine.backend import LORA_CPP, LORA_SGMV
 from loraplex.errors import InvalidAdapterError
 from loraplex.lora.adapter import load_adapter, module_shape
 from loraplex.lora.slots import LoRASlots
@@ -58,10 +59,13 @@ def write_adapter(folder, weights, r, alpha, use_rslora=False):
     use_rslora=st.booleans(),
     magnitude=st.sampled_from([1e-3, 0.3, 10.0]),
     seed=st.integers(0, 2**16),
+    packed=st.booleans(),
 )
 def test_a_filled_slot_holds_what_torch_computes_from_the_file(
-    tmp_path_factory, file_dtype, slot_dtype, r, alpha, use_rslora, magnitude, seed
+    tmp_path_factory, file_dtype, slot_dtype, r, alpha, use_rslora, magnitude, seed, packed
 ):
+    """Into block-diagonal B^T slots, and packed ones (the C++ op's: module i's B^T in rows
+    0..R of its columns)."""
     g = torch.Generator().manual_seed(seed)
     weights = {}
     for layer, module in [(0, "q_proj"), (0, "v_proj"), (1, "o_proj"), (1, "down_proj")]:
@@ -72,7 +76,7 @@ def test_a_filled_slot_holds_what_torch_computes_from_the_file(
     folder = tmp_path_factory.mktemp("file") / "adapter"
     request = write_adapter(folder, weights, r, alpha, use_rslora)
     adapter = load_adapter(request, CFG, MAX_RANK, set())
-    slots = LoRASlots(CFG, 2, MAX_RANK, slot_dtype)
+    slots = LoRASlots(CFG, 2, MAX_RANK, slot_dtype, LORA_CPP if packed else LORA_SGMV)
     slots.load(1, adapter)
 
     scale = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -86,7 +90,8 @@ def test_a_filled_slot_holds_what_torch_computes_from_the_file(
         col = index * MAX_RANK
         row = slots.offsets[group][index]
         got_a = slots.a[(layer, group)][1, col : col + r]
-        got_bt = slots.bt[(layer, group)][1, col : col + r, row : row + b.shape[0]]
+        bt_col = 0 if packed else col
+        got_bt = slots.bt[(layer, group)][1, bt_col : bt_col + r, row : row + b.shape[0]]
         assert torch.equal(got_a, a.float().to(slot_dtype)), (layer, module)
         assert torch.equal(got_bt, (b.float() * scale).to(slot_dtype).T), (layer, module)
         # the slot's other module rows stay zero; slot 0 is untouched

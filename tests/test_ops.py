@@ -192,7 +192,9 @@ def merged_problems(draw):
     # the weights' dtype (lora_dtype): 16-bit weights widen to float32 as the kernels load them
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
     seed = draw(st.integers(0, 2**16))
-    return fan_in, outs, rank, num_slots, lengths, slots, inference, dtype, seed
+    # B^T block diagonal [S, kR, O], or packed [S, R, O] (the modules side by side in R rows)
+    packed = draw(st.booleans())
+    return fan_in, outs, rank, num_slots, lengths, slots, inference, dtype, seed, packed
 
 
 @needs_avx2
@@ -210,7 +212,7 @@ def test_cpp_lora_apply_matches_reference(cpp_ops, wide, problem):
 
 
 def _check_lora_apply(problem):
-    fan_in, outs, rank, num_slots, lengths, slots, inference, dtype, seed = problem
+    fan_in, outs, rank, num_slots, lengths, slots, inference, dtype, seed, packed = problem
     g = torch.Generator().manual_seed(seed)
     segments, total = back_to_back(lengths, slots)
     k = len(outs)
@@ -232,6 +234,10 @@ def _check_lora_apply(problem):
         y = torch.empty(total, rank)
         reference.sgmv_shrink(x, a[:, rows], segments, y)
         reference.sgmv_expand(y, bt[:, rows, cols].transpose(1, 2), segments, want, splits[i])
+    if packed:  # the same blocks side by side in rows 0..R: nothing off them to read
+        bt = torch.cat(
+            [bt[:, i * rank : (i + 1) * rank, splits[i] : splits[i + 1]] for i in range(k)], 2
+        )
     with torch.inference_mode(inference):
         got = base.clone()
         table = cpu_ext.segment_table(segments)
@@ -251,6 +257,7 @@ def _check_lora_apply(problem):
         (dict(segments=[(0, 4, 2)]), "segment 0 names slot 2 of 2"),
         (dict(splits=[0, 5, 7]), "splits must run 0..6"),
         (dict(a=torch.zeros(2, 4, 9)), "shapes disagree"),
+        (dict(bt=torch.zeros(2, 3, 6)), r"shapes disagree.*packed \[S, R, O\]"),
         (dict(a=torch.zeros(2, 4, 8, dtype=torch.bfloat16)), "a and bt must share one dtype"),
         (
             dict(a=torch.zeros(2, 4, 8, dtype=torch.int16), bt=torch.zeros(2, 4, 6).short()),

@@ -35,9 +35,10 @@ def make_adapter(seed: int, targets: list[str], rank: int) -> LoRAAdapter:
     return LoRAAdapter.from_weights(LoRARequest(f"s{seed}", seed + 1, "/nowhere"), weights)
 
 
-def expected_slot(adapter: LoRAAdapter | None, layer: int, group: str):
+def expected_slot(adapter: LoRAAdapter | None, layer: int, group: str, packed: bool = False):
     """A and B^T of one merged projection as the slot layout defines them, built from the
-    module shapes alone: module i's A in rows i*R.., its B^T in those rows and its columns."""
+    module shapes alone: module i's A in rows i*R.., its B^T in those rows and its columns
+    (``packed``: in rows 0..R of its columns)."""
     modules = GROUPS[group]
     fan_in = module_shape(CFG, modules[0])[0]
     outs = [module_shape(CFG, m)[1] for m in modules]
@@ -51,6 +52,8 @@ def expected_slot(adapter: LoRAAdapter | None, layer: int, group: str):
         a[i * MAX_RANK : i * MAX_RANK + r] = wa
         col = sum(outs[:i])
         bt[i * MAX_RANK : i * MAX_RANK + r, col : col + outs[i]] = wb.T
+    if packed:  # each module's block moved up to rows 0..R: the same columns, no overlap
+        bt = sum(bt[i * MAX_RANK : (i + 1) * MAX_RANK] for i in range(len(modules)))
     return a, bt
 
 
@@ -62,6 +65,19 @@ adapters = st.builds(
 )
 
 
+@pytest.mark.parametrize(
+    "packed",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                not cpu_ext.available(), reason="packed slots are the C++ op's: not built here"
+            ),
+        ),
+    ],
+    ids=["block_diagonal", "packed"],
+)
 @settings(max_examples=40, deadline=None)
 @given(
     st.lists(
@@ -71,8 +87,9 @@ adapters = st.builds(
     ),
     st.lists(st.tuples(st.integers(0, 3), st.integers(-1, NUM_SLOTS - 1)), max_size=5),
 )
-def test_reused_slots_hold_exactly_their_adapter(loads, segment_plan):
-    slots = LoRASlots(CFG, NUM_SLOTS, MAX_RANK, torch.float32)
+def test_reused_slots_hold_exactly_their_adapter(packed, loads, segment_plan):
+    kernel_of_slots = LORA_CPP if packed else LORA_SGMV
+    slots = LoRASlots(CFG, NUM_SLOTS, MAX_RANK, torch.float32, kernel_of_slots)
     held: list[LoRAAdapter | None] = [None] * NUM_SLOTS
     for slot, adapter in loads:  # None: the slot is cleared (its adapter evicted)
         if adapter is None:
@@ -83,7 +100,7 @@ def test_reused_slots_hold_exactly_their_adapter(loads, segment_plan):
     for slot in range(NUM_SLOTS):
         for layer in range(CFG.num_hidden_layers):
             for group in GROUPS:
-                a, bt = expected_slot(held[slot], layer, group)
+                a, bt = expected_slot(held[slot], layer, group, packed)
                 assert torch.equal(slots.a[(layer, group)][slot], a), (slot, layer, group)
                 assert torch.equal(slots.bt[(layer, group)][slot], bt), (slot, layer, group)
 
@@ -92,9 +109,15 @@ def test_reused_slots_hold_exactly_their_adapter(loads, segment_plan):
     for length, slot in segment_plan:
         segments.append((start, length, slot))
         start += length
-    for kernel in (
+    kernels = (
         (LORA_CPP, LORA_PADDED, LORA_SGMV) if cpu_ext.available() else (LORA_PADDED, LORA_SGMV)
-    ):
+    )
+    if packed:  # read by the C++ op only: the torch kernels take the block diagonal
+        for kernel in (LORA_PADDED, LORA_SGMV):
+            with pytest.raises(ValueError, match="packed"):
+                LoRAContext(slots, segments, kernel)
+        kernels = (LORA_CPP,)
+    for kernel in kernels:
         ctx = LoRAContext(slots, segments, kernel)
         for layer in range(CFG.num_hidden_layers):
             for group, modules in GROUPS.items():

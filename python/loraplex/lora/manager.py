@@ -22,7 +22,7 @@ from loraplex._core import (
     Scheduler,
     UnknownAdapterError,
 )
-from loraplex.engine.backend import Backend
+from loraplex.engine.backend import LORA_CPP, Backend
 from loraplex.errors import InvalidAdapterError
 from loraplex.lora.adapter import LoRAAdapter, adapter_error, check_request, load_adapter
 from loraplex.lora.slots import LoRAContext, LoRASlots, slot_numel
@@ -58,7 +58,8 @@ class LoRAManager:
                 pin_memory=backend.pin_host_tier,
             )
         except MemoryError as e:  # (committed when made: a tier too big fails here)
-            n, per_slot = core.max_cpu_loras, slot_numel(cfg, max_lora_rank) * dtype.itemsize
+            n, packed = core.max_cpu_loras, kernel == LORA_CPP  # (as LoRASlots lays them out)
+            per_slot = slot_numel(cfg, max_lora_rank, packed) * dtype.itemsize
             raise MemoryError(
                 f"the adapters' host tier does not fit in memory: max_cpu_loras={n} slots of "
                 f"{per_slot / (1 << 20):.1f} MiB (max_lora_rank={max_lora_rank}, {dtype}, "

@@ -18,13 +18,14 @@ for _module, (_group, _) in MODULES.items():
     GROUPS.setdefault(_group, []).append(_module)
 
 
-def slot_numel(cfg: ModelConfig, max_rank: int) -> int:
-    """Elements one slot holds (A and B^T of every merged projection of every layer)."""
+def slot_numel(cfg: ModelConfig, max_rank: int, packed: bool = False) -> int:
+    """Elements one slot holds (A and B^T of every merged projection of every layer; B^T
+    ``packed`` or block diagonal, see ``LoRASlots``)."""
     total = 0
     for modules in GROUPS.values():
         fan_in, k = module_shape(cfg, modules[0])[0], len(modules)
         out = sum(module_shape(cfg, m)[1] for m in modules)
-        total += k * max_rank * (fan_in + out)
+        total += k * max_rank * fan_in + (1 if packed else k) * max_rank * out
     return total * cfg.num_hidden_layers
 
 
@@ -33,7 +34,13 @@ class LoRASlots:
     ``[num_slots, k * R, in]`` (one shrink serves q, k and v) and B transposed, block
     diagonal, ``bt`` ``[num_slots, k * R, out_total]`` (module i's B^T in rows ``i*R..``,
     columns ``offset_i..``), so one expand writes all k outputs of the merged projection.
-    ``bt.transpose(1, 2)`` is the ops contract's B ``[num_slots, out_total, k * R]``."""
+    ``bt.transpose(1, 2)`` is the ops contract's B ``[num_slots, out_total, k * R]``.
+
+    For the C++ op (``LORA_CPP``) B^T is ``packed``: ``bt`` ``[num_slots, R, out_total]``,
+    module i's B^T in rows ``0..R``, the same columns: the modules side by side, none of
+    the block diagonal's zeros (a third of a q/k/v slot, half of a gate/up one), which cost
+    memory and, read from memory, the bandwidth of the lines the prefetcher pulls in with
+    each row."""
 
     def __init__(
         self,
@@ -51,6 +58,7 @@ class LoRASlots:
         self.max_rank = max_rank
         self.dtype = dtype
         self.kernel = kernel
+        self.packed = kernel == LORA_CPP
         self.a: dict[tuple[int, str], torch.Tensor] = {}
         self.bt: dict[tuple[int, str], torch.Tensor] = {}
         self.offsets: dict[str, list[int]] = {}
@@ -60,9 +68,13 @@ class LoRASlots:
             self.offsets[group] = [sum(outs[:i]) for i in range(len(outs))]
             self.splits[group] = [*self.offsets[group], sum(outs)]
             fan_in, k = module_shape(cfg, modules[0])[0], len(modules)
+            bt_rows = (1 if self.packed else k) * max_rank
             for layer in range(cfg.num_hidden_layers):
-                for store, width in ((self.a, fan_in), (self.bt, sum(outs))):
-                    shape = (num_slots, k * max_rank, width)
+                for store, rows, width in (
+                    (self.a, k * max_rank, fan_in),
+                    (self.bt, bt_rows, sum(outs)),
+                ):
+                    shape = (num_slots, rows, width)
                     if (device is None or device.type == "cpu") and not pin_memory:
                         # committed now, as a device's slots are: a first load into a
                         # slot then takes no page faults while the model runs
@@ -93,7 +105,8 @@ class LoRASlots:
         col, row = index * self.max_rank, self.offsets[group][index]
         end = self.splits[group][index + 1]
         self.a[(layer, group)][slot, col + lo : col + hi].zero_()
-        self.bt[(layer, group)][slot, col + lo : col + hi, row:end].zero_()
+        bt_col = 0 if self.packed else col  # (packed: every module's B^T in rows 0..R)
+        self.bt[(layer, group)][slot, bt_col + lo : bt_col + hi, row:end].zero_()
 
     def clear(self, slot: int) -> None:
         for (layer, module), r in self.written[slot].items():
@@ -104,6 +117,8 @@ class LoRASlots:
     def copy_slot(self, src: LoRASlots, src_slot: int, slot: int, non_blocking=False) -> None:
         """Makes ``slot`` a copy of ``src``'s ``src_slot`` (a host slot into a device slot):
         every block, zeros included, so nothing of the previous occupant stays."""
+        if src.packed != self.packed:
+            raise ValueError("copy_slot: the slots' B^T layouts differ (packed / block diagonal)")
         for key, a in self.a.items():
             a[slot].copy_(src.a[key][src_slot], non_blocking=non_blocking)
             self.bt[key][slot].copy_(src.bt[key][src_slot], non_blocking=non_blocking)
@@ -139,7 +154,8 @@ class LoRASlots:
             dst = self.regions[(layer, group)]
             fan_in, width = self.a[(layer, group)].shape[2], self.bt[(layer, group)].shape[2]
             copies.append((m.a, dst, col * fan_in, fan_in, False, 1.0))
-            copies.append((m.b, dst + 1, col * width + row, width, True, m.scale))
+            bt_col = 0 if self.packed else col
+            copies.append((m.b, dst + 1, bt_col * width + row, width, True, m.scale))
         written = {m.key: m.rank for m in layout.modules}
         groups = frozenset(MODULES[module][0] for _, module in written)
         if len(self._plans) >= _MAX_PLANS:
@@ -170,6 +186,8 @@ class LoRAContext:
         """``kernel``: the slots' (the backend's choice) unless given."""
         self.slots = slots
         kernel = kernel or slots.kernel
+        if slots.packed and kernel != LORA_CPP:
+            raise ValueError(f"slots with packed B^T are read by the C++ op only, not {kernel}")
         self.segments = [s for s in segments if s[2] >= 0]
         self.routes: dict[str, _Route] = {}
         built: dict[tuple, _Route] = {}  # groups with the same segments share one route
