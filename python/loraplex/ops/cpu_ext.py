@@ -2,7 +2,8 @@
 
 - ``lora_apply``: a merged projection's LoRA shrink and expand for every segment in one call,
   short segments in parallel (at::parallel_for) with AVX2 kernels, long ones through ATen's
-  BLAS, reading only the diagonal blocks of a merged B;
+  BLAS, reading only the diagonal blocks of a merged B (block diagonal, or packed: the
+  modules' B^T side by side in R rows, as the host tier holds them);
 - ``paged_decode_attention``: decode attention reading keys and values from the paged cache
   where they lie (the torch path gathers copies of them for every layer).
 
@@ -94,8 +95,8 @@ def lora_apply(x, a, bt, segments: torch.Tensor, out, splits: list[int]) -> None
     """``out[seg, splits[i]:splits[i+1]] += (x[seg] @ a[slot, iR:(i+1)R]^T) @
     bt[slot, iR:(i+1)R, splits[i]:splits[i+1]]`` for each segment with slot >= 0 and each of
     the k = len(splits) - 1 modules (R = a.shape[1] / k). x [T, in], a [S, kR, in],
-    bt [S, kR, O], out [T, O], float32; ``segments`` from :func:`segment_table`, rows
-    disjoint."""
+    bt [S, kR, O] (or packed, [S, R, O]: module i's block in rows 0..R), out [T, O],
+    float32; ``segments`` from :func:`segment_table`, rows disjoint."""
     torch.ops.loraplex_cpu.lora_apply(x, a, bt, segments, out, splits)
 
 
