@@ -14,7 +14,7 @@
 //   the modules side by side and no zeros between them: rows iR.. above read rows 0..R.)
 // The expand reads only those blocks, so a merged q/k/v costs what three separate LoRAs do;
 // packed, it also reads no row that ends in zeros the hardware prefetcher would pull in with
-// it (q/k/v from memory: 944-972 -> 866-884 µs in the microbenchmark of separate ops), and a
+// it (q/k/v from memory, 256 one-token items: 908-937 -> 786 µs a call), and a
 // slot is a third smaller for q/k/v, half for gate/up.
 // Short segments (decode) are cut into work items of up to kTok tokens, run in parallel by
 // these AVX2 kernels: an item's shrink result stays in a stack buffer and goes straight into
