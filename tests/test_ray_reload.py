@@ -87,13 +87,19 @@ async def served(engine, path: str) -> str:
     return text
 
 
+async def assert_old_weights_kept(engine, shim, held, old, assets) -> None:
+    """The engine serves the old weights, holds them as before, and the registry still
+    names the old adapter."""
+    assert await served(engine, assets["old"]) == assets["want"]["old"]
+    assert held == {"a": (5, 1)} and shim.registry.resolve("a") == old
+
+
 def test_a_refused_reload_leaves_the_old_weights(assets):
     async def scenario(engine, shim, held):
         old = shim.registry.resolve("a")
         with pytest.raises(RegistryError, match="777 is already 'c1'"):
             await reload_in_place(engine, shim, held, old, assets["new"], 777)
-        assert await served(engine, assets["old"]) == assets["want"]["old"]
-        assert held == {"a": (5, 1)} and shim.registry.resolve("a") == old
+        await assert_old_weights_kept(engine, shim, held, old, assets)
 
     run(assets, scenario)
 
@@ -104,8 +110,7 @@ def test_a_registry_lost_after_the_engine_took_the_weights_gets_the_old_ones_bac
         shim.fail_register = ConnectionError("the registry actor died")
         with pytest.raises(ConnectionError):
             await reload_in_place(engine, shim, held, old, assets["new"], None)
-        assert await served(engine, assets["old"]) == assets["want"]["old"]
-        assert held == {"a": (5, 1)} and shim.registry.resolve("a") == old
+        await assert_old_weights_kept(engine, shim, held, old, assets)
 
     run(assets, scenario)
 

@@ -89,7 +89,7 @@ impl AdapterFile {
 
     /// Parses a safetensors file held in memory, and measures each weight.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, ReadError> {
-        let (header_end, entries) = match HEADERS.find_file(&bytes) {
+        let (header_end, entries) = match HEADERS.find(&bytes) {
             Some(found) => found,
             None => {
                 let (header_len, metadata) = SafeTensors::read_metadata(&bytes)
@@ -212,25 +212,21 @@ type Parsed = (Box<[u8]>, Arc<[Entry]>);
 
 static HEADERS: HeaderCache = HeaderCache(Mutex::new(Vec::new()));
 
-/// The headers kept (the most recent), and the longest kept: a few recipes' worth, bounded.
+/// The headers kept (the latest parsed), and the longest kept: a few recipes' worth, bounded.
 const CACHED_HEADERS: usize = 16;
 const MAX_CACHED_HEADER: usize = 1 << 20;
 
 impl HeaderCache {
-    /// The tensors of `header` (a file's first bytes: the header's length, then the
-    /// header), when it was parsed before.
-    fn find(&self, header: &[u8]) -> Option<Arc<[Entry]>> {
-        let cached = self.0.lock();
-        let (_, entries) = cached.iter().find(|(h, _)| **h == *header)?;
-        Some(entries.clone())
-    }
-
-    /// `bytes`' header end and tensors, when its header was parsed before and the data
-    /// after it has the length that header gives.
-    fn find_file(&self, bytes: &[u8]) -> Option<(usize, Arc<[Entry]>)> {
+    /// `bytes`' header end and tensors, when its header (the header's length, then the
+    /// header) was parsed before and the data after it has the length that header gives.
+    fn find(&self, bytes: &[u8]) -> Option<(usize, Arc<[Entry]>)> {
         let n = u64::from_le_bytes(bytes.get(..8)?.try_into().unwrap());
         let header_end = usize::try_from(n).ok()?.checked_add(8)?;
-        let entries = self.find(bytes.get(..header_end)?)?;
+        let header = bytes.get(..header_end)?;
+        let entries = {
+            let cached = self.0.lock();
+            cached.iter().find(|(h, _)| **h == *header)?.1.clone()
+        };
         (data_end(&entries, header_end) == bytes.len()).then_some((header_end, entries))
     }
 
