@@ -20,7 +20,9 @@
    inside the timed run. ``--lora-dtype bfloat16`` holds the adapters in bfloat16. Each
    setup runs twice in mirrored order (8, registered, on demand, on demand, registered, 8),
    the faster run kept, as the overhead runs are; ``--rounds N`` runs that sequence N times
-   and adds the ratios of each setup's median over all its runs.
+   and adds the ratios of each setup's median over all its runs. The mirrored ratio (the
+   mean over rounds of a round's two runs' mean over the 8-adapter pair's) cancels a drift
+   that is straight over a round.
 4. Ops: the CPU paths (torch SGMV loop, BGMV, padded grid; the C++ op) vs the per-segment
    float64 loop reference, at decode and prefill shapes (576 -> rank 16 -> 1536); and the
    C++ op on one-token items over distinct slots whose weights come from memory (as a
@@ -368,7 +370,23 @@ def bench_thousand(
             median = {k: statistics.median(r["tokens_per_s"] for r in rs) for k, rs in runs.items()}
             for k in ("registered", "on_demand"):
                 ratios[f"median_ratio_{k}_over_8_adapters"] = round(median[k] / median["few"], 3)
+        for k in ("registered", "on_demand"):
+            ratios[f"mirrored_ratio_{k}_over_8_adapters"] = round(mirrored_ratio(runs, k), 3)
         print(json.dumps({"slots": tag, **ratios}), flush=True)
+
+
+def mirrored_ratio(runs: dict[str, list[dict]], kind: str) -> float:
+    """Each round runs every setup twice, in an order mirrored about its middle, so a drift
+    of the machine's speed that is straight over the round weighs on each setup's two runs
+    alike: the ratio of the two runs' means cancels it. This ratio for ``kind`` over the
+    8-adapter setup, averaged over the rounds (each setup's runs listed in the order run)."""
+    rate = lambda r: r["tokens_per_s"]  # noqa: E731
+    per_round = [
+        (rate(runs[kind][i]) + rate(runs[kind][i + 1]))
+        / (rate(runs["few"][i]) + rate(runs["few"][i + 1]))
+        for i in range(0, len(runs["few"]), 2)
+    ]
+    return statistics.mean(per_round)
 
 
 if __name__ == "__main__":
