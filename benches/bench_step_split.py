@@ -3,10 +3,10 @@
 The step is the thousand-adapter case's usual one at 256 slots (``bench_lora.py
 --thousand-only``): 256 decode tokens (20 tokens of context each) and 14 prefill chunks of 25
 tokens, 606 tokens in all, on the SmolLM-135M-shaped model, adapters of rank 8 on q/k/v/o.
-The same step runs with no adapter, with 8 adapters (32 requests each, as the 8-adapter
+The same step runs with no adapter, with 8 adapters (~34 requests each, as the 8-adapter
 baseline batches them) and with 270 distinct adapters (one a request, as a thousand adapters
 meet it), in turn, ``--reps`` times; medians. The adapters' weights are random values written
-straight into the host tier's slots (512 of them, the bench's host tier), which the CPU
+straight into the host tier's slots (448 of its 512: the bench's host tier), which the CPU
 backend's LoRA op reads in place; a step over 270 distinct adapters reads each one's weights
 from memory. The LoRA op (``LoRAContext.apply``) is timed inside the forward, so
 
@@ -20,9 +20,8 @@ from memory. The LoRA op (``LoRAContext.apply``) is timed inside the forward, so
 then ten times while two threads (the engine's loader pool) read, validate and copy N
 adapters a step into the host tier (rank-8 files written here; the thousand case's
 registered run reads ~8 a step, but 32 stand out of this VM's noise), six rounds of both in
-turn: ``wall_over_loader_cpu`` is the
-time the steps lost over the CPU time the loads took (1: as if the loads ran alone on a
-core the steps needed).
+turn: ``wall_over_loader_cpu`` is the time the steps lost over the CPU time the loads took
+(1: as if the loads ran alone on a core the steps needed).
 
     .venv/bin/python benches/bench_step_split.py [--reps 12] [--lora-dtype bfloat16]
         [--loads-per-step 32]
