@@ -327,8 +327,8 @@ fn place<const N: usize, const M: usize>(
 #[cfg(target_arch = "x86_64")]
 fn place_streamed(src: &[u8], dst: &mut [u8], dtype: SlotDtype, e: &Entry, c: &WeightCopy) -> bool {
     match dtype {
-        SlotDtype::F32 => stream_as::<F32Lines>(src, dst, e, c),
-        SlotDtype::BF16 => stream_as::<Bf16Lines>(src, dst, e, c),
+        SlotDtype::F32 => streamed::stream_as::<streamed::F32Lines>(src, dst, e, c),
+        SlotDtype::BF16 => streamed::stream_as::<streamed::Bf16Lines>(src, dst, e, c),
         SlotDtype::F16 => false,
     }
 }
@@ -338,120 +338,126 @@ fn place_streamed(_: &[u8], _: &mut [u8], _: SlotDtype, _: &Entry, _: &WeightCop
     false
 }
 
-/// A slot type written 16 bytes a store: `PER_STORE` float32 values (scaled), given as
-/// `PER_STORE / 4` vectors of four.
+/// The streamed copy's slot types and its loop (x86-64: SSE2 stores that bypass the cache).
 #[cfg(target_arch = "x86_64")]
-trait StreamedType {
-    const SIZE: usize;
-    const PER_STORE: usize;
-    /// SAFETY: `p` is 16-byte aligned, with 16 writable bytes.
-    unsafe fn put(p: *mut u8, v: &[std::arch::x86_64::__m128]);
-}
+mod streamed {
+    use super::{Entry, WeightCopy};
+    use std::arch::x86_64::__m128;
 
-#[cfg(target_arch = "x86_64")]
-struct F32Lines;
-
-#[cfg(target_arch = "x86_64")]
-impl StreamedType for F32Lines {
-    const SIZE: usize = 4;
-    const PER_STORE: usize = 4;
-    unsafe fn put(p: *mut u8, v: &[std::arch::x86_64::__m128]) {
-        std::arch::x86_64::_mm_stream_ps(p.cast::<f32>(), v[0]);
+    /// A slot type written 16 bytes a store: `PER_STORE` float32 values (scaled), given as
+    /// `PER_STORE / 4` vectors of four.
+    pub(super) trait StreamedType {
+        const SIZE: usize;
+        const PER_STORE: usize;
+        /// SAFETY: `p` is 16-byte aligned, with 16 writable bytes.
+        unsafe fn put(p: *mut u8, v: &[__m128]);
     }
-}
 
-#[cfg(target_arch = "x86_64")]
-struct Bf16Lines;
+    pub(super) struct F32Lines;
 
-#[cfg(target_arch = "x86_64")]
-impl StreamedType for Bf16Lines {
-    const SIZE: usize = 2;
-    const PER_STORE: usize = 8;
-    unsafe fn put(p: *mut u8, v: &[std::arch::x86_64::__m128]) {
-        use std::arch::x86_64::*;
-        // each lane's top 16 bits after rounding (x + 0x7fff + the kept part's lowest bit:
-        // a carry into bit 16 exactly when the dropped half is over a tie, or a tie over an
-        // odd value); a NaN keeps its top bits as they are (the scaling multiply has made it
-        // quiet, so they are a NaN too). The arithmetic shift leaves the 16 bits
-        // sign-extended, which the signed pack keeps as they are.
-        let half = |x: __m128| {
-            let bits = _mm_castps_si128(x);
-            let odd = _mm_and_si128(_mm_srli_epi32::<16>(bits), _mm_set1_epi32(1));
-            let rounded = _mm_add_epi32(_mm_add_epi32(bits, _mm_set1_epi32(0x7fff)), odd);
-            let nan = _mm_castps_si128(_mm_cmpunord_ps(x, x));
-            let chosen = _mm_or_si128(_mm_and_si128(nan, bits), _mm_andnot_si128(nan, rounded));
-            _mm_srai_epi32::<16>(chosen)
-        };
-        _mm_stream_si128(p.cast::<__m128i>(), _mm_packs_epi32(half(v[0]), half(v[1])));
+    impl StreamedType for F32Lines {
+        const SIZE: usize = 4;
+        const PER_STORE: usize = 4;
+        unsafe fn put(p: *mut u8, v: &[__m128]) {
+            std::arch::x86_64::_mm_stream_ps(p.cast::<f32>(), v[0]);
+        }
     }
-}
 
-#[cfg(target_arch = "x86_64")]
-fn stream_as<T: StreamedType>(src: &[u8], dst: &mut [u8], e: &Entry, c: &WeightCopy) -> bool {
-    use std::arch::x86_64::{__m128, _mm_loadu_ps, _mm_mul_ps, _mm_set1_ps, _mm_set_ps};
-    use std::arch::x86_64::{_mm_setzero_ps, _mm_sfence};
-    let line = 64 / T::SIZE; // values in a 64-byte line
-    let (rows, cols) = (e.shape[0], e.shape[1]);
-    let run = if c.transpose { rows } else { cols }; // contiguous values in the destination
-    let lined = |at: usize| (dst.as_ptr() as usize + T::SIZE * at).is_multiple_of(64);
-    if rows == 0
-        || cols == 0
-        || src.len() < 4 * rows * cols
-        || !run.is_multiple_of(line)
-        || !c.stride.is_multiple_of(line)
-        || !lined(c.offset)
-    {
-        return false;
+    pub(super) struct Bf16Lines;
+
+    impl StreamedType for Bf16Lines {
+        const SIZE: usize = 2;
+        const PER_STORE: usize = 8;
+        unsafe fn put(p: *mut u8, v: &[__m128]) {
+            use std::arch::x86_64::*;
+            // each lane's top 16 bits after rounding (x + 0x7fff + the kept part's lowest bit:
+            // a carry into bit 16 exactly when the dropped half is over a tie, or a tie over an
+            // odd value); a NaN keeps its top bits as they are (the scaling multiply has made it
+            // quiet, so they are a NaN too). The arithmetic shift leaves the 16 bits
+            // sign-extended, which the signed pack keeps as they are.
+            let half = |x: __m128| {
+                let bits = _mm_castps_si128(x);
+                let odd = _mm_and_si128(_mm_srli_epi32::<16>(bits), _mm_set1_epi32(1));
+                let rounded = _mm_add_epi32(_mm_add_epi32(bits, _mm_set1_epi32(0x7fff)), odd);
+                let nan = _mm_castps_si128(_mm_cmpunord_ps(x, x));
+                let chosen = _mm_or_si128(_mm_and_si128(nan, bits), _mm_andnot_si128(nan, rounded));
+                _mm_srai_epi32::<16>(chosen)
+            };
+            _mm_stream_si128(p.cast::<__m128i>(), _mm_packs_epi32(half(v[0]), half(v[1])));
+        }
     }
-    // SAFETY: SSE2 is part of x86-64. Every store is inside `dst`: `check` proved the copy's
-    // rows fit, and each store covers PER_STORE values of one of them; 16-byte alignment
-    // follows from the line alignment checked above. Loads are unaligned and inside `src` rows.
-    unsafe {
-        let scale = _mm_set1_ps(c.scale);
-        let (base, len) = (dst.as_mut_ptr(), dst.len());
-        let at = |r: usize, k: usize| {
-            let byte = T::SIZE * (c.offset + r * c.stride + k);
-            debug_assert!(byte + 16 <= len);
-            base.add(byte)
-        };
-        let value = |i: usize, j: usize| {
-            f32::from_le_bytes(src[4 * (i * cols + j)..][..4].try_into().unwrap())
-        };
-        let mut v = [_mm_setzero_ps(); 2];
-        let fours = T::PER_STORE / 4;
-        if !c.transpose {
-            for (i, row) in src.chunks_exact(4 * cols).take(rows).enumerate() {
-                for (k, chunk) in row.chunks_exact(4 * T::PER_STORE).enumerate() {
-                    for (q, x) in v[..fours].iter_mut().enumerate() {
-                        let four = _mm_loadu_ps(chunk[16 * q..].as_ptr().cast::<f32>());
-                        *x = _mm_mul_ps(four, scale);
-                    }
-                    T::put(at(i, T::PER_STORE * k), &v);
-                }
-            }
-        } else {
-            for i0 in (0..rows).step_by(line) {
-                for j in 0..cols {
-                    for s in 0..line / T::PER_STORE {
-                        let i = i0 + T::PER_STORE * s;
+
+    pub(super) fn stream_as<T: StreamedType>(
+        src: &[u8],
+        dst: &mut [u8],
+        e: &Entry,
+        c: &WeightCopy,
+    ) -> bool {
+        use std::arch::x86_64::{_mm_loadu_ps, _mm_mul_ps, _mm_set1_ps, _mm_set_ps};
+        use std::arch::x86_64::{_mm_setzero_ps, _mm_sfence};
+        let line = 64 / T::SIZE; // values in a 64-byte line
+        let (rows, cols) = (e.shape[0], e.shape[1]);
+        let run = if c.transpose { rows } else { cols }; // contiguous values in the destination
+        let lined = |at: usize| (dst.as_ptr() as usize + T::SIZE * at).is_multiple_of(64);
+        if rows == 0
+            || cols == 0
+            || src.len() < 4 * rows * cols
+            || !run.is_multiple_of(line)
+            || !c.stride.is_multiple_of(line)
+            || !lined(c.offset)
+        {
+            return false;
+        }
+        // SAFETY: SSE2 is part of x86-64. Every store is inside `dst`: `check` proved the copy's
+        // rows fit, and each store covers PER_STORE values of one of them; 16-byte alignment
+        // follows from the line alignment checked above. Loads are unaligned and inside `src` rows.
+        unsafe {
+            let scale = _mm_set1_ps(c.scale);
+            let (base, len) = (dst.as_mut_ptr(), dst.len());
+            let at = |r: usize, k: usize| {
+                let byte = T::SIZE * (c.offset + r * c.stride + k);
+                debug_assert!(byte + 16 <= len);
+                base.add(byte)
+            };
+            let value = |i: usize, j: usize| {
+                f32::from_le_bytes(src[4 * (i * cols + j)..][..4].try_into().unwrap())
+            };
+            let mut v = [_mm_setzero_ps(); 2];
+            let fours = T::PER_STORE / 4;
+            if !c.transpose {
+                for (i, row) in src.chunks_exact(4 * cols).take(rows).enumerate() {
+                    for (k, chunk) in row.chunks_exact(4 * T::PER_STORE).enumerate() {
                         for (q, x) in v[..fours].iter_mut().enumerate() {
-                            let r = i + 4 * q;
-                            let four: __m128 = _mm_set_ps(
-                                value(r + 3, j),
-                                value(r + 2, j),
-                                value(r + 1, j),
-                                value(r, j),
-                            );
+                            let four = _mm_loadu_ps(chunk[16 * q..].as_ptr().cast::<f32>());
                             *x = _mm_mul_ps(four, scale);
                         }
-                        T::put(at(j, i), &v);
+                        T::put(at(i, T::PER_STORE * k), &v);
+                    }
+                }
+            } else {
+                for i0 in (0..rows).step_by(line) {
+                    for j in 0..cols {
+                        for s in 0..line / T::PER_STORE {
+                            let i = i0 + T::PER_STORE * s;
+                            for (q, x) in v[..fours].iter_mut().enumerate() {
+                                let r = i + 4 * q;
+                                let four: __m128 = _mm_set_ps(
+                                    value(r + 3, j),
+                                    value(r + 2, j),
+                                    value(r + 1, j),
+                                    value(r, j),
+                                );
+                                *x = _mm_mul_ps(four, scale);
+                            }
+                            T::put(at(j, i), &v);
+                        }
                     }
                 }
             }
+            _mm_sfence(); // the streamed lines are visible before the slot is handed out
         }
-        _mm_sfence(); // the streamed lines are visible before the slot is handed out
+        true
     }
-    true
 }
 
 /// The largest magnitude as float32, NaN if any value is NaN; `None` for a dtype that is not
