@@ -56,7 +56,7 @@ def test_replicas_join_an_existing_cluster_and_leave_it_running(tmp_path, monkey
         address = f"127.0.0.1:{port}"
         args = [str(base), "--replicas", "2", "--ray-address", address, "--enable-lora"]
         args += ["--max-lora-rank", "8", "--max-model-len", "128"]
-        args += ["--lora-root", str(tmp_path / "root")]
+        args += ["--lora-root", str(tmp_path / "root"), "--enable-lora-discovery"]
         monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the server presents the token
         proc, url = start_server(args, tmp_path / "server.log")
         try:

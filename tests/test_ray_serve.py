@@ -68,6 +68,7 @@ def cluster(assets, tmp_path_factory):
         *(f"{name}={p[name]}" for name in ADAPTERS[:3]),
         "--lora-root",
         str(assets["root"]),
+        "--enable-lora-discovery",
         "--allow-runtime-lora-updating",
     ]
     log = tmp_path_factory.mktemp("ray-logs") / "server.log"

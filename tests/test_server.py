@@ -362,12 +362,32 @@ def test_runtime_load_stays_inside_the_root(server, assets, reference):
     assert ok.usage.completion_tokens == 2  # serves on
 
 
-def test_a_model_named_after_a_root_folder_is_found_and_ids_stay_unique(server, assets):
-    """A request naming an adapter nobody loaded is looked for as a folder of that name in
-    --lora-root (a bad one is the request's 400; a name leading out of the root, a 404);
-    an explicit lora_int_id held by another adapter is refused."""
+@pytest.fixture(scope="module")
+def discovering(assets, tmp_path_factory):
+    """A server that looks for unknown adapters in its --lora-root (--enable-lora-discovery)."""
+    args = [str(assets["base"]), "--served-model-name", "tiny", "--api-key", KEY]
+    args += ["--enable-lora", "--max-lora-rank", "8", "--max-model-len", "256"]
+    args += ["--allow-runtime-lora-updating", "--lora-root", str(assets["root"])]
+    proc, url = start_server(
+        args + ["--enable-lora-discovery"], tmp_path_factory.mktemp("logs") / "discovery.log"
+    )
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+
+
+def test_a_model_named_after_a_root_folder_is_found_and_ids_stay_unique(
+    server, discovering, assets
+):
+    """With --enable-lora-discovery, a request naming an adapter nobody loaded is looked
+    for as a folder of that name in --lora-root (a bad one is the request's 400; a name
+    leading out of the root, a 404); without it, a 404. An explicit lora_int_id held by
+    another adapter is refused."""
     root = assets["root"]
     found = build_adapter(assets["base"], root / "found", seed=77)
+    with pytest.raises(openai.NotFoundError):  # discovery is off unless asked for
+        client(server).completions.create(model="found", prompt="x", max_tokens=2)
+    server = discovering
     llm = LLM(model=str(assets["base"]), enable_lora=True, max_lora_rank=8, max_model_len=256)
     params = SamplingParams(temperature=0, max_tokens=12)
     want = (

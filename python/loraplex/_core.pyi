@@ -260,6 +260,10 @@ class Scheduler:
     def adapter_state(self, key: int) -> str:
         """``"absent"``, ``"loading"``, ``"ready"`` or ``"gone"``."""
     def adapter_request(self, key: int) -> LoRARequest | None: ...
+    def adapter_by_name(self, name: str) -> LoRARequest | None:
+        """The adapter registered under ``name`` (id, name, current path); None if none."""
+    def registered_adapters(self) -> list[LoRARequest]:
+        """Every registered adapter, by ascending id."""
     def stage_adapter(self, key: int) -> tuple[str, tuple[int, LoRARequest] | None]:
         """Ask for the weights in the host tier now: ``("ready", None)`` (marked used),
         ``("loading", None)``, or ``("read", job)`` to perform."""

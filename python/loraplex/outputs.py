@@ -44,6 +44,9 @@ class RequestMetrics:
     scheduler_time: float = 0.0
     model_forward_time: float = 0.0
     model_execute_time: float = 0.0
+    # loraplex: the gap before each generated token after each sequence's first (vLLM's
+    # inter-token latencies), on a request's final output only
+    token_gaps: list[float] | None = None
 
 
 @dataclass

@@ -149,6 +149,19 @@ impl Adapters {
         Ok((self.new_key(request), Some(old_key)))
     }
 
+    /// The adapter registered under `name` (its identity: id, name, current path).
+    pub fn by_name(&self, name: &str) -> Option<LoRARequest> {
+        self.registry.get_by_name(name)
+    }
+
+    /// Every registered adapter, by ascending id.
+    pub fn registered(&self) -> Vec<LoRARequest> {
+        let ids = self.registry.ids();
+        ids.into_iter()
+            .filter_map(|id| self.registry.get(id))
+            .collect()
+    }
+
     /// The key of `id`'s current weights.
     pub fn key_of(&self, id: AdapterId) -> Option<Key> {
         self.current.get(&id).copied()

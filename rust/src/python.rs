@@ -596,6 +596,21 @@ impl PyScheduler {
         }
     }
 
+    /// The adapter registered under `name`, as the registry holds it.
+    fn adapter_by_name(&self, name: &str) -> Option<PyLoRARequest> {
+        self.core.lock().adapters().by_name(name).map(request_to_py)
+    }
+
+    /// Every registered adapter, by ascending id.
+    fn registered_adapters(&self) -> Vec<PyLoRARequest> {
+        let core = self.core.lock();
+        core.adapters()
+            .registered()
+            .into_iter()
+            .map(request_to_py)
+            .collect()
+    }
+
     fn adapter_request(&self, key: i64) -> Option<PyLoRARequest> {
         let core = self.core.lock();
         core.adapters().request(key).cloned().map(request_to_py)

@@ -26,6 +26,19 @@ _DTYPES = {
     "half": torch.float16,
 }
 
+# values of refused arguments that ask for what loraplex does anyway
+_SAME_AS_DEFAULT: dict[str, tuple[Any, ...]] = {
+    "task": ("generate",),
+    "runner": ("generate",),
+    "convert": ("none",),
+    "load_format": ("safetensors",),
+    "config_format": ("hf",),
+    "tokenizer_mode": ("hf",),
+    "tensor_parallel_size": (None,),
+    "pipeline_parallel_size": (None,),
+    "data_parallel_size": (None,),
+}
+
 # KV cache on the host: the budget vLLM's CPU backend uses by default (VLLM_CPU_KVCACHE_SPACE)
 DEFAULT_KV_CACHE_BYTES = 4 << 30
 
@@ -138,6 +151,8 @@ class EngineArgs(_engine_args_base()):  # type: ignore[misc]
         """Raises ``ValueError`` naming the first argument that cannot be served."""
         for name, (default, why) in REFUSED.items():
             value = getattr(self, name)
+            if value in _SAME_AS_DEFAULT.get(name, ()):
+                continue
             if value != default and not (value is None and default in ("auto", "")):
                 raise ValueError(f"{name}={value!r} is not supported by loraplex: {why}")
         positive = ("max_num_seqs", "block_size", "max_loras", "max_lora_rank")

@@ -14,7 +14,7 @@ from typing import Any
 from loraplex._core import LoRARequest
 from loraplex.engine.arg_utils import AsyncEngineArgs, EngineArgs
 from loraplex.engine.input_processor import Prompt
-from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.llm_engine import LLMEngine, ModelFrontend
 from loraplex.model.config import ModelConfig
 from loraplex.outputs import RequestOutput
 from loraplex.sampling_params import SamplingParams
@@ -176,7 +176,9 @@ class AsyncLLM:
             and isinstance(lora_request, LoRARequest)
             and lora.core.adapter_key(lora_request.lora_int_id) is None
         )
-        if new_adapter:  # its first read and validation: off the event loop
+        has_ids = isinstance(prompt, dict) and "prompt_token_ids" in prompt
+        grows = bool(params.bad_words) or not (has_ids or isinstance(prompt, list))
+        if new_adapter or grows:  # an adapter's first read, tokenizing: off the event loop
             await asyncio.to_thread(self.engine.add_request, *args)
         else:
             self.engine.add_request(*args)
@@ -207,10 +209,30 @@ class AsyncLLM:
     async def pin_lora(self, lora_id: int) -> bool:
         return await asyncio.to_thread(self.engine.pin_lora, lora_id)
 
+    def lora_by_name(self, name: str) -> LoRARequest | None:
+        """The adapter registered under ``name`` (the core's identity), or None."""
+        return self.engine.lora_by_name(name)
+
+    def registered_loras(self) -> list[LoRARequest]:
+        return self.engine.registered_loras()
+
+    def get_stats(self) -> dict[str, Any]:
+        """The engine's queues, KV blocks and adapters, as plain data (a metrics snapshot)."""
+        return self.engine.get_stats()
+
     # -- state --
 
     async def get_tokenizer(self, lora_request: LoRARequest | None = None) -> Tokenizer:
         return self.engine.get_tokenizer()
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.args.max_num_seqs
+
+    @property
+    def frontend(self) -> ModelFrontend:
+        """What requests are checked against: tokenizer, input processor, context length."""
+        return self.engine.frontend
 
     @property
     def model_config(self) -> ModelConfig:
@@ -251,6 +273,8 @@ class RequestStream:
     """One request's outputs, in order: ``async for out in stream``. ``close()`` before the
     last output aborts the request (its KV blocks are freed); after it, does nothing."""
 
+    replica: str | None = None  # one engine: no replica to name
+
     def __init__(self, llm: AsyncLLM, request_id: str, stream: _Stream):
         self.request_id = request_id
         self.finished = False
@@ -270,6 +294,12 @@ class RequestStream:
             self.finished = True
             self.close()
         return item
+
+    def interrupt(self, error: BaseException) -> None:
+        """Ends the stream with ``error``: its consumer's next wait raises it (and so
+        closes the stream, aborting the request)."""
+        if not self._closed and not self.finished:
+            self._stream.put(error)
 
     def close(self) -> None:
         if not self._closed:

@@ -69,16 +69,16 @@ class InputProcessor:
             ids = ids[-(self.max_model_len if keep == -1 else keep) :]
         if not ids:
             raise ValueError(f"request {request_id!r}: the prompt is empty")
+        if len(ids) > self.max_model_len:  # before the per-token check: it bounds that
+            raise ValueError(
+                f"request {request_id!r}: the prompt ({len(ids)} tokens) is longer than "
+                f"max_model_len ({self.max_model_len})"
+            )
         bad = self._outside_vocab(ids)
         if bad:
             raise ValueError(
                 f"request {request_id!r}: token ids {bad[:5]} are outside the vocabulary "
                 f"(size {self.vocab_size})"
-            )
-        if len(ids) > self.max_model_len:
-            raise ValueError(
-                f"request {request_id!r}: the prompt ({len(ids)} tokens) is longer than "
-                f"max_model_len ({self.max_model_len})"
             )
         return text, ids
 
@@ -118,10 +118,10 @@ class InputProcessor:
 
     def _bad_word_ids(self, words: list[str]) -> list[list[int]]:
         """Each word as it tokenizes alone and after a space (vLLM tries both)."""
-        out: list[list[int]] = []
+        out: dict[tuple[int, ...], None] = {}  # in order, each once (linear in the words)
         for word in words:
             for text in (word.lstrip(), " " + word.lstrip()):
                 ids = self.tokenizer.encode(text, add_special_tokens=False)
-                if ids and ids not in out:
-                    out.append(ids)
-        return out
+                if ids:
+                    out.setdefault(tuple(ids))
+        return [list(ids) for ids in out]

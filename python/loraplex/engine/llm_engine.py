@@ -25,6 +25,7 @@ from loraplex.engine.input_processor import InputProcessor, Prompt, with_truncat
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.output_processor import OutputProcessor
 from loraplex.engine.sequence import Request, Sequence
+from loraplex.engine.stats import engine_stats
 from loraplex.lora.manager import LoRAManager
 from loraplex.model.config import ModelConfig
 from loraplex.model.loader import load_model, resolve_model_path
@@ -82,7 +83,7 @@ class LLMEngine:
     def __init__(self, args: EngineArgs):
         args.verify()
         self.args = args
-        front = ModelFrontend.from_engine_args(args)
+        self.frontend = front = ModelFrontend.from_engine_args(args)
         folder, self.model_config = front.folder, front.model_config
         cfg = self.model_config
         self.backend = backend = select_backend(args, cfg.dtype)
@@ -282,6 +283,23 @@ class LLMEngine:
                 for seq in request.seqs:
                     self.scheduler.abort_request(seq.seq_id)
 
+    def unfinished_requests(self) -> list[Request]:
+        """The requests not yet finished (a copy of the list, taken under the lock)."""
+        with self._lock:
+            return list(self._requests.values())
+
+    def lora_by_name(self, name: str) -> LoRARequest | None:
+        """The adapter registered under ``name`` (the core's identity), or None."""
+        return self.scheduler.adapter_by_name(name)
+
+    def registered_loras(self) -> list[LoRARequest]:
+        """Every adapter registered in the core, by ascending id."""
+        return self.scheduler.registered_adapters()
+
+    def get_stats(self) -> dict[str, Any]:
+        """Queues, KV blocks, preemptions and each adapter's residency, as plain data."""
+        return engine_stats(self)
+
     def has_unfinished_requests(self) -> bool:
         with self._lock:
             return bool(self._requests)
@@ -368,7 +386,12 @@ class LLMEngine:
             m.scheduler_time += t1 - t0
             m.model_forward_time += t2 - t1
             m.model_execute_time += t2 - t1
-            if any(s.output_ids for s in request.seqs):
+            generated = sum(len(s.output_ids) for s in request.seqs)
+            new = generated - request.num_generated
+            if new > 0:
+                if request.num_generated > 0:  # a sequence's first token is its TTFT's
+                    request.token_gaps.extend([t2 - m.last_token_time] * new)
+                request.num_generated = generated
                 m.first_token_time = m.first_token_time or t2
                 m.last_token_time = t2
 

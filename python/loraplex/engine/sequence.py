@@ -85,6 +85,8 @@ class Request:
     prompt_logprobs: PromptLogprobs | None = None
     metrics: RequestMetrics = field(init=False)
     num_outputs: int = 0
+    num_generated: int = 0  # tokens over all sequences, as of the last step
+    token_gaps: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(self.arrival_time, self.arrival_time)
@@ -118,7 +120,9 @@ class Request:
             outputs=[s.completion(delta) for s in self.seqs],
             finished=finished,
             lora_request=self.lora_request,
-            metrics=RequestMetrics(**vars(self.metrics)),
+            metrics=RequestMetrics(
+                **{**vars(self.metrics), "token_gaps": list(self.token_gaps) if finished else None}
+            ),
             num_cached_tokens=0,
             error=self.error,
         )

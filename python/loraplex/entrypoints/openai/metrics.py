@@ -1,9 +1,15 @@
-"""Prometheus metrics (prometheus_client), per adapter where it makes sense. The ``adapter``
-label is the name a request's ``model`` used: an adapter's, or the served base name."""
+"""Prometheus metrics (prometheus_client): vLLM's series by vLLM's names and labels
+(``model_name`` is the served base name, ``engine`` the engine or replica), so a vLLM
+dashboard reads them; beside them loraplex's own, per adapter (``adapter`` is the name a
+request's ``model`` used) and per replica. Engine gauges are read from the engine client's
+snapshot at scrape time; request series are fed by each request's outputs. An adapter's own
+series are removed when it is unloaded."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import time
+from collections import defaultdict
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -12,55 +18,73 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from loraplex._core import LoRARequest
 from loraplex.outputs import RequestOutput
 
-if TYPE_CHECKING:
-    from loraplex.engine.llm_engine import LLMEngine
-    from loraplex.entrypoints.openai.api_server import Server
-
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# vLLM's buckets, so its dashboards' quantiles read the same
+_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0)
+_TTFT = _TTFT + (7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5)
+_ITL = _ITL + (10.0, 20.0, 40.0, 80.0)
+_REQUEST = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0)
+_REQUEST = _REQUEST + (60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 
-class _EngineCollector:
-    """Read at scrape time from the server's ``engine_metrics()``."""
-
-    def __init__(self, server: Server):
-        self.server = server
-
-    def collect(self):
-        yield from self.server.engine_metrics()
-
-
-def engine_snapshot(engine: LLMEngine, loras: dict[str, int]) -> dict[str, Any]:
-    """An engine's queue sizes, KV blocks and where each named adapter (name -> id) is:
-    what ``/metrics`` shows, and what a replica reports to the cluster (plain data)."""
-    core = engine.scheduler
-    adapters = []
-    for name, lora_id in loras.items():
-        where = core.adapter_residency(lora_id)
-        if where is None:
-            continue
-        on_device, in_host, pinned = where
-        tiers = [t for t, present in (("device", on_device), ("host", in_host)) if present]
-        if tiers:
-            adapters.append(dict(name=name, tiers=tiers, pinned=bool(pinned)))
-    return dict(
-        running=core.num_running,
-        waiting=core.num_waiting,
-        kv_free_blocks=core.num_free_blocks,
-        kv_total_blocks=engine.num_kv_blocks,
-        adapters=adapters,
-    )
+def _buckets_1_2_5(limit: int) -> list[int]:
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > limit:
+                return out
+            out.append(m * scale)
+        scale *= 10
 
 
-def snapshot_metrics(snapshots: dict[str | None, dict[str, Any]]):
-    """Gauges from engine snapshots, keyed by replica id (labelled ``replica``), or by None
-    for the one engine of a single-process server (no label)."""
-    by_replica = any(key is not None for key in snapshots)
+def engine_families(model_name: str, stats: dict[str | None, dict[str, Any]]):
+    """Gauges (and the preemption counter) from engine snapshots keyed by replica id (None:
+    the one engine of this process)."""
+    by_replica = any(key is not None for key in stats)
     extra = ["replica"] if by_replica else []
+    engine = [(("0" if replica is None else replica), snap) for replica, snap in stats.items()]
+    vllm_gauges = [
+        ("vllm:num_requests_running", "Number of requests in model execution batches.", "running"),
+        ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", "waiting"),
+    ]
+    for name, doc, key in vllm_gauges:
+        family = GaugeMetricFamily(name, doc, labels=["model_name", "engine"])
+        for eng, snap in engine:
+            family.add_metric([model_name, eng], float(snap[key]))
+        yield family
+    usage = GaugeMetricFamily(
+        "vllm:kv_cache_usage_perc",
+        "KV-cache usage. 1 means 100 percent usage.",
+        labels=["model_name", "engine"],
+    )
+    preempted = CounterMetricFamily(
+        "vllm:num_preemptions",
+        "Cumulative number of preemption from the engine.",
+        labels=["model_name", "engine"],
+    )
+    lora_info = GaugeMetricFamily(
+        "vllm:lora_requests_info",
+        "Running stats on lora requests.",
+        labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters", *extra],
+    )
+    for eng, snap in engine:
+        total = snap["kv_total_blocks"] or 1
+        usage.add_metric([model_name, eng], 1.0 - snap["kv_free_blocks"] / total)
+        preempted.add_metric([model_name, eng], float(snap.get("num_preemptions", 0)))
+        labels = [
+            str(snap.get("max_loras", 0)),
+            ",".join(snap.get("waiting_adapters", [])),
+            ",".join(snap.get("running_adapters", [])),
+        ]
+        lora_info.add_metric(labels + ([eng] if by_replica else []), time.time())
+    yield usage
+    yield preempted
+    yield lora_info
     gauges = [
         ("running", "loraplex:num_requests_running", "Requests running (in the batch)."),
         ("waiting", "loraplex:num_requests_waiting", "Requests waiting to be scheduled."),
@@ -69,7 +93,7 @@ def snapshot_metrics(snapshots: dict[str | None, dict[str, Any]]):
     ]
     for key, name, doc in gauges:
         family = GaugeMetricFamily(name, doc, labels=extra)
-        for replica, snap in snapshots.items():
+        for replica, snap in stats.items():
             family.add_metric([replica] if by_replica else [], float(snap[key]))
         yield family
     loaded = GaugeMetricFamily(
@@ -77,7 +101,7 @@ def snapshot_metrics(snapshots: dict[str | None, dict[str, Any]]):
         "1 where an adapter's weights are: a device slot or the host tier.",
         labels=["adapter", "tier", "pinned", *extra],
     )
-    for replica, snap in snapshots.items():
+    for replica, snap in stats.items():
         for a in snap["adapters"]:
             for tier in a["tiers"]:
                 labels = [a["name"], tier, str(a["pinned"]).lower()]
@@ -85,16 +109,75 @@ def snapshot_metrics(snapshots: dict[str | None, dict[str, Any]]):
     yield loaded
 
 
+class _SnapshotCollector:
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        yield from engine_families(self.metrics.model_name, self.metrics.stats)
+
+
 class Metrics:
-    def __init__(self, server: Server):
-        self.server = server
+    """The server's registry. ``await refresh(client)`` before ``render()`` reads the
+    engines' snapshot; ``request(adapter_name)`` tracks one request."""
+
+    def __init__(self, model_name: str, max_model_len: int):
+        self.model_name = model_name
+        self.stats: dict[str | None, dict[str, Any]] = {}
+        self.total_prompt = self.total_generated = 0  # for the periodic stats line
         self.registry = r = CollectorRegistry()
-        r.register(_EngineCollector(server))
-        self.loads = Counter(
-            "loraplex:lora_adapter_loads",
-            "Adapter loads by source.",
-            ["adapter", "source"],
+        r.register(_SnapshotCollector(self))
+        self._adapter_labels: dict[str, set[tuple[Any, tuple[str, ...]]]] = defaultdict(set)
+        v = ["model_name", "engine"]
+        lengths = _buckets_1_2_5(max_model_len)
+        self.v_prompt = Counter(
+            "vllm:prompt_tokens", "Number of prefill tokens processed.", v, registry=r
+        )
+        self.v_generation = Counter(
+            "vllm:generation_tokens", "Number of generation tokens processed.", v, registry=r
+        )
+        self.v_success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            [*v, "finished_reason"],
             registry=r,
+        )
+        hist = [
+            ("ttft", "vllm:time_to_first_token_seconds", "Time to first token in seconds.", _TTFT),
+            ("itl", "vllm:inter_token_latency_seconds", "Inter-token latency in seconds.", _ITL),
+            (
+                "tpot",
+                "vllm:request_time_per_output_token_seconds",
+                "Time per output token of a request in seconds.",
+                _ITL,
+            ),
+            (
+                "e2e",
+                "vllm:e2e_request_latency_seconds",
+                "E2e request latency in seconds.",
+                _REQUEST,
+            ),
+            ("queue", "vllm:request_queue_time_seconds", "Time spent WAITING.", _REQUEST),
+            ("inference", "vllm:request_inference_time_seconds", "Time spent RUNNING.", _REQUEST),
+            ("prefill", "vllm:request_prefill_time_seconds", "Time spent in PREFILL.", _REQUEST),
+            ("decode", "vllm:request_decode_time_seconds", "Time spent in DECODE.", _REQUEST),
+            ("prompt_len", "vllm:request_prompt_tokens", "Prefill tokens of a request.", lengths),
+            (
+                "gen_len",
+                "vllm:request_generation_tokens",
+                "Generated tokens of a request.",
+                lengths,
+            ),
+            ("max_tokens", "vllm:request_params_max_tokens", "The max_tokens parameter.", lengths),
+            ("n", "vllm:request_params_n", "The n request parameter.", [1, 2, 5, 10, 20]),
+        ]
+        self.v_hist = {
+            key: Histogram(name, doc, v, buckets=buckets, registry=r)
+            for key, name, doc, buckets in hist
+        }
+        a = ["adapter"]
+        self.loads = Counter(
+            "loraplex:lora_adapter_loads", "Adapter loads by source.", [*a, "source"], registry=r
         )
         self.load_seconds = Histogram(
             "loraplex:lora_adapter_load_seconds",
@@ -103,60 +186,72 @@ class Metrics:
             registry=r,
         )
         self.success = Counter(
-            "loraplex:request_success",
-            "Finished requests.",
-            ["adapter", "finish_reason"],
-            registry=r,
+            "loraplex:request_success", "Finished requests.", [*a, "finish_reason"], registry=r
         )
         self.by_replica = Counter(
             "loraplex:replica_requests",
             "Requests ended, by the replica that served them (a server over replicas).",
-            ["replica", "adapter"],
+            ["replica", *a],
             registry=r,
         )
         self.replica_tokens = Counter(
             "loraplex:replica_generation_tokens",
             "Generated tokens, by the replica that made them (a server over replicas).",
-            ["replica", "adapter"],
+            ["replica", *a],
             registry=r,
         )
-        self.prompt_tokens = Counter(
-            "loraplex:prompt_tokens", "Prompt tokens.", ["adapter"], registry=r
-        )
+        self.prompt_tokens = Counter("loraplex:prompt_tokens", "Prompt tokens.", a, registry=r)
         self.generation_tokens = Counter(
-            "loraplex:generation_tokens", "Generated tokens.", ["adapter"], registry=r
+            "loraplex:generation_tokens", "Generated tokens.", a, registry=r
         )
         self.ttft = Histogram(
             "loraplex:time_to_first_token_seconds",
             "Time to first token.",
-            ["adapter"],
+            a,
             buckets=_LATENCY,
             registry=r,
         )
         self.itl = Histogram(
             "loraplex:inter_token_latency_seconds",
-            "Time between streamed tokens.",
-            ["adapter"],
+            "Time between generated tokens.",
+            a,
             buckets=_LATENCY,
             registry=r,
         )
         self.e2e = Histogram(
             "loraplex:e2e_request_latency_seconds",
             "Arrival to last token.",
-            ["adapter"],
+            a,
             buckets=_LATENCY,
             registry=r,
         )
 
+    async def refresh(self, client) -> None:
+        self.stats = await client.stats()
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
+    def labels(self, adapter: str, metric, *values: str):
+        """``metric.labels(*values)``, remembered under ``adapter`` so that unloading the
+        adapter removes the series."""
+        self._adapter_labels[adapter].add((metric, values))
+        return metric.labels(*values)
+
     def loaded(self, name: str, source: str, seconds: float) -> None:
-        self.loads.labels(name, source).inc()
+        self.labels(name, self.loads, name, source).inc()
         self.load_seconds.observe(seconds)
 
-    def request(self, lora: LoRARequest | None) -> RequestTracker:
-        return RequestTracker(self, lora.lora_name if lora else self.server.base)
+    def forget_adapter(self, name: str) -> None:
+        """Removes every series labelled with adapter ``name`` (it was unloaded)."""
+        for metric, values in self._adapter_labels.pop(name, set()):
+            try:
+                metric.remove(*values)
+            except KeyError:
+                pass
+
+    def request(self, adapter: str) -> RequestTracker:
+        return RequestTracker(self, adapter)
 
 
 class RequestTracker:
@@ -165,35 +260,70 @@ class RequestTracker:
 
     def __init__(self, metrics: Metrics, adapter: str):
         self.m, self.adapter = metrics, adapter
-        self.prompt_counted = False
+        self.prompt_tokens: int | None = None
         self.generated = 0
         self.finish: dict[int, Any] = {}
+        self.final: RequestOutput | None = None
 
     def observe(self, out: RequestOutput) -> None:
-        if not self.prompt_counted:
-            self.prompt_counted = True
-            self.m.prompt_tokens.labels(self.adapter).inc(len(out.prompt_token_ids))
+        m, a = self.m, self.adapter
+        if self.prompt_tokens is None:
+            self.prompt_tokens = len(out.prompt_token_ids)
+            m.labels(a, m.prompt_tokens, a).inc(self.prompt_tokens)
+            m.total_prompt += self.prompt_tokens
         new = sum(len(c.token_ids) for c in out.outputs)
         self.generated += new
-        self.m.generation_tokens.labels(self.adapter).inc(new)
+        m.labels(a, m.generation_tokens, a).inc(new)
+        m.total_generated += new
         for c in out.outputs:
             if c.finish_reason is not None:
                 self.finish[c.index] = c.finish_reason
-        t = out.metrics
-        if out.finished and t is not None:
-            a = self.adapter
-            if t.first_token_time is not None:
-                self.m.ttft.labels(a).observe(max(0.0, t.first_token_time - t.arrival_time))
-                if self.generated > 1:
-                    gap = (t.last_token_time - t.first_token_time) / (self.generated - 1)
-                    self.m.itl.labels(a).observe(max(0.0, gap))
-            end = t.finished_time or t.last_token_time
-            self.m.e2e.labels(a).observe(max(0.0, end - t.arrival_time))
+        if out.finished:
+            self.final = out
 
-    def done(self, replica: str | None = None) -> None:
-        """The request ended; ``replica`` served it (None on a single server)."""
+    def done(self, replica: str | None = None, params: Any = None) -> None:
+        """The request ended; ``replica`` served it (None on a single server). Its
+        histograms and counters are recorded once, here."""
+        m, a = self.m, self.adapter
+        engine = "0" if replica is None else replica
+        v = (m.model_name, engine)
+        m.v_prompt.labels(*v).inc(self.prompt_tokens or 0)
+        m.v_generation.labels(*v).inc(self.generated)
         for reason in self.finish.values():
-            self.m.success.labels(self.adapter, str(reason)).inc()
+            m.labels(a, m.success, a, str(reason)).inc()
+            m.v_success.labels(*v, str(reason)).inc()
         if replica is not None:
-            self.m.by_replica.labels(replica, self.adapter).inc()
-            self.m.replica_tokens.labels(replica, self.adapter).inc(self.generated)
+            m.labels(a, m.by_replica, replica, a).inc()
+            m.labels(a, m.replica_tokens, replica, a).inc(self.generated)
+        if params is not None:
+            m.v_hist["n"].labels(*v).observe(params.n)
+            if params.max_tokens is not None:
+                m.v_hist["max_tokens"].labels(*v).observe(params.max_tokens)
+        out = self.final
+        t = out.metrics if out is not None else None
+        if t is None:
+            return
+        h = {key: hist.labels(*v) for key, hist in m.v_hist.items()}
+        h["prompt_len"].observe(self.prompt_tokens or 0)
+        h["gen_len"].observe(self.generated)
+        end = t.finished_time or t.last_token_time
+        h["e2e"].observe(max(0.0, end - t.arrival_time))
+        m.labels(a, m.e2e, a).observe(max(0.0, end - t.arrival_time))
+        scheduled = t.first_scheduled_time
+        if scheduled is not None:
+            h["queue"].observe(max(0.0, scheduled - t.arrival_time))
+            h["inference"].observe(max(0.0, t.last_token_time - scheduled))
+        if t.first_token_time is not None:
+            ttft = max(0.0, t.first_token_time - t.arrival_time)
+            h["ttft"].observe(ttft)
+            m.labels(a, m.ttft, a).observe(ttft)
+            if scheduled is not None:
+                h["prefill"].observe(max(0.0, t.first_token_time - scheduled))
+            h["decode"].observe(max(0.0, t.last_token_time - t.first_token_time))
+            if self.generated > 1:
+                tpot = (t.last_token_time - t.first_token_time) / (self.generated - 1)
+                h["tpot"].observe(max(0.0, tpot))
+        itl = m.labels(a, m.itl, a)
+        for gap in t.token_gaps or ():
+            h["itl"].observe(gap)
+            itl.observe(gap)

@@ -1,6 +1,7 @@
-"""The OpenAI request bodies the server accepts (vLLM's shapes: OpenAI's fields plus vLLM's
-sampling extras in the same body), and their ``SamplingParams``. Unknown fields are ignored, as
-vLLM ignores them."""
+"""The request bodies the server accepts: OpenAI's fields plus vLLM's extras in the same
+body, each one honoured, inert here for a stated reason, or refused (a 400 naming it). A
+field neither OpenAI nor vLLM knows is ignored with a warning, as vLLM does
+(``ignored_fields``)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,44 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from loraplex.entrypoints.openai.errors import APIError, unsupported
 from loraplex.sampling_params import RequestOutputKind, SamplingParams
+
+_STRUCTURED = "structured outputs are not implemented yet"
+_TOOLS = "tool calls are not implemented yet"
 
 
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
+
+    def ignored_fields(self) -> list[str]:
+        """Fields of the body that no model here declares (ignored, with a warning)."""
+        return sorted(self.model_extra or {})
 
 
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+# (field, the value that means "not asked for", why it is refused) for both endpoints
+_REFUSED_COMMON: list[tuple[str, Any, str]] = [
+    ("use_beam_search", False, "beam search is not implemented"),
+    ("length_penalty", 1.0, "length_penalty applies to beam search, which is not implemented"),
+    ("structured_outputs", None, _STRUCTURED),
+    ("guided_json", None, _STRUCTURED),
+    ("guided_regex", None, _STRUCTURED),
+    ("guided_choice", None, _STRUCTURED),
+    ("guided_grammar", None, _STRUCTURED),
+    ("guided_decoding_backend", None, _STRUCTURED),
+    ("guided_whitespace_pattern", None, _STRUCTURED),
+    ("structural_tag", None, _STRUCTURED),
+    ("logits_processors", None, "custom logits processors are not implemented"),
+    ("vllm_xargs", None, "there are no custom logits processors to take them"),
+    ("kv_transfer_params", None, "disaggregated prefill is not implemented"),
+    ("prompt_embeds", None, "prompts are text or token ids"),
+    ("mm_processor_kwargs", None, "loraplex serves text-only models"),
+]
 
 
 class _Sampling(OpenAIBaseModel):
@@ -27,15 +56,17 @@ class _Sampling(OpenAIBaseModel):
     n: int = 1
     temperature: float | None = None
     top_p: float | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
     seed: int | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: str | None = None  # inert: OpenAI's end-user id, for abuse monitoring
+    response_format: dict[str, Any] | None = None
     # vLLM's extra sampling fields
+    best_of: int | None = None
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -49,9 +80,45 @@ class _Sampling(OpenAIBaseModel):
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
+    add_special_tokens: bool | None = None
     priority: int = 0
+    request_id: str | None = Field(default=None, max_length=256)
+    return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None
+    cache_salt: str | None = None  # inert: no prefix cache shares KV between requests
+    # refused (see _REFUSED_COMMON)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    structural_tag: Any = None
+    logits_processors: Any = None
+    vllm_xargs: Any = None
+    kv_transfer_params: Any = None
+    prompt_embeds: Any = None
+    mm_processor_kwargs: Any = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def check_supported(self) -> None:
+        """A 400 naming the first field asked of that this server does not do."""
+        for name, default, why in _REFUSED_COMMON:
+            if getattr(self, name) not in (None, default):
+                raise unsupported(name, why)
+        fmt = self.response_format
+        if fmt is not None:
+            kind = fmt.get("type") if isinstance(fmt, dict) else None
+            if kind != "text":
+                raise unsupported(f"response_format {{'type': {kind!r}}}", _STRUCTURED)
+        if self.best_of not in (None, self.n):
+            raise unsupported("best_of", "it must equal n (no beam search or reranking)")
+
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
+    ) -> SamplingParams:
         """The request's ``SamplingParams`` (streamed requests as deltas). A bad value raises
         ``ValueError`` naming the field."""
         optional = {
@@ -60,6 +127,8 @@ class _Sampling(OpenAIBaseModel):
             "top_k": self.top_k,
             "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
         }
         bias = None
         if self.logit_bias:
@@ -69,8 +138,6 @@ class _Sampling(OpenAIBaseModel):
                 raise ValueError(f"logit_bias: keys must be token ids ({e})") from None
         return SamplingParams(
             n=self.n,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
             seed=self.seed,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids,
@@ -78,7 +145,7 @@ class _Sampling(OpenAIBaseModel):
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
             logprobs=logprobs,
-            prompt_logprobs=self.prompt_logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
@@ -95,23 +162,46 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
-    best_of: int | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.suffix:
+            raise unsupported("suffix", "insertion (fill in the middle) is not implemented")
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[dict[str, Any]]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
-    echo: bool = False
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = True  # inert without tools
+    functions: Any = None
+    function_call: Any = None
+    reasoning_effort: str | None = None  # given to the chat template, as vLLM does
+    include_reasoning: bool = True  # inert: no reasoning parser splits the output
+    echo: bool | None = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    documents: list[dict[str, Any]] | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools:
+            raise unsupported("tools", _TOOLS)
+        if self.tool_choice not in (None, "none", "auto"):
+            raise unsupported("tool_choice", _TOOLS)
+        for name in ("functions", "function_call"):
+            if getattr(self, name) is not None:
+                raise unsupported(name, _TOOLS)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
 
 
 class TokenizeRequest(OpenAIBaseModel):
@@ -123,12 +213,18 @@ class TokenizeRequest(OpenAIBaseModel):
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool | None = None
-    return_token_strs: bool = False
+    return_token_strs: bool | None = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    documents: list[dict[str, Any]] | None = None
+    mm_processor_kwargs: Any = None
+
+    def check_supported(self) -> None:
+        if self.mm_processor_kwargs is not None:
+            raise unsupported("mm_processor_kwargs", "loraplex serves text-only models")
 
 
 class DetokenizeRequest(OpenAIBaseModel):
@@ -137,8 +233,8 @@ class DetokenizeRequest(OpenAIBaseModel):
 
 
 class LoadLoRAAdapterRequest(OpenAIBaseModel):
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
+    lora_name: str = Field(min_length=1, max_length=255)
+    lora_path: str = Field(min_length=1, max_length=4096)
     load_inplace: bool = False
     # loraplex: the adapter's id, if the caller keeps ids (refused if another adapter has
     # it); by default the server (or the cluster's registry) chooses one
@@ -146,5 +242,5 @@ class LoadLoRAAdapterRequest(OpenAIBaseModel):
 
 
 class UnloadLoRAAdapterRequest(OpenAIBaseModel):
-    lora_name: str = Field(min_length=1)
+    lora_name: str = Field(min_length=1, max_length=255)
     lora_int_id: int | None = None

@@ -40,14 +40,15 @@ from loraplex._core import LoraplexError
 from loraplex.engine.arg_utils import AsyncEngineArgs
 from loraplex.engine.async_llm import EngineDeadError
 from loraplex.engine.llm_engine import ModelFrontend
-from loraplex.entrypoints.openai.api_server import (
-    APIError,
-    Server,
-    build_app,
-    find_adapter,
-    parse_lora_modules,
-)
-from loraplex.entrypoints.openai.metrics import snapshot_metrics
+from loraplex.entrypoints.openai.api_server import build_app, parse_lora_modules, serve_options
+from loraplex.entrypoints.openai.cli_args import check_args
+from loraplex.entrypoints.openai.engine_client import REPLICA_HEADER, EngineClient
+from loraplex.entrypoints.openai.errors import APIError
+from loraplex.entrypoints.openai.metrics import Metrics
+from loraplex.entrypoints.openai.middleware import BodyLimit
+from loraplex.entrypoints.openai.server_logs import setup_logging
+from loraplex.entrypoints.openai.serving_engine import ServingContext
+from loraplex.entrypoints.openai.serving_models import load_named
 from loraplex.entrypoints.ray.deployment import REPORT_PERIOD_S, engine_deployment
 from loraplex.entrypoints.ray.registry import REPORT_MAX_AGE_S, cluster_registry
 from loraplex.errors import InvalidAdapterError
@@ -165,43 +166,28 @@ class RemoteStream:
         self._on_close()
 
 
-class ClusterServer(Server):
-    """The server's state for the ingress: requests run on the engine deployment's
-    replicas (``engines``, a handle), adapters are the cluster registry's."""
+class RayEngineClient(EngineClient):
+    """The engine deployment's replicas (``engines``, a handle) behind the door; adapters
+    are the cluster registry's."""
 
     def __init__(self, args: argparse.Namespace, engines: Any, registry: Any):
         engine_args = AsyncEngineArgs.from_cli_args(args)
         engine_args.verify()
-        front = ModelFrontend.from_engine_args(engine_args)
-        self.engine = None
-        self._init(args, engine_args.max_num_seqs)
-        self.tokenizer, self.processor = front.tokenizer, front.processor
-        self.max_model_len = front.max_model_len
+        self.frontend = ModelFrontend.from_engine_args(engine_args)
+        self.max_num_seqs = engine_args.max_num_seqs
         self.engines, self.registry = engines, registry
         self.in_flight: Counter[str] = Counter()  # adapter -> requests this ingress runs
-        self.reports: list[dict[str, Any]] = []  # the replicas' last reports (for /metrics)
         self.ready = False  # healthy once the startup adapters are loaded
+        self._lock: asyncio.Lock | None = None
 
-    async def lora_for(self, model: str | None) -> ClusterAdapter | None:
-        if model is None or model in self.served_names:
-            return None
-        entry = await self.registry.resolve.remote(model)
-        if entry is None:
-            path = find_adapter(model, self.roots)  # a folder of that name in a --lora-root
-            if path is not None:  # loaded (so checked) where its requests will go
-                try:
-                    entry = await self.load_on_replica(model, path, source="discovered")
-                except APIError as e:
-                    entry = await self.registry.resolve.remote(model)
-                    if entry is None:  # not registered meanwhile by another request
-                        raise APIError(e.status, e.message, "model", e.headers) from None
-        if entry is None:
-            raise APIError(404, f"The model `{model}` does not exist.", "model")
-        return ClusterAdapter(entry)
+    def _adapter_lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
 
-    async def submit(self, request_id: str, tokens: dict, params, lora, priority: int):
-        name = lora.lora_name if lora is not None else ""
-        entry = lora.entry if lora is not None else None
+    async def generate(self, request_id, prompt, params, adapter, priority=0):
+        name = adapter.lora_name if adapter is not None else ""
+        entry = adapter.entry if adapter is not None else None
         handle = self.engines.options(stream=True, multiplexed_model_id=name)
         self.in_flight[name] += 1
 
@@ -209,76 +195,47 @@ class ClusterServer(Server):
             self.in_flight[name] -= 1
 
         def call():
-            return handle.generate.remote(tokens, params, request_id, priority, entry)
+            return handle.generate.remote(prompt, params, request_id, priority, entry)
 
         stream = RemoteStream(call, done)
         await stream.start()
         return stream
 
-    async def replicas(self) -> list[dict[str, Any]]:
-        self.reports = await self.registry.replicas.remote()
-        return self.reports
+    async def resolve_adapter(self, name: str) -> ClusterAdapter | None:
+        entry = await self.registry.resolve.remote(name)
+        return None if entry is None else ClusterAdapter(entry)
 
-    async def check_health(self) -> None:
-        if not self.ready:
-            raise EngineDeadError("starting: the --lora-modules are not loaded yet")
-        if not await self.replicas():
-            raise EngineDeadError("no engine replica has reported to the cluster registry")
+    async def list_adapters(self) -> list[ClusterAdapter]:
+        return [ClusterAdapter(e) for e in await self.registry.entries.remote()]
 
-    async def adapters(self) -> list[tuple[str, str]]:
-        return [(e["name"], e["path"]) for e in await self.registry.entries.remote()]
-
-    async def add_adapter(
-        self,
-        name: str,
-        path: Path,
-        inplace: bool,
-        lora_int_id: int | None = None,
-        source: str = "runtime",
-    ) -> str | None:
+    async def load_adapter(self, name, path, inplace, lora_int_id):
         """Registers the adapter and loads it on the replica its requests will be routed
-        to (refused cluster-wide if it clashes); answers that replica's id (a refusal
-        names it too, in the header)."""
-        async with self.adapter_lock:
+        to (through this ingress's router, which so learns where it is); refused
+        cluster-wide if it clashes (400, naming the replica that refused)."""
+        async with self._adapter_lock():
             old = await self.registry.resolve.remote(name)
             if old is not None and not inplace:
                 raise APIError(
                     400, f"The lora adapter '{name}' has already been loaded.", "lora_name"
                 )
-            entry = await self.load_on_replica(name, path, inplace, lora_int_id, source)
-            return entry["replica_id"]
-
-    async def load_on_replica(
-        self,
-        name: str,
-        path: Path,
-        inplace: bool = False,
-        lora_int_id: int | None = None,
-        source: str = "runtime",
-    ) -> dict[str, Any]:
-        """Registers and loads the adapter on the replica its requests will be routed to
-        (through this ingress's router, which so learns where it is); its registry entry
-        and that replica's id (``replica_id``). Refused (400): nothing is registered."""
-        start = time.perf_counter()
-        handle = self.engines.options(multiplexed_model_id=name)
-        try:
-            entry = await handle.load_adapter.remote(name, str(path), inplace, lora_int_id)
-        except Exception as e:  # noqa: BLE001 - a lost replica, answered by kind
-            raise api_error(e) from None
+            handle = self.engines.options(multiplexed_model_id=name)
+            try:
+                entry = await handle.load_adapter.remote(name, str(path), inplace, lora_int_id)
+            except Exception as e:  # noqa: BLE001 - a lost replica, answered by kind
+                raise api_error(e) from None
         if "error" in entry:
             raise APIError(
                 400,
                 f"cannot load adapter '{name}': {entry['error']}",
                 "lora_path",
-                {self.replica_header: entry["replica_id"]},
+                {REPLICA_HEADER: entry["replica_id"]},
             )
-        self.metrics.loaded(name, source, time.perf_counter() - start)
-        return entry
+        return ClusterAdapter(entry), entry["replica_id"]
 
-    async def remove_adapter(self, name: str) -> None:
+    async def unload_adapter(self, name: str) -> None:
         """Refuses (409) while this ingress runs requests for it; otherwise unregisters it
         and waits (bounded) until every replica has reported since dropping it."""
-        async with self.adapter_lock:
+        async with self._adapter_lock():
             if self.in_flight[name] > 0:
                 raise APIError(
                     409,
@@ -295,14 +252,14 @@ class ClusterServer(Server):
                 return
             await asyncio.sleep(REPORT_PERIOD_S)
 
-    async def refresh_metrics(self) -> None:
-        await self.replicas()
+    async def check_health(self) -> None:
+        if not self.ready:
+            raise EngineDeadError("starting: the --lora-modules are not loaded yet")
+        if not await self.registry.replicas.remote():
+            raise EngineDeadError("no engine replica has reported to the cluster registry")
 
-    def engine_metrics(self):
-        return snapshot_metrics({r["replica_id"]: r for r in self.reports})
-
-    def shutdown(self) -> None:
-        pass  # the engines are the deployment's replicas: Serve stops them
+    async def stats(self) -> dict[str | None, dict[str, Any]]:
+        return {r["replica_id"]: r for r in await self.registry.replicas.remote()}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=INGRESS_MAX_ONGOING)
@@ -311,20 +268,24 @@ class LoraplexIngress:
     """The OpenAI routes in front of the engine replicas."""
 
     def __init__(self, engines: Any, args: argparse.Namespace):
-        self.server = ClusterServer(args, engines, cluster_registry())
+        self.client = RayEngineClient(args, engines, cluster_registry())
+        options = serve_options(args, self.client.frontend.folder)
+        metrics = Metrics(options.base, self.client.frontend.max_model_len)
+        self.ctx = ServingContext(self.client, options, metrics)
+        self.args = args
 
     def __serve_build_asgi_app__(self):
-        return build_app(self.server)
+        return BodyLimit(build_app(self.ctx, self.args), self.ctx.options.max_body_bytes)
 
     async def load_modules(self, modules: list[tuple[str, str]]) -> str | None:
         """Loads ``--lora-modules`` (each on the replica its requests will go to); the
         first refusal, naming the adapter, or None."""
         for name, path in modules:
             try:
-                await self.server.load_on_replica(name, Path(path), source="startup")
+                await load_named(self.ctx, name, path, False, None, "startup")
             except APIError as e:
                 return e.message
-        self.server.ready = True
+        self.client.ready = True
         return None
 
 
@@ -351,9 +312,8 @@ def run_cluster(args: argparse.Namespace) -> int:
     proxy on ``--host:--port``, loads ``--lora-modules``, and serves until SIGTERM/SIGINT."""
     import ray
 
-    args.model = args.model_tag or args.model
-    if not args.model:
-        raise SystemExit("loraplex serve: name the model to serve (loraplex serve MODEL)")
+    setup_logging(args)
+    check_args(args)
     if args.replicas < 1:
         raise SystemExit(f"loraplex serve: --replicas must be >= 1, got {args.replicas}")
     modules = parse_lora_modules(args.lora_modules)

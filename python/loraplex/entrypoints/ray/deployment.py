@@ -189,10 +189,10 @@ def engine_deployment(
             import torch
 
             from loraplex._core import AdapterInUseError, UnknownAdapterError
-            from loraplex.entrypoints.openai.metrics import engine_snapshot
 
             ids = {name: lora_id for name, (lora_id, _) in self.held.items()}
-            state = engine_snapshot(self.engine.engine, ids)
+            state = self.engine.get_stats()
+            state["adapters"] = [a for a in state["adapters"] if a["tiers"]]
             state.update(held=sorted(ids), registry_epoch=self.registry_epoch)
             state.update(pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id())
             state.update(torch_threads=torch.get_num_threads())
@@ -257,7 +257,7 @@ async def reload_in_place(
 
 def discover(name: str, roots: list[str]) -> str:
     """The folder named ``name`` inside a root (``RegistryError`` if there is none)."""
-    from loraplex.entrypoints.openai.api_server import find_adapter
+    from loraplex.entrypoints.openai.serving_models import find_adapter
 
     found = find_adapter(name, [Path(r) for r in roots])
     if found is None:

@@ -1,0 +1,46 @@
+"""An engine's state as plain data, for the server's metrics and a replica's reports: queue
+sizes, KV blocks, preemptions, and every registered adapter with where its weights are and
+whether requests for it run or wait."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from loraplex.engine.llm_engine import LLMEngine
+
+
+def engine_stats(engine: LLMEngine) -> dict[str, Any]:
+    core = engine.scheduler
+    running: set[str] = set()
+    waiting: set[str] = set()
+    for request in engine.unfinished_requests():
+        lora = request.lora_request
+        if lora is not None:
+            started = request.metrics.first_scheduled_time is not None
+            (running if started else waiting).add(lora.lora_name)
+    adapters = []
+    for lora in core.registered_adapters():
+        where = core.adapter_residency(lora.lora_int_id)
+        on_device, in_host, pinned = where if where is not None else (False, False, False)
+        tiers = [t for t, present in (("device", on_device), ("host", in_host)) if present]
+        adapters.append(
+            dict(
+                name=lora.lora_name,
+                lora_int_id=lora.lora_int_id,
+                path=lora.lora_path,
+                tiers=tiers,
+                pinned=bool(pinned),
+            )
+        )
+    return dict(
+        running=core.num_running,
+        waiting=core.num_waiting,
+        kv_free_blocks=core.num_free_blocks,
+        kv_total_blocks=engine.num_kv_blocks,
+        num_preemptions=engine.num_preemptions,
+        max_loras=engine.args.max_loras if engine.args.enable_lora else 0,
+        running_adapters=sorted(running),
+        waiting_adapters=sorted(waiting),
+        adapters=adapters,
+    )
