@@ -16,6 +16,12 @@ then names what to ask for).
         [--requests 256] [--threads 2] [--url http://127.0.0.1:8000 --models base a0 a1]
 
 Prints one JSON line overall, then one per model.
+
+``--saturate`` measures the server against offline ``LLM.generate`` on the same workload
+(the same prompts, adapters and lengths, at most ``--clients`` sequences at once on both
+sides): every request is sent at once, and ``/health`` is polled every 20 ms while the
+server is saturated. Prints one JSON line with both throughputs, their ratio and the
+``/health`` latencies.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -125,10 +132,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(base: Path, adapters: list[Path], key: str, log: Path, threads: int):
+def start_server(
+    base: Path, adapters: list[Path], key: str, log: Path, threads: int, max_num_seqs: int = 256
+):
     port = free_port()
     cmd = [sys.executable, "-m", "loraplex.cli", "serve", str(base), "--port", str(port)]
     cmd += ["--served-model-name", "base", "--api-key", key, "--max-model-len", "512"]
+    cmd += ["--max-num-seqs", str(max_num_seqs)]
     if adapters:
         cmd += ["--enable-lora", "--max-lora-rank", "16", "--max-loras", str(len(adapters))]
         cmd += ["--max-cpu-loras", str(len(adapters)), "--lora-modules"]
@@ -157,6 +167,86 @@ def report(config: dict, results: list[dict], elapsed: float) -> None:
         print(json.dumps(summary({"scope": model}, mine, elapsed)), flush=True)
 
 
+def offline(base: Path, adapters: list[Path], jobs, max_num_seqs: int) -> float:
+    """Generated tokens per second of ``LLM.generate`` over the same jobs and adapters."""
+    from loraplex import LLM, LoRARequest, SamplingParams
+
+    kw = dict(enable_lora=True, max_lora_rank=16, max_loras=len(adapters)) if adapters else {}
+    if adapters:
+        kw["max_cpu_loras"] = len(adapters)
+    llm = LLM(model=str(base), max_model_len=512, max_num_seqs=max_num_seqs, **kw)
+    loras = [None] + [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
+    prompts = [{"prompt_token_ids": p} for p, _ in jobs]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in jobs]
+    which = [loras[i % len(loras)] for i in range(len(jobs))]
+    warm = [{"prompt_token_ids": p[:16]} for p, _ in jobs[: len(loras)]]
+    llm.generate(warm, SamplingParams(max_tokens=2), lora_request=loras, use_tqdm=False)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, lora_request=which, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    if llm.llm_engine.lora is not None:
+        llm.llm_engine.lora.close()  # its loader threads
+    del llm
+    return tokens / elapsed
+
+
+def poll_health(url: str, stop: threading.Event, out: list[float]) -> None:
+    while not stop.is_set():
+        start = time.perf_counter()
+        with urllib.request.urlopen(url + "/health", timeout=60) as r:
+            r.read()
+        out.append(time.perf_counter() - start)
+        time.sleep(0.02)
+
+
+def saturate(args, jobs) -> None:
+    from bench_lora import make_adapters
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "base"
+        base.mkdir()
+        build(base)
+        adapters = make_adapters(base, Path(tmp), args.adapters) if args.adapters else []
+        offline_tps = offline(base, adapters, jobs, args.clients)
+        log = Path(tmp) / "log"
+        proc, url = start_server(base, adapters, args.api_key, log, args.threads, args.clients)
+        try:
+            models = ["base"] + [f"a{i}" for i in range(len(adapters))]
+            warm = [(p[:16], 2) for p, _ in jobs[: len(models)]]
+            asyncio.run(drive(url, args.api_key, models, warm, len(models), math.inf, 0))
+            latencies: list[float] = []
+            stop = threading.Event()
+            poller = threading.Thread(target=poll_health, args=(url, stop, latencies))
+            poller.start()
+            try:
+                results, elapsed = asyncio.run(
+                    drive(url, args.api_key, models, jobs, args.clients, math.inf, args.seed)
+                )
+            finally:
+                stop.set()
+                poller.join()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+    served_tps = sum(r["tokens"] for r in results) / elapsed
+    ms = lambda v: round(v * 1e3, 1)  # noqa: E731
+    row = dict(
+        scope="saturated",
+        clients=args.clients,
+        adapters=args.adapters,
+        requests=len(results),
+        offline_tokens_per_s=round(offline_tps, 1),
+        served_tokens_per_s=round(served_tps, 1),
+        served_over_offline=round(served_tps / offline_tps, 3),
+        health_polls=len(latencies),
+        health_p50_ms=ms(percentile(latencies, 50)),
+        health_p99_ms=ms(percentile(latencies, 99)),
+        health_max_ms=ms(max(latencies)),
+    )
+    print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, default=32, help="requests in flight at most")
@@ -168,8 +258,14 @@ def main() -> None:
     ap.add_argument("--url", help="a running server (else one is built and started)")
     ap.add_argument("--models", nargs="+", help="with --url: the model names to ask for")
     ap.add_argument("--api-key", default="sk-bench")
+    ap.add_argument(
+        "--saturate", action="store_true", help="against offline LLM.generate, /health polled"
+    )
     args = ap.parse_args()
     jobs = workload(args.requests, seed=args.seed)
+    if args.saturate:
+        saturate(args, jobs)
+        return
     config = dict(clients=args.clients, rate=args.rate, adapters=args.adapters)
     if args.url:
         if not args.models:

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import loraplex
@@ -35,7 +36,7 @@ from loraplex.entrypoints.openai.cli_args import (
 from loraplex.entrypoints.openai.engine_client import LocalEngineClient
 from loraplex.entrypoints.openai.errors import APIError, error_response
 from loraplex.entrypoints.openai.metrics import Metrics
-from loraplex.entrypoints.openai.middleware import BodyLimit, authorized
+from loraplex.entrypoints.openai.middleware import APIKeyAuth, BodyLimit, RequestIdHeader
 from loraplex.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -73,16 +74,10 @@ def build_app(ctx: ServingContext, args: argparse.Namespace | None = None) -> Fa
     app.state.ctx = ctx
     keys = ctx.options.api_key
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if keys and request.url.path not in OPEN_ROUTES and not authorized(request, keys):
-            return error_response(401, "Unauthorized: a valid API key is required")
-        response = await call_next(request)
-        if args is not None and args.enable_request_id_headers:
-            response.headers["X-Request-Id"] = (
-                request.headers.get("x-request-id") or os.urandom(16).hex()
-            )
-        return response
+    if keys:
+        app.add_middleware(APIKeyAuth, keys=keys, open_routes=OPEN_ROUTES)
+    if args is not None and args.enable_request_id_headers:
+        app.add_middleware(RequestIdHeader)
 
     if args is not None:
         app.add_middleware(
@@ -151,30 +146,46 @@ def build_app(ctx: ServingContext, args: argparse.Namespace | None = None) -> Fa
         return await serving_models.list_models(ctx)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(request: Request):
+        body = await read_body(ctx, request, CompletionRequest)
         return await create_completion(ctx, body, request)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: Request):
+    async def chat(request: Request):
+        body = await read_body(ctx, request, ChatCompletionRequest)
         return await create_chat_completion(ctx, body, request)
 
     @app.post("/tokenize")
-    async def tokenize_route(body: TokenizeRequest):
+    async def tokenize_route(request: Request):
+        body = await read_body(ctx, request, TokenizeRequest)
         return await tokenize(ctx, body)
 
     @app.post("/detokenize")
-    async def detokenize_route(body: DetokenizeRequest):
+    async def detokenize_route(request: Request):
+        body = await read_body(ctx, request, DetokenizeRequest)
         return await detokenize(ctx, body)
 
     @app.post("/v1/load_lora_adapter")
-    async def load_lora(body: LoadLoRAAdapterRequest):
+    async def load_lora(request: Request):
+        body = await read_body(ctx, request, LoadLoRAAdapterRequest)
         return await serving_models.load_lora_adapter(ctx, body)
 
     @app.post("/v1/unload_lora_adapter")
-    async def unload_lora(body: UnloadLoRAAdapterRequest):
+    async def unload_lora(request: Request):
+        body = await read_body(ctx, request, UnloadLoRAAdapterRequest)
         return await serving_models.unload_lora_adapter(ctx, body)
 
     return app
+
+
+async def read_body(ctx: ServingContext, request: Request, model: type[BaseModel]):
+    """The request's body as ``model``: read as it arrives, then parsed and validated on
+    the input pool (a big body never holds up the event loop); a 400 naming the field."""
+    raw = await request.body()
+    try:
+        return await ctx.off_loop(model.model_validate_json, raw)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
 
 
 def serve_options(args: argparse.Namespace, model_folder: Path) -> ServeOptions:

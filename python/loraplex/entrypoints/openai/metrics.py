@@ -289,6 +289,9 @@ class RequestTracker:
         v = (m.model_name, engine)
         m.v_prompt.labels(*v).inc(self.prompt_tokens or 0)
         m.v_generation.labels(*v).inc(self.generated)
+        n = params.n if params is not None else max(1, len(self.finish))
+        for index in range(n):  # one the client left before its end was aborted
+            self.finish.setdefault(index, "abort")
         for reason in self.finish.values():
             m.labels(a, m.success, a, str(reason)).inc()
             m.v_success.labels(*v, str(reason)).inc()
