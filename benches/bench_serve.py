@@ -191,6 +191,12 @@ def offline(base: Path, adapters: list[Path], jobs, max_num_seqs: int) -> float:
     return tokens / elapsed
 
 
+def proc_cpu(pid: int) -> float:
+    """A process's user + system CPU seconds (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def poll_health(url: str, stop: threading.Event, out: list[float]) -> None:
     while not stop.is_set():
         start = time.perf_counter()
@@ -219,6 +225,7 @@ def saturate(args, jobs) -> None:
             stop = threading.Event()
             poller = threading.Thread(target=poll_health, args=(url, stop, latencies))
             poller.start()
+            cpu = (time.process_time(), proc_cpu(proc.pid))
             try:
                 results, elapsed = asyncio.run(
                     drive(url, args.api_key, models, jobs, args.clients, math.inf, args.seed)
@@ -226,6 +233,7 @@ def saturate(args, jobs) -> None:
             finally:
                 stop.set()
                 poller.join()
+            client_cpu, server_cpu = time.process_time() - cpu[0], proc_cpu(proc.pid) - cpu[1]
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
@@ -243,6 +251,9 @@ def saturate(args, jobs) -> None:
         health_p50_ms=ms(percentile(latencies, 50)),
         health_p99_ms=ms(percentile(latencies, 99)),
         health_max_ms=ms(max(latencies)),
+        elapsed_s=round(elapsed, 1),
+        client_cpu_s=round(client_cpu, 1),  # this process: the clients and the poller
+        server_cpu_s=round(server_cpu, 1),
     )
     print(json.dumps(row), flush=True)
 

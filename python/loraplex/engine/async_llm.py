@@ -39,6 +39,11 @@ class _Stream:
             pass  # the consumer's loop is closed: nobody is listening
 
 
+def _put_all(items: list) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 class AsyncLLM:
     """``AsyncLLM.from_engine_args(AsyncEngineArgs(...))``; ``async for out in
     engine.generate(prompt, params, request_id, lora_request=...)``."""
@@ -92,13 +97,21 @@ class AsyncLLM:
                 stream.put(EngineDeadError(f"the engine loop failed: {type(e).__name__}: {e}"))
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """Hands a step's outputs to their consumers: one wake-up of each consumer loop per
+        step, not one per output (32 streams would be 32 self-pipe writes a step)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
-                    stream.put(out)
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
                     if out.finished:
                         del self._streams[out.request_id]
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:
+                pass  # the consumers' loop is closed: nobody is listening
 
     # -- requests --
 

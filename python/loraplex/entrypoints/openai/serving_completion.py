@@ -167,29 +167,47 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     include_usage = bool(opts and opts.include_usage) or ctx.options.enable_force_include_usage
     continuous = include_usage and bool(opts and opts.continuous_usage_stats)
 
-    async def events() -> AsyncIterator[str]:
-        counts = {"prompt": 0, "completion": 0}
+    async def merged() -> AsyncIterator[tuple[int, Any]]:
+        """(prompt index, output or the APIError that cut it) as they come, over every
+        prompt's stream (one stream: no task in between)."""
+        if len(streams) == 1:
+            try:
+                async for out in ctx.outputs(adapter, streams[0], params):
+                    yield 0, out
+            except APIError as e:  # its replica was lost mid-stream, or a shutdown
+                yield 0, e
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, stream) -> None:
             try:
                 async for out in ctx.outputs(adapter, stream, params):
                     await queue.put((i, out))
-            except APIError as e:  # its replica was lost mid-stream
+            except APIError as e:
                 await queue.put((i, e))
             finally:
                 await queue.put((i, None))
 
         tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-        base = dict(id=rid, object="text_completion", created=created, model=model)
         try:
-            live, seen_prompt = len(tasks), set()
-            offsets: dict[int, int] = {}
+            live = len(tasks)
             while live:
                 i, out = await queue.get()
                 if out is None:
                     live -= 1
-                    continue
+                else:
+                    yield i, out
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def events() -> AsyncIterator[str]:
+        counts = {"prompt": 0, "completion": 0}
+        base = dict(id=rid, object="text_completion", created=created, model=model)
+        try:
+            seen_prompt: set[int] = set()
+            offsets: dict[int, int] = {}
+            async for i, out in merged():
                 if isinstance(out, APIError):
                     yield sse(error_body(out.status, out.message))
                     continue
@@ -219,11 +237,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
                     dict(base, choices=[], usage=usage(counts["prompt"], counts["completion"]))
                 )
             yield DONE
-        except asyncio.CancelledError:
-            raise
         finally:
-            for t in tasks:
-                t.cancel()
             for s in streams:
                 s.close()
 
