@@ -18,10 +18,10 @@ then names what to ask for).
 Prints one JSON line overall, then one per model.
 
 ``--saturate`` measures the server against offline ``LLM.generate`` on the same workload
-(the same prompts, adapters and lengths, at most ``--clients`` sequences at once on both
-sides): every request is sent at once, and ``/health`` is polled every 20 ms while the
-server is saturated. Prints one JSON line with both throughputs, their ratio and the
-``/health`` latencies.
+(the same prompts, adapters and lengths, at most ``--max-num-seqs`` sequences at once on
+both sides): every request is sent at once, ``--clients`` of them in flight, and
+``/health`` is polled every 20 ms while the server is saturated. Prints one JSON line
+with both throughputs, their ratio and the ``/health`` latencies.
 """
 
 from __future__ import annotations
@@ -214,9 +214,9 @@ def saturate(args, jobs) -> None:
         base.mkdir()
         build(base)
         adapters = make_adapters(base, Path(tmp), args.adapters) if args.adapters else []
-        offline_tps = offline(base, adapters, jobs, args.clients)
+        offline_tps = offline(base, adapters, jobs, args.max_num_seqs)
         log = Path(tmp) / "log"
-        proc, url = start_server(base, adapters, args.api_key, log, args.threads, args.clients)
+        proc, url = start_server(base, adapters, args.api_key, log, args.threads, args.max_num_seqs)
         try:
             models = ["base"] + [f"a{i}" for i in range(len(adapters))]
             warm = [(p[:16], 2) for p, _ in jobs[: len(models)]]
@@ -242,6 +242,7 @@ def saturate(args, jobs) -> None:
     row = dict(
         scope="saturated",
         clients=args.clients,
+        max_num_seqs=args.max_num_seqs,
         adapters=args.adapters,
         requests=len(results),
         offline_tokens_per_s=round(offline_tps, 1),
@@ -271,6 +272,13 @@ def main() -> None:
     ap.add_argument("--api-key", default="sk-bench")
     ap.add_argument(
         "--saturate", action="store_true", help="against offline LLM.generate, /health polled"
+    )
+    ap.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=32,
+        help="with --saturate: sequences at once, offline and served (--clients above it "
+        "keeps requests waiting at the server, as offline all of them wait)",
     )
     args = ap.parse_args()
     jobs = workload(args.requests, seed=args.seed)

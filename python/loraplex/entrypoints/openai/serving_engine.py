@@ -50,7 +50,7 @@ class ServeOptions:
     lora_roots: list[Path] = field(default_factory=list)
     runtime_lora_updating: bool = False
     lora_discovery: bool = False
-    api_key: bytes | None = None
+    api_key: list[bytes] | None = None
 
     @property
     def base(self) -> str:
