@@ -266,32 +266,37 @@ def test_vllm_metrics_after_a_known_workload(server, assets):
     assert 'adapter="temp"' not in text
 
 
-def _stream_then_drop(url: str, body: dict) -> None:
-    """Opens a streamed completion, reads its first event, and drops the connection."""
+def _post_raw(url: str, body: dict, key: str | None = KEY) -> socket.socket:
+    """A completion request sent on a socket of its own (the caller reads or drops it)."""
     host, port = url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
-    with socket.create_connection((host, int(port)), timeout=60) as s:
-        head = (
-            f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-        )
-        s.sendall(head.encode() + payload)
-        seen = b""
-        while b"data: " not in seen:
-            chunk = s.recv(4096)
-            assert chunk, seen
-            seen += chunk
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    s = socket.create_connection((host, int(port)), timeout=60)
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\n{auth}"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    s.sendall(head.encode() + payload)
+    return s
+
+
+def _read_until(s: socket.socket, marker: bytes, seen: bytes = b"") -> bytes:
+    while marker not in seen:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        seen += chunk
+    return seen
+
+
+def _stream_then_drop(url: str, body: dict) -> None:
+    """Opens a streamed completion, reads its first event, and drops the connection."""
+    with _post_raw(url, body) as s:
+        assert b"data: " in _read_until(s, b"data: ")
 
 
 def _send_then_drop(url: str, body: dict, after_s: float) -> None:
-    host, port = url.removeprefix("http://").split(":")
-    payload = json.dumps(body).encode()
-    with socket.create_connection((host, int(port)), timeout=60) as s:
-        head = (
-            f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-        )
-        s.sendall(head.encode() + payload)
+    with _post_raw(url, body):
         time.sleep(after_s)
 
 
@@ -371,24 +376,12 @@ def test_hostile_requests_get_4xx_and_never_hold_up_health(server, assets, tmp_p
 def test_sigterm_cuts_streams_with_an_error_event_and_done(assets, tmp_path):
     args = [str(assets["base"]), "--shutdown-timeout", "2", "--max-model-len", "32768"]
     proc, url = start_server(args, tmp_path / "log")
-    host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({"prompt": "hi", "max_tokens": LONG, "ignore_eos": True, "stream": True})
-    with socket.create_connection((host, int(port)), timeout=60) as s:
-        head = (
-            f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        )
-        s.sendall(head.encode() + body.encode())
-        seen = b""
-        while b"data: " not in seen:
-            seen += s.recv(4096)
+    body = {"prompt": "hi", "max_tokens": LONG, "ignore_eos": True, "stream": True}
+    with _post_raw(url, body, key=None) as s:
+        seen = _read_until(s, b"data: ")
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        while b"data: [DONE]" not in seen:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            seen += chunk
+        seen = _read_until(s, b"data: [DONE]", seen)
     assert proc.wait(timeout=30) == 0
     assert time.monotonic() - start < 2 + 8  # --shutdown-timeout plus a few seconds
     text = seen.decode(errors="replace")

@@ -89,7 +89,7 @@ FRONTEND_FLAGS = [
     ["--chat-template-content-format", "string"],
     ["--trust-request-chat-template"],
     ["--default-chat-template-kwargs", "{}"],
-    ["--response-role", "assistant"],
+    ["--response-role", "bot"],
     ["--return-tokens-as-token-ids"],
     ["--enable-auto-tool-choice"],
     ["--tool-call-parser", "hermes"],
@@ -131,6 +131,9 @@ def base(tmp_path_factory):
 
 def test_a_vllm_launch_line_with_every_flag_starts_and_serves(base, tmp_path):
     adapter = build_adapter(base, tmp_path / "root" / "a0", seed=3)
+    gen = base / "generation_config.json"
+    config = json.loads(gen.read_text()) if gen.exists() else {}
+    gen.write_text(json.dumps(dict(config, max_new_tokens=3)))
     args = [str(base), "--served-model-name", "tiny", "--lora-modules", f"a0={adapter}"]
     args += ["--lora-root", str(tmp_path / "root")]
     for flag in ENGINE_FLAGS + FRONTEND_FLAGS:
@@ -149,6 +152,14 @@ def test_a_vllm_launch_line_with_every_flag_starts_and_serves(base, tmp_path):
         status, text = http(url + "/v1/completions", "POST", dict(body, stream=True))
         chunks = [json.loads(x[6:]) for x in text.split("\n\n") if x.startswith("data: {")]
         assert chunks[-1]["usage"]["completion_tokens"] == 3, text
+        # --chat-template (the model has none of its own) and --response-role
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+        status, text = http(url + "/v1/chat/completions", "POST", chat)
+        assert status == 200, text
+        choice = json.loads(text)["choices"][0]
+        assert choice["message"]["role"] == "bot"
+        # --generation-config auto: generation_config.json's max_new_tokens is the default
+        assert json.loads(text)["usage"]["completion_tokens"] == 3
         # --disable-fastapi-docs
         assert http(url + "/docs")[0] == 404
     finally:

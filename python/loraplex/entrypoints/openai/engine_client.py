@@ -52,6 +52,13 @@ class EngineClient(abc.ABC):
 
     frontend: ModelFrontend
     max_num_seqs: int
+    _lock: asyncio.Lock | None = None
+
+    def _adapter_lock(self) -> asyncio.Lock:
+        """Serialises adapter loads and unloads (made on the serving loop, on first use)."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
 
     @abc.abstractmethod
     async def generate(
@@ -116,12 +123,6 @@ class LocalEngineClient(EngineClient):
         self.engine = engine
         self.frontend = engine.frontend
         self.max_num_seqs = engine.max_num_seqs
-        self._lock: asyncio.Lock | None = None
-
-    def _adapter_lock(self) -> asyncio.Lock:
-        if self._lock is None:  # made on the serving loop, not at construction
-            self._lock = asyncio.Lock()
-        return self._lock
 
     async def generate(self, request_id, prompt, params, adapter, priority=0):
         try:

@@ -178,12 +178,6 @@ class RayEngineClient(EngineClient):
         self.engines, self.registry = engines, registry
         self.in_flight: Counter[str] = Counter()  # adapter -> requests this ingress runs
         self.ready = False  # healthy once the startup adapters are loaded
-        self._lock: asyncio.Lock | None = None
-
-    def _adapter_lock(self) -> asyncio.Lock:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        return self._lock
 
     async def generate(self, request_id, prompt, params, adapter, priority=0):
         name = adapter.lora_name if adapter is not None else ""
@@ -304,7 +298,8 @@ def cluster_app(args: argparse.Namespace, threads: int | None = None):
         graceful_shutdown_timeout_s=args.shutdown_timeout,
         threads=threads,
     )
-    return LoraplexIngress.bind(engines.bind(), args)
+    ingress = LoraplexIngress.options(graceful_shutdown_timeout_s=args.shutdown_timeout)
+    return ingress.bind(engines.bind(), args)
 
 
 def run_cluster(args: argparse.Namespace) -> int:
