@@ -116,6 +116,15 @@ class RemoteStream:
         self.replica: str | None = None
         self.finished = False
         self._closed = False
+        self._interrupt: BaseException | None = None
+
+    def interrupt(self, error: BaseException) -> None:
+        """Ends the stream with ``error`` (raised to its consumer), cancelling the request
+        on its replica."""
+        if not self._closed and not self.finished:
+            self._interrupt = error
+            if self._gen is not None:
+                self._gen.cancel()
 
     async def start(self) -> None:
         for attempt in range(START_ATTEMPTS):
@@ -142,16 +151,24 @@ class RemoteStream:
         if self._first is not None:
             out, self._first = self._first, None
         else:
+            if self._interrupt is not None:
+                self.close()
+                raise self._interrupt
             if self.finished or self._closed:
                 raise StopAsyncIteration
             try:
                 self.replica, out = await self._gen.__anext__()
             except StopAsyncIteration:
                 self.close()
+                if self._interrupt is not None:
+                    raise self._interrupt from None
                 raise
             except Exception as e:  # noqa: BLE001
                 self.close()
-                raise api_error(e) from None
+                raise (self._interrupt or api_error(e)) from None
+            if self._interrupt is not None:
+                self.close()
+                raise self._interrupt
         if out.finished:
             self.finished = True
             self.close()
@@ -271,6 +288,11 @@ class LoraplexIngress:
     def __serve_build_asgi_app__(self):
         return BodyLimit(build_app(self.ctx, self.args), self.ctx.options.max_body_bytes)
 
+    async def cut_streams_after(self, seconds: float) -> None:
+        """At shutdown: the streams still open ``seconds`` from now are ended (an error
+        event, then ``[DONE]``) before Serve stops this replica."""
+        asyncio.get_running_loop().call_later(seconds, self.ctx.cut_all)
+
     async def load_modules(self, modules: list[tuple[str, str]]) -> str | None:
         """Loads ``--lora-modules`` (each on the replica its requests will go to); the
         first refusal, naming the adapter, or None."""
@@ -339,6 +361,8 @@ def run_cluster(args: argparse.Namespace) -> int:
         )
         while not stop.wait(1.0):
             pass
+        # streams still open once the drain time is up end with an error event and [DONE]
+        ingress.cut_streams_after.remote(max(0.0, args.shutdown_timeout - 1.0)).result()
     finally:
         try:
             serve.delete(APP_NAME)

@@ -1,0 +1,35 @@
+"""``loraplex serve --replicas 1`` on SIGTERM: a stream still running when
+``--shutdown-timeout`` is up ends with an error event and ``data: [DONE]``, and the process
+(the Ray cluster it started with it) exits 0 soon after."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+pytest.importorskip("ray", reason="Ray is not installed (pip install loraplex[ray])")
+
+from test_serve_door import LONG, _post_raw, _read_until  # noqa: E402
+from test_server import start_server  # noqa: E402
+from tiny_models import build_model  # noqa: E402
+
+TIMEOUT_S = 3
+FEW_S = 25  # Ray's own teardown (Serve's controller, the local cluster) on a 2-core VM
+
+
+def test_sigterm_cuts_a_replica_stream_with_an_error_event_and_done(tmp_path):
+    base = build_model(tmp_path / "base", "llama", max_position_embeddings=32768)
+    args = [str(base), "--replicas", "1", "--shutdown-timeout", str(TIMEOUT_S)]
+    proc, url = start_server(args, tmp_path / "server.log")
+    body = {"prompt": "hi", "max_tokens": LONG, "ignore_eos": True, "stream": True}
+    with _post_raw(url, body, key=None) as s:
+        seen = _read_until(s, b"data: ")
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        seen = _read_until(s, b"data: [DONE]", seen)
+    text = seen.decode(errors="replace")
+    assert '"error"' in text and "shutting down" in text and "data: [DONE]" in text, text[-2000:]
+    assert proc.wait(timeout=120) == 0
+    assert time.monotonic() - start < TIMEOUT_S + FEW_S
