@@ -1,4 +1,5 @@
-"""``loraplex serve --replicas 1`` on SIGTERM: a stream still running when
+"""``loraplex serve --replicas 1``: once ``/health`` says ready a completion is served; on
+SIGTERM, a stream still running when
 ``--shutdown-timeout`` is up ends with an error event and ``data: [DONE]``, and the process
 (the Ray cluster it started with it) exits 0 soon after."""
 
@@ -12,7 +13,7 @@ import pytest
 pytest.importorskip("ray", reason="Ray is not installed (pip install loraplex[ray])")
 
 from test_serve_door import LONG, _post_raw, _read_until  # noqa: E402
-from test_server import start_server  # noqa: E402
+from test_server import http, start_server  # noqa: E402
 from tiny_models import build_model  # noqa: E402
 
 TIMEOUT_S = 3
@@ -22,7 +23,9 @@ FEW_S = 25  # Ray's own teardown (Serve's controller, the local cluster) on a 2-
 def test_sigterm_cuts_a_replica_stream_with_an_error_event_and_done(tmp_path):
     base = build_model(tmp_path / "base", "llama", max_position_embeddings=32768)
     args = [str(base), "--replicas", "1", "--shutdown-timeout", str(TIMEOUT_S)]
-    proc, url = start_server(args, tmp_path / "server.log")
+    proc, url = start_server(args, tmp_path / "server.log")  # once /health says ready
+    status, text = http(url + "/v1/completions", "POST", {"prompt": "hi", "max_tokens": 2})
+    assert status == 200, text  # ready means a completion is served, at once
     body = {"prompt": "hi", "max_tokens": LONG, "ignore_eos": True, "stream": True}
     with _post_raw(url, body, key=None) as s:
         seen = _read_until(s, b"data: ")
