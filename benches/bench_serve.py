@@ -191,6 +191,48 @@ def offline(base: Path, adapters: list[Path], jobs, max_num_seqs: int) -> float:
     return tokens / elapsed
 
 
+def in_process(base: Path, adapters: list[Path], jobs, max_num_seqs: int, clients: int) -> float:
+    """Generated tokens per second of ``AsyncLLM`` in this process over the same jobs,
+    ``clients`` streamed at once (no HTTP): what the engine's async loop costs alone."""
+    from loraplex import AsyncEngineArgs, AsyncLLM, LoRARequest, RequestOutputKind, SamplingParams
+
+    kw = dict(enable_lora=True, max_lora_rank=16, max_loras=len(adapters)) if adapters else {}
+    if adapters:
+        kw["max_cpu_loras"] = len(adapters)
+    engine = AsyncLLM.from_engine_args(
+        AsyncEngineArgs(model=str(base), max_model_len=512, max_num_seqs=max_num_seqs, **kw)
+    )
+    loras = [None] + [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
+
+    async def run(batch) -> int:
+        gate = asyncio.Semaphore(clients)
+
+        async def one(i: int, prompt, n: int) -> int:
+            params = SamplingParams(
+                max_tokens=n, temperature=0, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+            )
+            tokens = 0
+            async with gate:
+                async for out in engine.generate(
+                    {"prompt_token_ids": prompt},
+                    params,
+                    f"r{i}-{n}-{len(prompt)}",
+                    lora_request=loras[i % len(loras)],
+                ):
+                    tokens += len(out.outputs[0].token_ids)
+            return tokens
+
+        return sum(await asyncio.gather(*(one(i, p, n) for i, (p, n) in enumerate(batch))))
+
+    try:
+        asyncio.run(run([(p[:16], 2) for p, _ in jobs[: len(loras)]]))
+        start = time.perf_counter()
+        tokens = asyncio.run(run(jobs))
+        return tokens / (time.perf_counter() - start)
+    finally:
+        engine.shutdown()
+
+
 def proc_cpu(pid: int) -> float:
     """A process's user + system CPU seconds (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -215,6 +257,7 @@ def saturate(args, jobs) -> None:
         build(base)
         adapters = make_adapters(base, Path(tmp), args.adapters) if args.adapters else []
         offline_tps = offline(base, adapters, jobs, args.max_num_seqs)
+        async_tps = in_process(base, adapters, jobs, args.max_num_seqs, args.clients)
         log = Path(tmp) / "log"
         proc, url = start_server(base, adapters, args.api_key, log, args.threads, args.max_num_seqs)
         try:
@@ -246,6 +289,8 @@ def saturate(args, jobs) -> None:
         adapters=args.adapters,
         requests=len(results),
         offline_tokens_per_s=round(offline_tps, 1),
+        asyncllm_tokens_per_s=round(async_tps, 1),
+        asyncllm_over_offline=round(async_tps / offline_tps, 3),
         served_tokens_per_s=round(served_tps, 1),
         served_over_offline=round(served_tps / offline_tps, 3),
         health_polls=len(latencies),
