@@ -5,14 +5,13 @@ SIGTERM, a stream still running when
 
 from __future__ import annotations
 
-import signal
 import time
 
 import pytest
 
 pytest.importorskip("ray", reason="Ray is not installed (pip install loraplex[ray])")
 
-from test_serve_door import LONG, _post_raw, _read_until  # noqa: E402
+from test_serve_door import sigterm_during_stream  # noqa: E402
 from test_server import http, start_server  # noqa: E402
 from tiny_models import build_model  # noqa: E402
 
@@ -26,13 +25,7 @@ def test_sigterm_cuts_a_replica_stream_with_an_error_event_and_done(tmp_path):
     proc, url = start_server(args, tmp_path / "server.log")  # once /health says ready
     status, text = http(url + "/v1/completions", "POST", {"prompt": "hi", "max_tokens": 2})
     assert status == 200, text  # ready means a completion is served, at once
-    body = {"prompt": "hi", "max_tokens": LONG, "ignore_eos": True, "stream": True}
-    with _post_raw(url, body, key=None) as s:
-        seen = _read_until(s, b"data: ")
-        start = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        seen = _read_until(s, b"data: [DONE]", seen)
-    text = seen.decode(errors="replace")
+    text, start = sigterm_during_stream(proc, url)
     assert '"error"' in text and "shutting down" in text and "data: [DONE]" in text, text[-2000:]
     assert proc.wait(timeout=120) == 0
     assert time.monotonic() - start < TIMEOUT_S + FEW_S

@@ -373,16 +373,22 @@ def test_hostile_requests_get_4xx_and_never_hold_up_health(server, assets, tmp_p
     assert p99(latencies) < 0.05, sorted(latencies)[-5:]
 
 
-def test_sigterm_cuts_streams_with_an_error_event_and_done(assets, tmp_path):
-    args = [str(assets["base"]), "--shutdown-timeout", "2", "--max-model-len", "32768"]
-    proc, url = start_server(args, tmp_path / "log")
+def sigterm_during_stream(proc, url: str) -> tuple[str, float]:
+    """Starts a 30,000-token stream, sends the server SIGTERM once it has begun, and reads
+    to ``[DONE]`` (or the end): what the stream said, and when the signal went."""
     body = {"prompt": "hi", "max_tokens": LONG, "ignore_eos": True, "stream": True}
     with _post_raw(url, body, key=None) as s:
         seen = _read_until(s, b"data: ")
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         seen = _read_until(s, b"data: [DONE]", seen)
+    return seen.decode(errors="replace"), start
+
+
+def test_sigterm_cuts_streams_with_an_error_event_and_done(assets, tmp_path):
+    args = [str(assets["base"]), "--shutdown-timeout", "2", "--max-model-len", "32768"]
+    proc, url = start_server(args, tmp_path / "log")
+    text, start = sigterm_during_stream(proc, url)
     assert proc.wait(timeout=30) == 0
     assert time.monotonic() - start < 2 + 8  # --shutdown-timeout plus a few seconds
-    text = seen.decode(errors="replace")
     assert '"error"' in text and "shutting down" in text and "data: [DONE]" in text
