@@ -21,6 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import loraplex  # noqa: F401 - before torch, so its OpenMP default applies here too
+
+# isort: split
 import torch
 
 SMOLLM_135M = dict(

@@ -27,6 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import loraplex  # noqa: F401 - before torch, so its OpenMP default applies here too
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

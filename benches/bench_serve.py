@@ -20,8 +20,9 @@ Prints one JSON line overall, then one per model.
 ``--saturate`` measures the server against offline ``LLM.generate`` on the same workload
 (the same prompts, adapters and lengths, at most ``--max-num-seqs`` sequences at once on
 both sides): every request is sent at once, ``--clients`` of them in flight, and
-``/health`` is polled every 20 ms while the server is saturated. Prints one JSON line
-with both throughputs, their ratio and the ``/health`` latencies.
+``/health`` is polled every ``--health-interval`` seconds (20 ms) while the server is
+saturated. Prints one JSON line with both throughputs, their ratio and the ``/health``
+latencies.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -75,9 +75,20 @@ def summary(label: dict, results: list[dict], elapsed: float) -> dict:
     return row
 
 
-async def one(client, model: str, prompt: list[int], max_tokens: int) -> dict:
+async def one(client, model: str, prompt: list[int], max_tokens: int, stream: bool = True) -> dict:
     start = time.perf_counter()
     arrivals, tokens = [], 0
+    if not stream:  # one answer a request: no per-token work at the door or the client
+        out = await client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        end = time.perf_counter()
+        tokens = out.usage.completion_tokens
+        return dict(model=model, tokens=tokens, ttft=end - start, itl=[], e2e=end - start)
     stream = await client.completions.create(
         model=model,
         prompt=prompt,
@@ -103,7 +114,16 @@ async def one(client, model: str, prompt: list[int], max_tokens: int) -> dict:
     )
 
 
-async def drive(url: str, key: str, models: list[str], jobs, clients: int, rate: float, seed: int):
+async def drive(
+    url: str,
+    key: str,
+    models: list[str],
+    jobs,
+    clients: int,
+    rate: float,
+    seed: int,
+    stream: bool = True,
+):
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=600)
@@ -112,7 +132,7 @@ async def drive(url: str, key: str, models: list[str], jobs, clients: int, rate:
 
     async def limited(i: int, prompt, max_tokens):
         async with gate:
-            return await one(client, models[i % len(models)], prompt, max_tokens)
+            return await one(client, models[i % len(models)], prompt, max_tokens, stream)
 
     tasks = []
     start = time.perf_counter()
@@ -233,19 +253,40 @@ def in_process(base: Path, adapters: list[Path], jobs, max_num_seqs: int, client
         engine.shutdown()
 
 
-def proc_cpu(pid: int) -> float:
-    """A process's user + system CPU seconds (Linux /proc)."""
+def proc_cpu(pid: int, system: bool = False) -> float:
+    """A process's user + system CPU seconds, or its system seconds alone (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    user, sys_ = int(fields[11]), int(fields[12])
+    return (sys_ if system else user + sys_) / os.sysconf("SC_CLK_TCK")
 
 
-def poll_health(url: str, stop: threading.Event, out: list[float]) -> None:
-    while not stop.is_set():
-        start = time.perf_counter()
-        with urllib.request.urlopen(url + "/health", timeout=60) as r:
-            r.read()
-        out.append(time.perf_counter() - start)
-        time.sleep(0.02)
+POLLER = """
+import json, select, sys, time, urllib.request
+url, interval, out = sys.argv[1], float(sys.argv[2]), []
+while not select.select([sys.stdin], [], [], interval)[0]:  # until stdin closes
+    start = time.perf_counter()
+    with urllib.request.urlopen(url + "/health", timeout=60) as r:
+        r.read()
+    out.append(time.perf_counter() - start)
+print(json.dumps(out))
+"""
+
+
+def start_poller(url: str, interval: float) -> subprocess.Popen | None:
+    """A process of its own (a probe is one; a thread here would share the clients' GIL)
+    that polls ``url``'s /health every ``interval`` seconds until its stdin closes."""
+    if interval <= 0:
+        return None
+    cmd = [sys.executable, "-c", POLLER, url, str(interval)]
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def stop_poller(poller: subprocess.Popen | None) -> list[float]:
+    """The poller's /health latencies, in seconds."""
+    if poller is None:
+        return []
+    out, _ = poller.communicate(timeout=120)
+    return json.loads(out)
 
 
 def saturate(args, jobs) -> None:
@@ -257,49 +298,61 @@ def saturate(args, jobs) -> None:
         build(base)
         adapters = make_adapters(base, Path(tmp), args.adapters) if args.adapters else []
         offline_tps = offline(base, adapters, jobs, args.max_num_seqs)
-        async_tps = in_process(base, adapters, jobs, args.max_num_seqs, args.clients)
+        async_tps = (
+            in_process(base, adapters, jobs, args.max_num_seqs, args.clients)
+            if args.in_process
+            else None
+        )
         log = Path(tmp) / "log"
         proc, url = start_server(base, adapters, args.api_key, log, args.threads, args.max_num_seqs)
         try:
             models = ["base"] + [f"a{i}" for i in range(len(adapters))]
             warm = [(p[:16], 2) for p, _ in jobs[: len(models)]]
             asyncio.run(drive(url, args.api_key, models, warm, len(models), math.inf, 0))
-            latencies: list[float] = []
-            stop = threading.Event()
-            poller = threading.Thread(target=poll_health, args=(url, stop, latencies))
-            poller.start()
-            cpu = (time.process_time(), proc_cpu(proc.pid))
+            poller = start_poller(url, args.health_interval)
+            cpu = (time.process_time(), proc_cpu(proc.pid), proc_cpu(proc.pid, system=True))
             try:
                 results, elapsed = asyncio.run(
-                    drive(url, args.api_key, models, jobs, args.clients, math.inf, args.seed)
+                    drive(
+                        url,
+                        args.api_key,
+                        models,
+                        jobs,
+                        args.clients,
+                        math.inf,
+                        args.seed,
+                        args.stream,
+                    )
                 )
             finally:
-                stop.set()
-                poller.join()
+                latencies = stop_poller(poller)
             client_cpu, server_cpu = time.process_time() - cpu[0], proc_cpu(proc.pid) - cpu[1]
+            server_sys = proc_cpu(proc.pid, system=True) - cpu[2]
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
     served_tps = sum(r["tokens"] for r in results) / elapsed
-    ms = lambda v: round(v * 1e3, 1)  # noqa: E731
+    ms = lambda v: None if v is None else round(v * 1e3, 1)  # noqa: E731
     row = dict(
         scope="saturated",
+        stream=args.stream,
         clients=args.clients,
         max_num_seqs=args.max_num_seqs,
         adapters=args.adapters,
         requests=len(results),
         offline_tokens_per_s=round(offline_tps, 1),
-        asyncllm_tokens_per_s=round(async_tps, 1),
-        asyncllm_over_offline=round(async_tps / offline_tps, 3),
+        asyncllm_tokens_per_s=None if async_tps is None else round(async_tps, 1),
+        asyncllm_over_offline=None if async_tps is None else round(async_tps / offline_tps, 3),
         served_tokens_per_s=round(served_tps, 1),
         served_over_offline=round(served_tps / offline_tps, 3),
         health_polls=len(latencies),
         health_p50_ms=ms(percentile(latencies, 50)),
         health_p99_ms=ms(percentile(latencies, 99)),
-        health_max_ms=ms(max(latencies)),
+        health_max_ms=ms(max(latencies, default=None)),
         elapsed_s=round(elapsed, 1),
-        client_cpu_s=round(client_cpu, 1),  # this process: the clients and the poller
+        client_cpu_s=round(client_cpu, 1),  # this process: the clients
         server_cpu_s=round(server_cpu, 1),
+        server_sys_s=round(server_sys, 1),  # of which in the kernel
     )
     print(json.dumps(row), flush=True)
 
@@ -324,6 +377,24 @@ def main() -> None:
         default=32,
         help="with --saturate: sequences at once, offline and served (--clients above it "
         "keeps requests waiting at the server, as offline all of them wait)",
+    )
+    ap.add_argument(
+        "--no-in-process",
+        dest="in_process",
+        action="store_false",
+        help="with --saturate: skip the in-process AsyncLLM run",
+    )
+    ap.add_argument(
+        "--no-stream",
+        dest="stream",
+        action="store_false",
+        help="one answer a request instead of a stream",
+    )
+    ap.add_argument(
+        "--health-interval",
+        type=float,
+        default=0.02,
+        help="with --saturate: seconds between /health polls (0: none)",
     )
     args = ap.parse_args()
     jobs = workload(args.requests, seed=args.seed)

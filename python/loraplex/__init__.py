@@ -6,9 +6,17 @@ Both are re-exported here by name; the torch side is imported on first use, so t
 alone loads without torch.
 """
 
+import os
 from typing import TYPE_CHECKING, Any
 
-from loraplex._core import (
+# OpenMP threads that sleep when they run out of work rather than spin: on a CPU the engine
+# shares with its server, its clients and the kernel, a spinning thread takes the core that
+# would run them (measured in benches/README.md: +5% offline, served over offline 0.875 ->
+# 0.912). libgomp reads it once, when torch loads: it applies when loraplex is imported
+# before torch, and a value already set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from loraplex._core import (  # noqa: E402
     AdapterConflictError,
     AdapterInUseError,
     AdapterNotLoadedError,
