@@ -20,6 +20,79 @@ class RequestOutputKind(IntEnum):
     FINAL_ONLY = 2  # one output, when the request finishes
 
 
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """What a request's output must match (vLLM's class and fields): exactly one of a JSON
+    schema (``json``, a dict or its JSON text), a regular expression, a ``choice`` of
+    strings, a grammar (Lark, or GBNF as llama.cpp writes it), ``json_object`` (any JSON
+    object) or a ``structural_tag``. Checked here: that exactly one is given, and its type;
+    whether it compiles, by the engine at ``add_request``, naming the field."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in _CONSTRAINTS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                "You can only use one kind of structured outputs constraint but multiple "
+                f"are specified: {', '.join(given)}"
+            )
+        if not given:
+            raise ValueError(
+                "You must use one kind of structured outputs constraint but none are "
+                f"specified (one of {', '.join(_CONSTRAINTS)})"
+            )
+        if self.choice is not None:
+            self.choice = list(self.choice)
+        self._verify()
+
+    def _verify(self) -> None:
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(
+                f"structured_outputs.{name} must be {rule}, got {getattr(self, name)!r:.200}."
+            )
+
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise bad("json", "a JSON schema (a dict or its JSON text)")
+        for name in ("regex", "grammar", "structural_tag", "whitespace_pattern"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise bad(name, "a non-empty string")
+        if self.choice is not None and (
+            not self.choice or not all(isinstance(c, str) for c in self.choice)
+        ):
+            raise bad("choice", "a non-empty list of strings")
+        if self.json_object is not None and self.json_object is not True:
+            raise bad("json_object", "True")
+        for name in ("disable_fallback", "disable_any_whitespace", "disable_additional_properties"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "a bool")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint it is: ``json``, ``regex``, ``choice``, ``grammar``,
+        ``json_object`` or ``structural_tag``."""
+        return next(name for name in _CONSTRAINTS if getattr(self, name) is not None)
+
+    def all_constraints_none(self) -> bool:
+        return all(getattr(self, name) is None for name in _CONSTRAINTS)
+
+    def all_non_structural_tag_constraints_none(self) -> bool:
+        return all(getattr(self, name) is None for name in _CONSTRAINTS[:-1])
+
+
 @dataclass
 class SamplingParams:
     """Sampling settings for one request. An invalid value raises ``ValueError`` naming the
@@ -56,6 +129,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     extra_args: dict[str, Any] | None = None
     _stop: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
@@ -132,6 +206,10 @@ class SamplingParams:
             isinstance(w, str) and w.strip() for w in self.bad_words
         ):
             raise bad("bad_words", "a list of non-blank strings")
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise bad("structured_outputs", "a StructuredOutputsParams or None")
         keep = self.truncate_prompt_tokens
         if keep is not None and (not is_int(keep) or keep == 0 or keep < -1):
             raise bad("truncate_prompt_tokens", "an integer >= 1 or -1")

@@ -1,0 +1,63 @@
+"""``StructuredOutputsParams`` at vLLM's import path with vLLM's validation (exactly one
+kind of constraint), and the engine's answer until its grammar backend lands: a refusal
+naming the field, at submission, never output that ignores it."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraplex import LLM, SamplingParams
+from loraplex.sampling_params import StructuredOutputsParams
+from tiny_models import build_model
+
+
+@pytest.mark.parametrize(
+    "kw, kind",
+    [
+        (dict(json={"type": "object"}), "json"),
+        (dict(json='{"type": "string"}'), "json"),
+        (dict(regex="[a-z]+"), "regex"),
+        (dict(choice=["yes", "no"]), "choice"),
+        (dict(grammar='start: "a"'), "grammar"),
+        (dict(json_object=True), "json_object"),
+    ],
+)
+def test_one_kind_is_accepted_and_named(kw, kind):
+    assert StructuredOutputsParams(**kw).kind == kind
+
+
+def test_more_than_one_kind_or_none_is_refused():
+    with pytest.raises(ValueError, match="only use one kind.*regex, choice"):
+        StructuredOutputsParams(regex="a", choice=["a"])
+    with pytest.raises(ValueError, match="must use one kind"):
+        StructuredOutputsParams()
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(json=3), "json"),
+        (dict(regex=""), "regex"),
+        (dict(choice=[]), "choice"),
+        (dict(choice=["a", 1]), "choice"),
+        (dict(json_object=False), "json_object"),
+        (dict(regex="a", disable_any_whitespace="yes"), "disable_any_whitespace"),
+    ],
+)
+def test_a_bad_value_names_its_field(kw, field):
+    with pytest.raises(ValueError, match=f"structured_outputs.{field} must be"):
+        StructuredOutputsParams(**kw)
+
+
+def test_sampling_params_takes_only_the_class():
+    with pytest.raises(ValueError, match="structured_outputs must be"):
+        SamplingParams(structured_outputs={"regex": "a"})
+
+
+def test_the_engine_refuses_it_at_submission_and_serves_on(tmp_path):
+    llm = LLM(model=str(build_model(tmp_path, "llama")))
+    constrained = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[0-9]+"))
+    with pytest.raises(ValueError, match=r"structured_outputs \(regex\) is not supported"):
+        llm.generate("the quick brown", constrained, use_tqdm=False)
+    out = llm.generate("the quick brown", SamplingParams(max_tokens=4), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
