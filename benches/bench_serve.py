@@ -75,10 +75,12 @@ def summary(label: dict, results: list[dict], elapsed: float) -> dict:
     return row
 
 
-async def one(client, model: str, prompt: list[int], max_tokens: int, stream: bool = True) -> dict:
+async def one(
+    client, model: str, prompt: list[int], max_tokens: int, streamed: bool = True
+) -> dict:
     start = time.perf_counter()
     arrivals, tokens = [], 0
-    if not stream:  # one answer a request: no per-token work at the door or the client
+    if not streamed:  # one answer a request: no per-token work at the door or the client
         out = await client.completions.create(
             model=model,
             prompt=prompt,

@@ -28,8 +28,9 @@ class StructuredOutputsParams:
     """What a request's output must match (vLLM's class and fields): exactly one of a JSON
     schema (``json``, a dict or its JSON text), a regular expression, a ``choice`` of
     strings, a grammar (Lark, or GBNF as llama.cpp writes it), ``json_object`` (any JSON
-    object) or a ``structural_tag``. Checked here: that exactly one is given, and its type;
-    whether it compiles, by the engine at ``add_request``, naming the field."""
+    object) or a ``structural_tag``. Checked here: that exactly one is given, and its type.
+    The engine refuses it at ``add_request``, naming the field, until its grammar backend
+    lands."""
 
     json: str | dict | None = None
     regex: str | None = None
@@ -42,8 +43,11 @@ class StructuredOutputsParams:
     whitespace_pattern: str | None = None
     structural_tag: str | None = None
 
+    def _given(self) -> list[str]:
+        return [name for name in _CONSTRAINTS if getattr(self, name) is not None]
+
     def __post_init__(self) -> None:
-        given = [name for name in _CONSTRAINTS if getattr(self, name) is not None]
+        given = self._given()
         if len(given) > 1:
             raise ValueError(
                 "You can only use one kind of structured outputs constraint but multiple "
@@ -84,13 +88,13 @@ class StructuredOutputsParams:
     def kind(self) -> str:
         """Which constraint it is: ``json``, ``regex``, ``choice``, ``grammar``,
         ``json_object`` or ``structural_tag``."""
-        return next(name for name in _CONSTRAINTS if getattr(self, name) is not None)
+        return self._given()[0]
 
     def all_constraints_none(self) -> bool:
-        return all(getattr(self, name) is None for name in _CONSTRAINTS)
+        return not self._given()
 
     def all_non_structural_tag_constraints_none(self) -> bool:
-        return all(getattr(self, name) is None for name in _CONSTRAINTS[:-1])
+        return self._given() in ([], ["structural_tag"])
 
 
 @dataclass
