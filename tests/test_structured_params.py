@@ -1,14 +1,12 @@
 """``StructuredOutputsParams`` at vLLM's import path with vLLM's validation (exactly one
-kind of constraint), and the engine's answer until its grammar backend lands: a refusal
-naming the field, at submission, never output that ignores it."""
+kind of constraint, each field's type). The engine's use of it: test_structured_outputs.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from loraplex import LLM, SamplingParams
+from loraplex import SamplingParams
 from loraplex.sampling_params import StructuredOutputsParams
-from tiny_models import build_model
 
 
 @pytest.mark.parametrize(
@@ -52,12 +50,3 @@ def test_a_bad_value_names_its_field(kw, field):
 def test_sampling_params_takes_only_the_class():
     with pytest.raises(ValueError, match="structured_outputs must be"):
         SamplingParams(structured_outputs={"regex": "a"})
-
-
-def test_the_engine_refuses_it_at_submission_and_serves_on(tmp_path):
-    llm = LLM(model=str(build_model(tmp_path, "llama")))
-    constrained = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[0-9]+"))
-    with pytest.raises(ValueError, match=r"structured_outputs \(regex\) is not supported"):
-        llm.generate("the quick brown", constrained, use_tqdm=False)
-    out = llm.generate("the quick brown", SamplingParams(max_tokens=4), use_tqdm=False)
-    assert len(out[0].outputs[0].token_ids) == 4

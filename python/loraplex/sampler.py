@@ -21,6 +21,7 @@ class SampleRow:
     generator: torch.Generator | None
     blocked_ids: list[int]  # EOS / stop ids masked while output is shorter than min_tokens
     bad_word_ids: list[list[int]] = field(default_factory=list)  # token sequences to avoid
+    allowed: torch.Tensor | None = None  # bool [V]: its structured output's grammar's mask
 
 
 @dataclass
@@ -29,6 +30,8 @@ class Sampled:
     logprobs: list[float | None]  # the sampled token's logprob, where requested
     ranks: list[int | None]
     top: list[list[tuple[int, float]] | None]  # top-k (id, logprob), where requested
+    # rows whose constraints left no token (their token_ids entry means nothing)
+    no_token: set[int] = field(default_factory=set)
 
 
 class Sampler:
@@ -45,19 +48,32 @@ class Sampler:
         edited = [i for i, row in enumerate(rows) if _edits_logits(row)]
         if edited:  # a copy only when a row's logits change (greedy plain rows read raw)
             logits = logits.clone()
+        masked = [i for i in edited if rows[i].allowed is not None]
+        if masked:  # the grammar first: bias, penalties and temperature see allowed tokens only
+            allowed = torch.stack([rows[i].allowed for i in masked])
+            logits[masked] = logits[masked].masked_fill(~allowed, -float("inf"))
         for i in edited:
             row = rows[i]
             _apply_constraints(logits[i], row)
             _apply_penalties(logits[i], row)
             if len(row.output_ids) < row.params.min_tokens and row.blocked_ids:
                 logits[i, row.blocked_ids] = -float("inf")
+        no_token = set()
+        if edited:
+            empty = ~torch.isfinite(logits[edited]).any(dim=-1)
+            if empty.any():  # nothing to sample: the row's token is discarded, its NaNs too
+                no_token = {edited[j] for j in empty.nonzero().flatten().tolist()}
+                for i in no_token:
+                    logits[i] = raw[i]
         token_ids = logits.max(dim=-1).indices  # argmax (first of ties); 2x faster on CPU
         random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
         if random_rows:
             token_ids[random_rows] = self._sample(
                 logits[random_rows], [rows[i] for i in random_rows]
             )
-        return self._logprobs(raw, token_ids, rows)
+        out = self._logprobs(raw, token_ids, rows)
+        out.no_token = no_token
+        return out
 
     def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         temperature = torch.tensor([r.params.temperature for r in rows]).unsqueeze(1)
@@ -111,7 +127,8 @@ def _edits_logits(row: SampleRow) -> bool:
     """Whether constraints, penalties or ``min_tokens`` change ``row``'s logits this step."""
     p = row.params
     return bool(
-        p.logit_bias
+        row.allowed is not None
+        or p.logit_bias
         or p.allowed_token_ids is not None
         or row.bad_word_ids
         or p.repetition_penalty != 1.0

@@ -29,8 +29,14 @@ class StructuredOutputsParams:
     schema (``json``, a dict or its JSON text), a regular expression, a ``choice`` of
     strings, a grammar (Lark, or GBNF as llama.cpp writes it), ``json_object`` (any JSON
     object) or a ``structural_tag``. Checked here: that exactly one is given, and its type.
-    The engine refuses it at ``add_request``, naming the field, until its grammar backend
-    lands."""
+    The engine compiles it at ``add_request`` (a spec that does not compile is a
+    ``ValueError`` naming the field; ``structural_tag`` is not supported yet) and masks each
+    step's tokens to it. As vLLM: JSON allows any whitespace between tokens unless
+    ``disable_any_whitespace``; ``disable_additional_properties`` closes every object of the
+    schema; ``disable_fallback`` changes nothing (there is one backend). Regexes follow
+    Rust's ``regex`` syntax (``\\d`` is any Unicode digit: write ``[0-9]`` for ASCII).
+    The request ends (``stop``) at the grammar's end, whatever ``min_tokens`` or
+    ``ignore_eos`` say."""
 
     json: str | dict | None = None
     regex: str | None = None

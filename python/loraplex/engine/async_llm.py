@@ -190,8 +190,12 @@ class AsyncLLM:
             and lora.core.adapter_key(lora_request.lora_int_id) is None
         )
         has_ids = isinstance(prompt, dict) and "prompt_token_ids" in prompt
-        grows = bool(params.bad_words) or not (has_ids or isinstance(prompt, list))
-        if new_adapter or grows:  # an adapter's first read, tokenizing: off the event loop
+        grows = (
+            bool(params.bad_words)
+            or params.structured_outputs is not None
+            or not (has_ids or isinstance(prompt, list))
+        )
+        if new_adapter or grows:  # an adapter's first read, tokenizing, compiling: off the loop
             await asyncio.to_thread(self.engine.add_request, *args)
         else:
             self.engine.add_request(*args)

@@ -97,11 +97,6 @@ class InputProcessor:
     def check_params(self, request_id: str, p: SamplingParams) -> list[list[int]]:
         """Checks ``p`` against the model; returns the bad words as token id sequences."""
         where = f"request {request_id!r}: SamplingParams"
-        if p.structured_outputs is not None:  # refused, never ignored, until the masks land
-            raise ValueError(
-                f"{where}.structured_outputs ({p.structured_outputs.kind}) is not supported "
-                "by this build of loraplex yet: the grammar backend is not in the engine"
-            )
         for name in ("stop_token_ids", "allowed_token_ids", "logit_bias"):
             ids = getattr(p, name)
             bad = self._outside_vocab(list(ids or []))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import threading
 import time
@@ -32,6 +33,7 @@ from loraplex.model.loader import load_model, resolve_model_path
 from loraplex.outputs import RequestOutput
 from loraplex.sampler import Sampler, SampleRow
 from loraplex.sampling_params import SamplingParams
+from loraplex.structured_outputs import GrammarBackend
 from loraplex.tokenizer import Tokenizer
 
 
@@ -46,6 +48,7 @@ class ModelFrontend:
     max_model_len: int
     tokenizer: Tokenizer
     processor: InputProcessor
+    grammars: GrammarBackend
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> ModelFrontend:
@@ -61,7 +64,8 @@ class ModelFrontend:
         tok_folder = resolve_model_path(args.tokenizer) if args.tokenizer else folder
         tokenizer = Tokenizer(tok_folder, cfg.raw)
         processor = InputProcessor(tokenizer, cfg.vocab_size, max_model_len, args.max_logprobs)
-        return cls(folder, cfg, max_model_len, tokenizer, processor)
+        grammars = GrammarBackend(tokenizer, cfg.vocab_size)
+        return cls(folder, cfg, max_model_len, tokenizer, processor, grammars)
 
 
 def max_loading(args: EngineArgs) -> int:
@@ -90,6 +94,7 @@ class LLMEngine:
         self.dtype = backend.dtype
         self.max_model_len = front.max_model_len
         self.tokenizer, self.processor = front.tokenizer, front.processor
+        self.grammars = front.grammars
         self.model = load_model(folder, cfg, backend, self.max_model_len)
         self.num_kv_blocks = num_blocks = backend.num_kv_blocks(cfg, self.max_model_len)
         budget = args.max_num_batched_tokens or max(2048, args.max_num_seqs)
@@ -121,6 +126,8 @@ class LLMEngine:
                 args.lora_loader_threads,
             )
         self.sampler = Sampler(args.seed)
+        # the constrained rows' masks, filled beside the forward (llguidance drops the GIL)
+        self._masks = concurrent.futures.ThreadPoolExecutor(1, "loraplex-masks")
         self.output_processor = OutputProcessor(self.tokenizer)
         self._requests: dict[str, Request] = {}
         self._seqs: dict[int, Sequence] = {}
@@ -182,6 +189,10 @@ class LLMEngine:
             request_id, prompt, with_truncation(tokenization_kwargs, params)
         )
         bad_words = self.processor.check_params(request_id, params)
+        grammar = None
+        if params.structured_outputs is not None:  # compiled here, never in a step
+            where = f"request {request_id!r}: SamplingParams.structured_outputs"
+            grammar = self.grammars.compile(where, params.structured_outputs)
         key = self._adapter_key(lora_request)
         arrival = time.time() if arrival_time is None else arrival_time
         request = Request(
@@ -194,7 +205,9 @@ class LLMEngine:
                 seed = params.generator_seed(index)
                 generator = None if seed is None else torch.Generator().manual_seed(seed)
                 detok = self.tokenizer.detokenizer(ids, params.skip_special_tokens)
-                request.seqs.append(Sequence(next(self._seq_ids), index, request, detok, generator))
+                matcher = grammar.matcher() if grammar is not None else None
+                seq_id = next(self._seq_ids)
+                request.seqs.append(Sequence(seq_id, index, request, detok, generator, matcher))
             self._requests[request_id] = request
             for seq in request.seqs:
                 self._seqs[seq.seq_id] = seq
@@ -342,16 +355,26 @@ class LLMEngine:
             and s.request.prompt_logprobs is not None
             and computed[i] < len(s.request.prompt_token_ids)
         ]
+        constrained = [s for s in sampling if s.matcher is not None and not s.is_finished]
+        masks = None
+        if constrained:
+            masks = self._masks.submit(self.grammars.fill_masks, [s.matcher for s in constrained])
         lora = self.lora.context(plan.segments) if self.lora is not None else None
         logits, prompt_logits = self.runner.run(plan, seqs, lora, wants_prompt)
+        allowed = {}
+        if masks is not None:
+            allowed = dict(zip((s.seq_id for s in constrained), masks.result()))
         for i, rows in prompt_logits.items():
             self.output_processor.record_prompt_logprobs(seqs[i].request, computed[i], rows)
         live = [i for i, s in enumerate(sampling) if not s.is_finished]
         sampled = [sampling[i] for i in live]
         if sampled:
             rows = logits if len(live) == len(sampling) else logits[live]  # no copy if all
-            self.output_processor.append(sampled, self.sampler(rows, self._rows(sampled)))
-        return [s for s in sampling if s.finish_reason != "abort"]
+            sampled_rows = self._rows(sampled, allowed)
+            self.output_processor.append(sampled, self.sampler(rows, sampled_rows))
+        # aborted before sampling: the core ends them; a dead end in this step: it is told
+        ran = set(live)
+        return [s for i, s in enumerate(sampling) if i in ran or s.finish_reason != "abort"]
 
     def _fail_batch(self, seqs: list[Sequence], e: Exception) -> list[Sequence]:
         """Aborts every request of a batch whose step raised, with the error."""
@@ -365,15 +388,17 @@ class LLMEngine:
                     failed.append(seq)
         return failed
 
-    def _rows(self, seqs: list[Sequence]) -> list[SampleRow]:
+    def _rows(self, seqs: list[Sequence], allowed: dict[int, torch.Tensor]) -> list[SampleRow]:
+        """Each sequence's sampler row; ``allowed``: the grammar's mask by ``seq_id``, for
+        the constrained ones."""
         eos = self.tokenizer.eos_token_ids
         rows = []
         for s in seqs:
             p, r = s.request.params, s.request
             blocked = list(p.stop_token_ids or []) + ([] if p.ignore_eos else eos)
-            rows.append(
-                SampleRow(p, r.prompt_token_ids, s.output_ids, s.generator, blocked, r.bad_word_ids)
-            )
+            row = SampleRow(p, r.prompt_token_ids, s.output_ids, s.generator, blocked)
+            row.bad_word_ids, row.allowed = r.bad_word_ids, allowed.get(s.seq_id)
+            rows.append(row)
         return rows
 
     @staticmethod

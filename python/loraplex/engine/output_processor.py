@@ -17,12 +17,30 @@ class OutputProcessor:
     def append(self, seqs: list[Sequence], sampled: Sampled) -> None:
         """Adds one token to each sequence and finishes those that stop."""
         for i, seq in enumerate(seqs):
+            if i in sampled.no_token:
+                self._dead_end(seq, "its constraints left no token to sample")
+                continue
             token = sampled.token_ids[i]
+            if seq.matcher is not None and not seq.matcher.accept(token):
+                self._dead_end(seq, f"its grammar refused token {token}: {seq.matcher.error}")
+                continue
             seq.output_ids.append(token)
             if sampled.logprobs[i] is not None:
                 self._record_logprobs(seq, token, sampled, i)
             new_text = seq.detokenizer.step(token)
             self._check_stop(seq, token, new_text)
+            if seq.matcher is not None and seq.matcher.is_stopped:
+                seq.finish("stop")  # the grammar's end: nothing may follow
+
+    @staticmethod
+    def _dead_end(seq: Sequence, why: str) -> None:
+        """Ends ``seq`` alone, with ``finish_reason='abort'`` and the error on its request."""
+        request = seq.request
+        so = request.params.structured_outputs
+        what = f"structured_outputs ({so.kind})" if so is not None else "sampling"
+        error = f"request {request.request_id!r}: {what} reached a dead end: {why}"
+        request.error = request.error or error
+        seq.finish("abort")
 
     def _record_logprobs(self, seq: Sequence, token: int, sampled: Sampled, i: int) -> None:
         chosen = sampled.logprobs[i]

@@ -12,6 +12,7 @@ from loraplex._core import LoRARequest
 from loraplex.logprobs import Logprob, PromptLogprobs
 from loraplex.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from loraplex.sampling_params import RequestOutputKind, SamplingParams
+from loraplex.structured_outputs import Matcher
 from loraplex.tokenizer import Detokenizer
 
 
@@ -24,6 +25,7 @@ class Sequence:
     request: Request
     detokenizer: Detokenizer
     generator: torch.Generator | None
+    matcher: Matcher | None = None  # its place in its structured output's grammar
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     cumulative_logprob: float | None = None
