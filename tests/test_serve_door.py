@@ -120,21 +120,23 @@ def test_content_parts_equal_the_same_text_as_a_string(server):
 @pytest.mark.parametrize(
     "route, extra, named",
     [
-        ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
         (
             "chat",
             {"response_format": {"type": "json_schema", "json_schema": {}}},
             "response_format",
         ),
-        ("chat", {"guided_json": {"type": "object"}}, "guided_json"),
-        ("chat", {"guided_regex": "a+"}, "guided_regex"),
-        ("chat", {"guided_choice": ["a", "b"]}, "guided_choice"),
-        ("chat", {"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
-        ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("chat", {"response_format": {"type": "structural_tag"}}, "structural_tag"),
+        ("chat", {"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
+        # tool_choice 'auto' (the default with tools) on a server without the parser flags
+        (
+            "chat",
+            {"tools": [{"type": "function", "function": {"name": "f"}}]},
+            "--enable-auto-tool-choice",
+        ),
         ("chat", {"tool_choice": "required"}, "tool_choice"),
+        ("chat", {"functions": [{"name": "f"}]}, "functions"),
         ("chat", {"use_beam_search": True}, "use_beam_search"),
-        ("completion", {"guided_grammar": "root ::= 'a'"}, "guided_grammar"),
-        ("completion", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("completion", {"guided_grammar": "root ::= [unclosed"}, "guided_grammar"),
         ("completion", {"suffix": "tail"}, "suffix"),
         ("completion", {"best_of": 3}, "best_of"),
         ("completion", {"logits_processors": ["x"]}, "logits_processors"),

@@ -184,5 +184,19 @@ def test_help_gives_each_inert_flag_its_reason():
     text = " ".join(subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.split())
     assert "--gpu-memory-utilization" in text and "--enable-auto-tool-choice" in text
     assert "accepted, inert: the CPU backend has no GPU memory" in text
-    assert "accepted, inert: tool calls are refused per request" in text
+    assert "--tool-call-parser" in text and "hermes, llama3_json, mistral, pythonic" in text
     assert "refused unless at vLLM's default" in text
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--enable-auto-tool-choice"], "--enable-auto-tool-choice requires --tool-call-parser"),
+        (["--tool-call-parser", "nonesuch"], "invalid tool call parser: nonesuch"),
+        (["--tool-parser-plugin", "my.py"], "--tool-parser-plugin is not supported"),
+    ],
+)
+def test_tool_flags_are_checked_at_start(base, flags, said):
+    cmd = [sys.executable, "-m", "loraplex.cli", "serve", str(base), *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and said in done.stderr, done.stderr

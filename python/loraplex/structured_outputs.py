@@ -94,8 +94,8 @@ class GrammarBackend:
         return self._tok
 
     def compile(self, where: str, p: StructuredOutputsParams) -> Grammar:
-        """The grammar of ``p``; a ``ValueError`` naming ``where.<field>`` when it does not
-        compile. Cached by the spec and its options."""
+        """The grammar of ``p``; a ``ValueError`` naming ``where`` (the field it came from)
+        when it does not compile. Cached by the spec and its options."""
         kind = p.kind
         spec = getattr(p, kind)
         key = json.dumps(
@@ -118,10 +118,10 @@ class GrammarBackend:
         M = self._llg.LLMatcher
         error = M.validate_grammar(text, tok)
         if error:
-            raise ValueError(f"{where}.{kind} does not compile: {_short(error)}")
+            raise ValueError(f"{where} does not compile: {_short(error)}")
         template = M(tok, text, log_level=0)
         if template.is_error():
-            raise ValueError(f"{where}.{kind} does not compile: {_short(template.get_error())}")
+            raise ValueError(f"{where} does not compile: {_short(template.get_error())}")
         # llguidance builds its lexer lazily: the first mask, here, off the step thread
         mask = torch.zeros((1, (self.vocab_size + 31) // 32), dtype=torch.int32)
         self._fill([template.deep_copy()], mask)
@@ -155,9 +155,9 @@ class GrammarBackend:
             if kind == "grammar":  # Lark, or GBNF as llama.cpp writes it
                 return self._llg.grammar_from("grammar", spec)
         except (ValueError, TypeError, RecursionError) as e:
-            raise ValueError(f"{where}.{kind} does not compile: {_short(str(e))}") from None
+            raise ValueError(f"{where} does not compile: {_short(str(e))}") from None
         raise ValueError(
-            f"{where}.{kind} is not supported by loraplex's grammar backend (llguidance); "
+            f"{where} is not supported by loraplex's grammar backend (llguidance) yet; "
             "use json, regex, choice, grammar or json_object"
         )
 

@@ -191,8 +191,9 @@ class LLMEngine:
         bad_words = self.processor.check_params(request_id, params)
         grammar = None
         if params.structured_outputs is not None:  # compiled here, never in a step
-            where = f"request {request_id!r}: SamplingParams.structured_outputs"
-            grammar = self.grammars.compile(where, params.structured_outputs)
+            so = params.structured_outputs
+            where = f"request {request_id!r}: SamplingParams.structured_outputs.{so.kind}"
+            grammar = self.grammars.compile(where, so)
         key = self._adapter_key(lora_request)
         arrival = time.time() if arrival_time is None else arrival_time
         request = Request(

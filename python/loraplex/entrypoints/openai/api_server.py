@@ -214,6 +214,9 @@ def serve_options(args: argparse.Namespace, model_folder: Path) -> ServeOptions:
         ),
         lora_discovery=args.enable_lora_discovery,
         api_key=[k.encode() for k in keys] or None,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
+        exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
     )
 
 

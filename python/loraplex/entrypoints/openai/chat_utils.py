@@ -8,6 +8,7 @@ serves text-only models. Runs on a worker thread, never on the event loop."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from loraplex.entrypoints.openai.errors import APIError
@@ -36,8 +37,30 @@ def parse_messages(messages: list[Any], content_format: str = "string") -> list[
                 f"{type(content).__name__}",
                 f"messages[{i}].content",
             )
-        parsed.append({**message, "content": content})
+        entry = {**message, "content": content}
+        calls = message.get("tool_calls")
+        if message["role"] == "assistant" and isinstance(calls, list):
+            entry["tool_calls"] = [_template_call(i, j, call) for j, call in enumerate(calls)]
+        parsed.append(entry)
     return parsed
+
+
+def _template_call(i: int, j: int, call: Any) -> Any:
+    """An assistant's tool call as chat templates read it (vLLM's and transformers' rule):
+    its ``function.arguments`` JSON text parsed to an object ({} when empty)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict):
+        return call
+    arguments = fn.get("arguments")
+    if isinstance(arguments, str) and arguments:
+        try:
+            arguments = json.loads(arguments)
+        except ValueError as e:
+            where = f"messages[{i}].tool_calls[{j}].function.arguments"
+            raise APIError(400, f"{where} is not JSON ({e})", where) from None
+    elif not arguments:
+        arguments = {}
+    return {**call, "function": {**fn, "arguments": arguments}}
 
 
 def _part_text(i: int, j: int, part: Any) -> str:

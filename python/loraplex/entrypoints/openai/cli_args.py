@@ -12,16 +12,13 @@ from typing import Any
 
 from loraplex.engine.arg_utils import AsyncEngineArgs
 from loraplex.engine.vllm_args import INERT, REFUSED
+from loraplex.entrypoints.openai.tool_parsers import PARSERS
 
-_TOOLS = "tool calls are refused per request (a 400 naming tools) until they are implemented"
+_TOOLS = "tools are served through the built-in parsers (--tool-call-parser)"
 _ONE = "one API server process serves the engine"
 
 # vLLM's server flags loraplex accepts and ignores: name -> (default, why)
 FRONTEND_INERT: dict[str, tuple[Any, str]] = {
-    "enable_auto_tool_choice": (False, _TOOLS),
-    "tool_call_parser": (None, _TOOLS),
-    "tool_parser_plugin": ("", _TOOLS),
-    "exclude_tools_when_tool_choice_none": (False, _TOOLS),
     "enable_server_load_tracking": (False, "server load is read from /metrics"),
     "enable_per_request_metrics": (False, "request timings are read from /metrics"),
     "enable_log_deltas": (True, "outputs are logged whole, once"),
@@ -44,7 +41,8 @@ FRONTEND_INERT: dict[str, tuple[Any, str]] = {
 }
 # refused unless left at vLLM's default: name -> (default, why)
 FRONTEND_REFUSED: dict[str, tuple[Any, str]] = {
-    "tool_server": (None, _TOOLS),
+    "tool_server": (None, "tools run by the client: there is no tool server"),
+    "tool_parser_plugin": ("", _TOOLS),
     "tokens_only": (False, "every route is served"),
     "middleware": ([], "loraplex does not import ASGI middleware named on the command line"),
     "headless": (False, _ONE),
@@ -208,6 +206,21 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument("--override-generation-config", type=json.loads, default=None)
     p.add_argument("--allow-runtime-lora-updating", action="store_true")
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="tool_choice='auto': calls found in the model's text by --tool-call-parser",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        help=f"how calls are written in the model's text: {', '.join(sorted(PARSERS))}",
+    )
+    p.add_argument(
+        "--exclude-tools-when-tool-choice-none",
+        action="store_true",
+        help="leave tools out of the chat template when tool_choice is 'none'",
+    )
     front = parser.add_argument_group("vLLM server flags that mean nothing here, or refused")
     _add_table(front, FRONTEND_INERT, "accepted, inert")
     _add_table(front, FRONTEND_REFUSED, "refused unless at vLLM's default")
@@ -269,6 +282,13 @@ def check_args(args: argparse.Namespace) -> None:
         if value not in (default, None, []):
             flag = "--" + name.replace("_", "-")
             raise SystemExit(f"loraplex serve: {flag} is not supported by loraplex: {why}")
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise SystemExit("loraplex serve: --enable-auto-tool-choice requires --tool-call-parser")
+    if args.tool_call_parser and args.tool_call_parser not in PARSERS:
+        raise SystemExit(
+            f"loraplex serve: invalid tool call parser: {args.tool_call_parser} (chose from "
+            f"{{ {','.join(sorted(PARSERS))} }})"
+        )
     if args.enable_log_outputs and not log_requests(args):
         raise SystemExit("loraplex serve: --enable-log-outputs requires --enable-log-requests")
     args.model = args.model_tag or args.model

@@ -10,10 +10,16 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraplex.entrypoints.openai.errors import APIError, unsupported
-from loraplex.sampling_params import RequestOutputKind, SamplingParams
+from loraplex.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
-_STRUCTURED = "structured outputs are not implemented yet"
-_TOOLS = "tool calls are not implemented yet"
+# vLLM's older names for structured outputs, as StructuredOutputsParams' fields
+_GUIDED = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+_BACKENDS = (None, "auto", "guidance", "llguidance")  # what guided_decoding_backend may name
 
 
 class OpenAIBaseModel(BaseModel):
@@ -33,14 +39,7 @@ class StreamOptions(OpenAIBaseModel):
 _REFUSED_COMMON: list[tuple[str, Any, str]] = [
     ("use_beam_search", False, "beam search is not implemented"),
     ("length_penalty", 1.0, "length_penalty applies to beam search, which is not implemented"),
-    ("structured_outputs", None, _STRUCTURED),
-    ("guided_json", None, _STRUCTURED),
-    ("guided_regex", None, _STRUCTURED),
-    ("guided_choice", None, _STRUCTURED),
-    ("guided_grammar", None, _STRUCTURED),
-    ("guided_decoding_backend", None, _STRUCTURED),
-    ("guided_whitespace_pattern", None, _STRUCTURED),
-    ("structural_tag", None, _STRUCTURED),
+    ("structural_tag", None, "structural tags are not implemented yet"),
     ("logits_processors", None, "custom logits processors are not implemented"),
     ("vllm_xargs", None, "there are no custom logits processors to take them"),
     ("kv_transfer_params", None, "disaggregated prefill is not implemented"),
@@ -86,16 +85,17 @@ class _Sampling(OpenAIBaseModel):
     return_tokens_as_token_ids: bool | None = None
     return_token_ids: bool | None = None
     cache_salt: str | None = None  # inert: no prefix cache shares KV between requests
-    # refused (see _REFUSED_COMMON)
-    use_beam_search: bool = False
-    length_penalty: float = 1.0
-    structured_outputs: Any = None
+    # structured outputs: vLLM's field, and its older guided_* names
+    structured_outputs: dict[str, Any] | None = None
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
     guided_decoding_backend: Any = None
     guided_whitespace_pattern: Any = None
+    # refused (see _REFUSED_COMMON)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
     structural_tag: Any = None
     logits_processors: Any = None
     vllm_xargs: Any = None
@@ -108,13 +108,72 @@ class _Sampling(OpenAIBaseModel):
         for name, default, why in _REFUSED_COMMON:
             if getattr(self, name) not in (None, default):
                 raise unsupported(name, why)
-        fmt = self.response_format
-        if fmt is not None:
-            kind = fmt.get("type") if isinstance(fmt, dict) else None
-            if kind != "text":
-                raise unsupported(f"response_format {{'type': {kind!r}}}", _STRUCTURED)
         if self.best_of not in (None, self.n):
             raise unsupported("best_of", "it must equal n (no beam search or reranking)")
+
+    def structured(self) -> tuple[StructuredOutputsParams | None, str]:
+        """The output constraint the body asks for, and the body field naming it (for
+        errors): ``structured_outputs``, ``response_format`` (``json_schema`` or
+        ``json_object``) or a ``guided_*`` field; at most one of them. A 400 naming the
+        field for a bad one."""
+        asked: list[tuple[str, dict[str, Any]]] = []
+        if self.structured_outputs is not None:
+            asked.append(("structured_outputs", dict(self.structured_outputs)))
+        fmt = self.response_format
+        if fmt is not None:
+            kind = fmt.get("type")
+            if kind == "json_schema":
+                spec = fmt.get("json_schema")
+                schema = spec.get("schema") if isinstance(spec, dict) else None
+                if schema is None:
+                    raise APIError(
+                        400,
+                        "response_format: type 'json_schema' needs json_schema.schema",
+                        "response_format.json_schema",
+                    )
+                asked.append(("response_format.json_schema.schema", {"json": schema}))
+            elif kind == "json_object":
+                asked.append(("response_format", {"json_object": True}))
+            elif kind == "structural_tag":
+                raise unsupported(
+                    "response_format {'type': 'structural_tag'}",
+                    "structural tags are not implemented yet",
+                )
+            elif kind != "text":
+                raise APIError(
+                    400,
+                    "response_format.type must be 'text', 'json_object' or 'json_schema', "
+                    f"got {kind!r:.100}",
+                    "response_format.type",
+                )
+        for name, field in _GUIDED.items():
+            if getattr(self, name) is not None:
+                asked.append((name, {field: getattr(self, name)}))
+        if self.guided_decoding_backend not in _BACKENDS:
+            raise APIError(
+                400,
+                f"guided_decoding_backend {self.guided_decoding_backend!r:.100} is not "
+                "available: loraplex's grammar backend is llguidance ('guidance')",
+                "guided_decoding_backend",
+            )
+        if len(asked) > 1:
+            names = ", ".join(name for name, _ in asked)
+            raise APIError(
+                400,
+                f"only one kind of structured output per request; this one asks for {names}",
+                asked[1][0],
+            )
+        if not asked:
+            return None, ""
+        where, fields = asked[0]
+        if self.guided_whitespace_pattern is not None:
+            fields.setdefault("whitespace_pattern", self.guided_whitespace_pattern)
+        try:
+            return StructuredOutputsParams(**fields), where
+        except TypeError as e:  # a key StructuredOutputsParams does not have
+            raise APIError(400, f"{where}: {e}", where) from None
+        except ValueError as e:
+            raise APIError(400, f"{where}: {e}", where) from None
 
     def sampling_params(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
@@ -153,6 +212,7 @@ class _Sampling(OpenAIBaseModel):
             logit_bias=bias,
             allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words,
+            structured_outputs=self.structured()[0],
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
             **{k: v for k, v in optional.items() if v is not None},
         )
@@ -179,7 +239,7 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    parallel_tool_calls: bool | None = True  # inert without tools
+    parallel_tool_calls: bool | None = True  # tool_choice='required': one call or several
     functions: Any = None
     function_call: Any = None
     reasoning_effort: str | None = None  # given to the chat template, as vLLM does
@@ -193,13 +253,9 @@ class ChatCompletionRequest(_Sampling):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise unsupported("tools", _TOOLS)
-        if self.tool_choice not in (None, "none", "auto"):
-            raise unsupported("tool_choice", _TOOLS)
         for name in ("functions", "function_call"):
             if getattr(self, name) is not None:
-                raise unsupported(name, _TOOLS)
+                raise unsupported(name, "OpenAI's deprecated functions: use tools and tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
 

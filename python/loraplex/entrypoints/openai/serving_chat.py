@@ -25,6 +25,14 @@ from loraplex.entrypoints.openai.serving_engine import (
     usage,
 )
 from loraplex.entrypoints.openai.serving_models import adapter_for, warn_ignored
+from loraplex.entrypoints.openai.tool_parsers import (
+    PARSERS,
+    ToolCallStream,
+    named_schema,
+    required_schema,
+    tool_mode,
+)
+from loraplex.sampling_params import StructuredOutputsParams
 
 
 def chat_template_of(ctx: ServingContext, body) -> str | None:
@@ -41,8 +49,9 @@ def chat_template_of(ctx: ServingContext, body) -> str | None:
     return ctx.options.chat_template
 
 
-def render_request(ctx: ServingContext, body, tokenize: bool):
-    """``body``'s messages as text or ids (runs on the input pool)."""
+def render_request(ctx: ServingContext, body, tokenize: bool, tools: list | None = None):
+    """``body``'s messages as text or ids (runs on the input pool), ``tools`` given to the
+    template (the body's unless said)."""
     messages = parse_messages(body.messages, ctx.options.chat_template_content_format)
     kwargs = {**ctx.options.default_chat_template_kwargs, **(body.chat_template_kwargs or {})}
     effort = getattr(body, "reasoning_effort", None)
@@ -54,7 +63,7 @@ def render_request(ctx: ServingContext, body, tokenize: bool):
         template=chat_template_of(ctx, body),
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
-        tools=body.tools,
+        tools=body.tools if tools is None else tools or None,
         documents=body.documents,
         template_kwargs=kwargs,
         max_chars=ctx.options.max_body_bytes * 4,
@@ -90,6 +99,8 @@ async def create_chat_completion(
 ):
     warn_ignored(body, "chat completions")
     body.check_supported()
+    mode, tool_name = tool_mode(body, ctx.options.enable_auto_tool_choice)
+    parser_cls = PARSERS.get(ctx.options.tool_call_parser or "")
     adapter = await adapter_for(ctx, body.model)
     max_tokens = body.max_completion_tokens or body.max_tokens
     top = body.top_logprobs or 0
@@ -99,9 +110,23 @@ async def create_chat_completion(
         )
     except (ValueError, TypeError) as e:
         raise APIError(400, str(e)) from None
+    so, where = body.structured()
+    if mode in ("required", "named"):  # the calls' form, enforced by a schema of the tools
+        if so is not None:
+            raise APIError(
+                400, f"{where} cannot be given with tool_choice={body.tool_choice!r:.100}", where
+            )
+        if mode == "required":
+            schema = required_schema(body.tools, body.parallel_tool_calls is not False)
+        else:
+            schema = named_schema(body.tools, tool_name)
+        so, where = StructuredOutputsParams(json=schema), "tools"
+        params.structured_outputs = so
+    await ctx.compile_grammar(so, where)
     ctx.apply_defaults(body, params)
     rid = ctx.request_id("chatcmpl", body.request_id, request)
-    ids = await ctx.off_loop(render_request, ctx, body, True)
+    exclude = mode == "none" and ctx.options.exclude_tools_when_tool_choice_none
+    ids = await ctx.off_loop(render_request, ctx, body, True, [] if exclude else None)
     tokens = await ctx.off_loop(ctx.prepare, rid, {"prompt_token_ids": ids}, params)
     (stream,) = await ctx.submit_all(rid, [tokens], params, adapter, body.priority)
     model, created = body.model or ctx.options.base, int(time.time())
@@ -133,20 +158,35 @@ async def create_chat_completion(
             more["prompt_token_ids"] = list(out.prompt_token_ids)
         return more
 
+    def tool_stream() -> ToolCallStream:
+        return ToolCallStream(mode, parser_cls() if parser_cls else None, tool_name)
+
+    def finish_reason(c, calls) -> str | None:
+        """vLLM's: 'tool_calls' where auto or required calls were made."""
+        return "tool_calls" if calls and mode in ("auto", "required") else c.finish_reason
+
     if not body.stream:
         (out,) = await ctx.collect(adapter, [stream], params, request)
         check_finished(out)
-        choices = [
-            dict(
-                index=c.index,
-                message=dict(role=role, content=echoed + c.text),
-                logprobs=logprobs_of(c),
-                finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason,
-                **extras(out, c, True),
+        choices = []
+        for c in out.outputs:
+            tools = tool_stream()
+            content = tools.feed(c.text)
+            rest, calls = tools.finish()
+            message: dict[str, Any] = dict(role=role, content=echoed + content + rest)
+            if calls:
+                message["content"] = message["content"] or None
+                message["tool_calls"] = [call.to_json() for call in calls]
+            choices.append(
+                dict(
+                    index=c.index,
+                    message=message,
+                    logprobs=logprobs_of(c),
+                    finish_reason=finish_reason(c, calls),
+                    stop_reason=c.stop_reason,
+                    **extras(out, c, True),
+                )
             )
-            for c in out.outputs
-        ]
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
         body_out = dict(
             id=rid,
@@ -167,6 +207,7 @@ async def create_chat_completion(
         base = dict(id=rid, object="chat.completion.chunk", created=created, model=model)
         started: set[int] = set()
         completion_tokens = 0
+        tools: dict[int, ToolCallStream] = {}
 
         def chunk(choice: dict[str, Any]) -> str:
             payload = dict(base, choices=[choice])
@@ -191,12 +232,24 @@ async def create_chat_completion(
                     if not c.text and not c.token_ids and c.finish_reason is None:
                         continue
                     completion_tokens += len(c.token_ids)
-                    delta = dict(content=c.text) if c.text or c.finish_reason is None else {}
+                    ts = tools.setdefault(c.index, tool_stream())
+                    text, calls = ts.feed(c.text), []
+                    if c.finish_reason is not None:
+                        rest, calls = ts.finish()
+                        text += rest
+                    delta = dict(content=text) if text or c.finish_reason is None else {}
+                    if calls:  # each call whole, in a chunk before the one that finishes
+                        if delta:
+                            yield chunk(dict(index=c.index, delta=delta, finish_reason=None))
+                        deltas = [dict(index=k, **call.to_json()) for k, call in enumerate(calls)]
+                        tool_delta = dict(tool_calls=deltas)
+                        yield chunk(dict(index=c.index, delta=tool_delta, finish_reason=None))
+                        delta = {}
                     choice = dict(
                         index=c.index,
                         delta=delta,
                         logprobs=logprobs_of(c),
-                        finish_reason=c.finish_reason,
+                        finish_reason=finish_reason(c, calls),
                         stop_reason=c.stop_reason,
                         **extras(out, c, False),
                     )

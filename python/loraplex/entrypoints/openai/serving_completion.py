@@ -103,6 +103,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
         params = body.sampling_params(max_tokens, logprobs, prompt_logprobs)
     except (ValueError, TypeError) as e:
         raise APIError(400, str(e)) from None
+    await ctx.compile_grammar(params.structured_outputs, body.structured()[1])
     ctx.apply_defaults(body, params)
     rid = ctx.request_id("cmpl", body.request_id, request)
     prompts = completion_prompts(body.prompt)

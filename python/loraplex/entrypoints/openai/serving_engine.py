@@ -51,6 +51,9 @@ class ServeOptions:
     runtime_lora_updating: bool = False
     lora_discovery: bool = False
     api_key: list[bytes] | None = None
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    exclude_tools_when_tool_choice_none: bool = False
 
     @property
     def base(self) -> str:
@@ -126,6 +129,17 @@ class ServingContext:
                 c.text if limit is None else c.text[:limit],
                 c.finish_reason,
             )
+
+    async def compile_grammar(self, so, where: str) -> None:
+        """Compiles a request's structured output (off the event loop; cached, so the
+        engine's own compile at submission finds it): a 400 naming ``where``, the body's
+        field, when it does not compile."""
+        if so is None:
+            return
+        try:
+            await self.off_loop(self.frontend.grammars.compile, where, so)
+        except ValueError as e:
+            raise APIError(400, str(e), where) from None
 
     def prepare(self, request_id: str, prompt: Any, params) -> dict[str, Any]:
         """Tokenizes and checks one prompt (on the input pool): its engine input. As
