@@ -388,3 +388,23 @@ def test_langchain_structured_output_and_bind_tools(server):
     assert called and all(c["name"] == "weather" for c in called)
     for c in called:
         assert isinstance(c["args"]["city"], str) and isinstance(c["args"]["days"], int)
+
+
+def test_a_dead_end_over_http_ends_only_its_request(server, client, base):
+    """A choice the request's allowed_token_ids cannot spell: its mask leaves no token. The
+    request ends with the engine's error naming the dead end; the server serves on."""
+    tok = AutoTokenizer.from_pretrained(base)
+    never = [t for t in range(3, 60) if not tok.decode([t]).startswith("y")][:4]
+    body = {
+        "model": "tiny",
+        "messages": ASK,
+        "guided_choice": ["yes"],
+        "allowed_token_ids": never,
+        "max_tokens": 10,
+    }
+    status, text = http(server + "/v1/chat/completions", "POST", body)
+    assert status == 400 and "structured_outputs (choice) reached a dead end" in text, text
+    r = client.chat.completions.create(
+        model="tiny", messages=ASK, max_tokens=20, extra_body={"guided_choice": ["fine"]}
+    )
+    assert r.choices[0].message.content == "fine"

@@ -318,7 +318,7 @@ def test_the_mask_comes_before_bias_and_top_k():
     ]
     rows = [SampleRow(p, [1], [], None, []) for p in params]
     for i, row in enumerate(rows):
-        row.allowed = allowed[i]
+        row.banned = ~allowed[i]
     out = Sampler(0)(logits, rows)
     if int(logits[0].argmax()) not in (4, 9, 17):
         assert out.token_ids[0] == int(best)
@@ -330,7 +330,7 @@ def test_the_mask_comes_before_bias_and_top_k():
 def test_a_row_left_without_tokens_is_reported():
     logits = torch.randn(2, 20)
     rows = [SampleRow(SamplingParams(temperature=1.0), [1], [], None, []) for _ in range(2)]
-    rows[0].allowed = torch.zeros(20, dtype=torch.bool)
+    rows[0].banned = torch.ones(20, dtype=torch.bool)
     out = Sampler(0)(logits, rows)
     assert out.no_token == {0}
     assert 0 <= out.token_ids[1] < 20
@@ -367,3 +367,29 @@ def test_async_llm_streams_a_constrained_request_beside_free_ones(setup, tmp_pat
     assert constrained.outputs[0].text in ("red", "green")
     assert constrained.outputs[0].finish_reason == "stop"
     assert len(free.outputs[0].token_ids) == 12
+
+
+def test_engine_wide_options_from_structured_outputs_config(tmp_path):
+    """vLLM's ``structured_outputs_config``: the backend named (llguidance's names only)
+    and ``disable_any_whitespace`` for every request."""
+    base = build_model(tmp_path, "llama")
+    with pytest.raises(ValueError, match="backend 'xgrammar' is not supported"):
+        LLM(model=str(base), structured_outputs_config={"backend": "xgrammar"})
+    with pytest.raises(ValueError, match=r"structured_outputs_config\.reasoning_parser"):
+        LLM(model=str(base), structured_outputs_config={"reasoning_parser": "deepseek_r1"})
+    schema = {"type": "object", "properties": {"k": {"type": "array", "items": {"enum": [1, 2]}}}}
+    params = [
+        SamplingParams(max_tokens=120, seed=s, structured_outputs=SO(json=schema)) for s in range(6)
+    ]
+
+    def spaced(**kw) -> int:
+        llm = LLM(model=str(base), **kw)
+        outs = llm.generate(["hello"] * 6, params, use_tqdm=False)
+        return sum(any(ch in o.outputs[0].text for ch in " \t\n\r") for o in outs)
+
+    assert spaced() > 0  # vLLM's default: any whitespace between tokens
+    assert (
+        spaced(structured_outputs_config='{"backend": "guidance", "disable_any_whitespace": true}')
+        == 0
+    )
+    assert spaced(guided_decoding_disable_any_whitespace=True) == 0

@@ -1,5 +1,5 @@
 """Structured outputs: a request's ``StructuredOutputsParams`` compiled to a grammar, one
-matcher per sequence, and each step's allowed-token masks for the constrained rows only.
+matcher per sequence, and each step's token masks for the constrained rows only.
 
 The backend is llguidance (``benches/README.md``, 2026-12-07: the backends measured side by
 side on this machine's CPUs), reached only through ``GrammarBackend``: ``compile`` (at
@@ -71,8 +71,18 @@ def _no_additional_properties(schema: Any) -> Any:
 class GrammarBackend:
     """llguidance over one tokenizer and one logits width."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, cache_size: int = CACHE_SIZE):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        vocab_size: int,
+        cache_size: int = CACHE_SIZE,
+        disable_any_whitespace: bool = False,
+        disable_additional_properties: bool = False,
+    ):
         self.tokenizer, self.vocab_size, self.cache_size = tokenizer, vocab_size, cache_size
+        # the engine's defaults (structured_outputs_config), OR'd with each request's
+        self.disable_any_whitespace = disable_any_whitespace
+        self.disable_additional_properties = disable_additional_properties
         self._llg: Any = None
         self._tok: Any = None
         self._executor: Any = None
@@ -98,23 +108,16 @@ class GrammarBackend:
         when it does not compile. Cached by the spec and its options."""
         kind = p.kind
         spec = getattr(p, kind)
-        key = json.dumps(
-            [
-                kind,
-                spec,
-                p.disable_any_whitespace,
-                p.disable_additional_properties,
-                p.whitespace_pattern,
-            ],
-            sort_keys=True,
-        )
+        tight = p.disable_any_whitespace or self.disable_any_whitespace
+        closed = p.disable_additional_properties or self.disable_additional_properties
+        key = json.dumps([kind, spec, tight, closed, p.whitespace_pattern], sort_keys=True)
         with self._lock:
             tok = self._tokenizer_view()
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit
-        text = self._grammar_text(where, p, kind, spec)
+        text = self._grammar_text(where, p, kind, spec, tight, closed)
         M = self._llg.LLMatcher
         error = M.validate_grammar(text, tok)
         if error:
@@ -133,9 +136,17 @@ class GrammarBackend:
                 self._cache.popitem(last=False)
         return grammar
 
-    def _grammar_text(self, where: str, p: StructuredOutputsParams, kind: str, spec: Any) -> str:
+    def _grammar_text(
+        self,
+        where: str,
+        p: StructuredOutputsParams,
+        kind: str,
+        spec: Any,
+        tight: bool,
+        closed: bool,
+    ) -> str:
         M = self._llg.LLMatcher
-        options: dict[str, Any] = {"whitespace_flexible": not p.disable_any_whitespace}
+        options: dict[str, Any] = {"whitespace_flexible": not tight}
         if p.whitespace_pattern is not None:
             options["whitespace_pattern"] = p.whitespace_pattern
         try:
@@ -145,7 +156,7 @@ class GrammarBackend:
                     schema = json.loads(schema)
                 if not isinstance(schema, (dict, bool)):
                     raise ValueError("a JSON schema is an object (or a bool)")
-                if p.disable_additional_properties:
+                if closed:
                     schema = _no_additional_properties(schema)
                 return M.grammar_from_json_schema(schema, defaults=options)
             if kind == "regex":
@@ -162,16 +173,16 @@ class GrammarBackend:
         )
 
     def fill_masks(self, matchers: list[Matcher]) -> torch.Tensor:
-        """The allowed tokens of each matcher's next step: bool ``[len(matchers), V]``. A
-        matcher in error allows nothing."""
+        """The tokens each matcher's next step forbids: bool ``[len(matchers), V]``. A
+        matcher in error forbids every token."""
         words = torch.zeros((len(matchers), (self.vocab_size + 31) // 32), dtype=torch.int32)
         self._fill([m._m for m in matchers], words)
         bits = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
-        allowed = bits.flatten(1)[:, : self.vocab_size].bool()
+        banned = bits.flatten(1)[:, : self.vocab_size] == 0
         for i, m in enumerate(matchers):
             if m._m.is_error():
-                allowed[i] = False
-        return allowed
+                banned[i] = True
+        return banned
 
     def _fill(self, inner: list[Any], words: torch.Tensor) -> None:
         """Fills ``words`` (int32 ``[n, ceil(V / 32)]``) on llguidance's threads, the GIL

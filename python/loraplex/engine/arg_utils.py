@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,12 @@ class _Honoured:
     lora_dtype: str | torch.dtype | None = "auto"  # "auto": the model's dtype
     max_skipped_steps: int = 32  # loraplex: passes over a waiting adapter before it drains
     lora_loader_threads: int = 2  # loraplex: threads reading adapters off the step thread
+    # structured outputs: vLLM's config (a dict or its JSON text) and its older flags
+    structured_outputs_config: dict | str | None = None
+    guided_decoding_backend: str | None = "auto"
+    guided_decoding_disable_fallback: bool | None = None
+    guided_decoding_disable_any_whitespace: bool | None = None
+    guided_decoding_disable_additional_properties: bool | None = None
 
 
 _EXTRA = [
@@ -147,8 +154,45 @@ class EngineArgs(_engine_args_base()):  # type: ignore[misc]
             "(the model's), or with a float32 model 'bfloat16' or 'float16'"
         )
 
+    def structured_outputs_defaults(self) -> dict[str, bool]:
+        """The engine-wide structured-output options (``disable_any_whitespace``,
+        ``disable_additional_properties``, each OR'd with a request's own), from
+        ``structured_outputs_config`` and the ``guided_decoding_*`` flags; a ``ValueError``
+        naming a backend other than llguidance or a key loraplex does not honour."""
+        cfg: Any = self.structured_outputs_config or {}
+        if isinstance(cfg, str):
+            try:
+                cfg = json.loads(cfg)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs_config is not JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"structured_outputs_config must be a dict, got {cfg!r:.100}")
+        known = {
+            "backend",
+            "disable_fallback",
+            "disable_any_whitespace",
+            "disable_additional_properties",
+        }
+        for key, value in cfg.items():
+            if key not in known and value not in (None, "", False):
+                raise ValueError(
+                    f"structured_outputs_config.{key} is not supported by loraplex (it reads "
+                    f"{', '.join(sorted(known))})"
+                )
+        backend = cfg.get("backend") or self.guided_decoding_backend or "auto"
+        if backend not in ("auto", "guidance", "llguidance"):
+            raise ValueError(
+                f"structured outputs backend {backend!r} is not supported by loraplex: its "
+                "grammar backend is llguidance ('guidance' or 'auto')"
+            )
+        return {
+            name: bool(cfg.get(name) or getattr(self, f"guided_decoding_{name}"))
+            for name in ("disable_any_whitespace", "disable_additional_properties")
+        }
+
     def verify(self) -> None:
         """Raises ``ValueError`` naming the first argument that cannot be served."""
+        self.structured_outputs_defaults()
         for name, (default, why) in REFUSED.items():
             value = getattr(self, name)
             if value in _SAME_AS_DEFAULT.get(name, ()):

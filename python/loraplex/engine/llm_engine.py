@@ -64,7 +64,7 @@ class ModelFrontend:
         tok_folder = resolve_model_path(args.tokenizer) if args.tokenizer else folder
         tokenizer = Tokenizer(tok_folder, cfg.raw)
         processor = InputProcessor(tokenizer, cfg.vocab_size, max_model_len, args.max_logprobs)
-        grammars = GrammarBackend(tokenizer, cfg.vocab_size)
+        grammars = GrammarBackend(tokenizer, cfg.vocab_size, **args.structured_outputs_defaults())
         return cls(folder, cfg, max_model_len, tokenizer, processor, grammars)
 
 
@@ -362,16 +362,16 @@ class LLMEngine:
             masks = self._masks.submit(self.grammars.fill_masks, [s.matcher for s in constrained])
         lora = self.lora.context(plan.segments) if self.lora is not None else None
         logits, prompt_logits = self.runner.run(plan, seqs, lora, wants_prompt)
-        allowed = {}
+        banned = {}
         if masks is not None:
-            allowed = dict(zip((s.seq_id for s in constrained), masks.result()))
+            banned = dict(zip((s.seq_id for s in constrained), masks.result()))
         for i, rows in prompt_logits.items():
             self.output_processor.record_prompt_logprobs(seqs[i].request, computed[i], rows)
         live = [i for i, s in enumerate(sampling) if not s.is_finished]
         sampled = [sampling[i] for i in live]
         if sampled:
             rows = logits if len(live) == len(sampling) else logits[live]  # no copy if all
-            sampled_rows = self._rows(sampled, allowed)
+            sampled_rows = self._rows(sampled, banned)
             self.output_processor.append(sampled, self.sampler(rows, sampled_rows))
         # aborted before sampling: the core ends them; a dead end in this step: it is told
         ran = set(live)
@@ -389,16 +389,16 @@ class LLMEngine:
                     failed.append(seq)
         return failed
 
-    def _rows(self, seqs: list[Sequence], allowed: dict[int, torch.Tensor]) -> list[SampleRow]:
-        """Each sequence's sampler row; ``allowed``: the grammar's mask by ``seq_id``, for
-        the constrained ones."""
+    def _rows(self, seqs: list[Sequence], banned: dict[int, torch.Tensor]) -> list[SampleRow]:
+        """Each sequence's sampler row; ``banned``: what its grammar forbids this step, by
+        ``seq_id``, for the constrained ones."""
         eos = self.tokenizer.eos_token_ids
         rows = []
         for s in seqs:
             p, r = s.request.params, s.request
             blocked = list(p.stop_token_ids or []) + ([] if p.ignore_eos else eos)
             row = SampleRow(p, r.prompt_token_ids, s.output_ids, s.generator, blocked)
-            row.bad_word_ids, row.allowed = r.bad_word_ids, allowed.get(s.seq_id)
+            row.bad_word_ids, row.banned = r.bad_word_ids, banned.get(s.seq_id)
             rows.append(row)
         return rows
 
