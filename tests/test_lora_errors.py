@@ -3,6 +3,7 @@ engine keeps serving every other request. Also when the failure comes inside a s
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 
@@ -280,3 +281,29 @@ def test_a_host_tier_that_does_not_fit_fails_at_start_naming_its_settings(base, 
     monkeypatch.undo()
     engine = engine_for(base, max_cpu_loras=5)  # and nothing of the failed one is in the way
     assert engine.list_loras() == set()
+
+
+@pytest.mark.parametrize("kind", ["missing", "a file", "unreadable"])
+def test_generate_refuses_an_unreadable_local_path_before_queuing(base, good, tmp_path, kind):
+    """Path accessibility at submission: ``LLM.generate`` raises, naming the adapter and the
+    path, before any of its requests is queued (a hub id is left to the loader)."""
+    from loraplex import LLM
+
+    if kind == "missing":
+        path, said = tmp_path / "gone", "does not exist"
+    elif kind == "a file":
+        path, said = tmp_path / "file.txt", "is not a folder"
+        path.write_text("x")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root reads every folder: an unreadable one cannot be made")
+        path, said = copy(good, tmp_path, "locked"), "is not a readable folder"
+        path.chmod(0)
+    llm = LLM(model=str(base), enable_lora=True, max_lora_rank=8)
+    loras = [LoRARequest("good", 1, str(good)), LoRARequest("bad", 2, str(path))]
+    with pytest.raises(InvalidAdapterError, match=rf"adapter 'bad' \(id 2.*{said}"):
+        llm.generate(["a", "b"], GREEDY, lora_request=loras, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.llm_engine.list_loras() == set()  # nothing registered either
+    out = llm.generate("a", GREEDY, lora_request=loras[0], use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -175,7 +176,11 @@ def test_outputs_equal_one_engine_and_requests_follow_their_adapter(cluster, ass
     assert (text, replica) == (reference[("a4", PROMPTS[1], MAX_TOKENS)], placed["a4"])
     cpus = os.cpu_count() or 1  # each replica computes on its share of the cores
     assert [r["torch_threads"] for r in replicas(url)] == [max(1, cpus // 2)] * 2
-    view = holders(url)  # the cluster view agrees with where requests went
+    for _ in range(150):  # bounded: replicas report to the registry after their steps
+        view = holders(url)  # the cluster view agrees with where requests went
+        if all(placed[m] in view.get(m, set()) for m in ADAPTERS):
+            break
+        time.sleep(0.2)
     for model in ADAPTERS:
         assert placed[model] in view.get(model, set()), (model, view)
     status, metrics = http(url + "/metrics", key=None)

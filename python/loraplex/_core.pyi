@@ -15,6 +15,7 @@ __all__ = [
     "InvalidRequestError",
     "LoRARequest",
     "LoraplexError",
+    "ModulePatterns",
     "NoFreeSlotError",
     "QueueFullError",
     "Scheduler",
@@ -314,6 +315,18 @@ class Scheduler:
     def max_cpu_loras(self) -> int: ...
     @property
     def max_loading(self) -> int: ...
+
+@final
+class ModulePatterns:
+    """PEFT module patterns (``rank_pattern``, ``alpha_pattern``) matched in linear time by
+    Rust's ``regex`` crate: a pattern that would backtrack under ``re`` cannot freeze a load."""
+
+    def __new__(cls, patterns: list[str]) -> ModulePatterns:
+        """``ValueError`` naming the first pattern that does not compile (look-around and
+        back-references are not read; a pattern's compiled size is bounded)."""
+
+    def first_match(self, key: str) -> int | None:
+        """The first pattern matching ``key``'s tail: ``re.match(rf"(.*\\.)?({p})$", key)``."""
 
 @final
 class AdapterFile:

@@ -12,6 +12,9 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
+/// The longest header read (safetensors' own bound).
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+
 use half::{bf16, f16};
 use parking_lot::Mutex;
 use safetensors::tensor::{Dtype, Metadata, SafeTensors};
@@ -83,8 +86,64 @@ pub struct WeightCopy {
 
 impl AdapterFile {
     /// Reads `path` whole and parses it.
+    /// Reads `path` as untrusted input: opened without blocking (a FIFO answers at once),
+    /// refused unless a regular file, its header read and checked against the file's size
+    /// before any data is read, and never read past what the header declares.
     pub fn read(path: &Path) -> Result<Self, ReadError> {
-        Self::from_bytes(std::fs::read(path).map_err(ReadError::Io)?)
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(ReadError::Io)?;
+        let meta = file.metadata().map_err(ReadError::Io)?;
+        if !meta.is_file() {
+            return Err(ReadError::Format(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
+        }
+        let size = meta.len();
+        let mut len8 = [0u8; 8];
+        file.read_exact(&mut len8)
+            .map_err(|_| ReadError::Format(format!("{size} bytes: no header")))?;
+        let header_len = u64::from_le_bytes(len8);
+        if header_len > MAX_HEADER_BYTES || 8 + header_len > size {
+            return Err(ReadError::Format(format!(
+                "the header claims {header_len} bytes of a {size}-byte file"
+            )));
+        }
+        let header_end = 8 + header_len as usize;
+        let mut header = vec![0u8; header_end];
+        header[..8].copy_from_slice(&len8);
+        file.read_exact(&mut header[8..]).map_err(ReadError::Io)?;
+        let declared = match HEADERS.declared_end(&header) {
+            Some(end) => end as u64, // a header seen before: no second parse
+            None => {
+                let metadata: Metadata = serde_json::from_slice(&header[8..])
+                    .map_err(|e| ReadError::Format(format!("its header: {e}")))?;
+                header_end as u64 + metadata.data_len() as u64
+            }
+        };
+        if declared != size {
+            return Err(ReadError::Format(format!(
+                "its header declares {declared} bytes, the file holds {size}"
+            )));
+        }
+        let mut bytes = Vec::with_capacity(declared as usize);
+        bytes.extend_from_slice(&header);
+        file.take(declared - header_end as u64)
+            .read_to_end(&mut bytes)
+            .map_err(ReadError::Io)?;
+        if bytes.len() as u64 != declared {
+            return Err(ReadError::Format(format!(
+                "the file ended at {} of the {declared} bytes its header declares",
+                bytes.len()
+            )));
+        }
+        Self::from_bytes(bytes)
     }
 
     /// Parses a safetensors file held in memory, and measures each weight.
@@ -228,6 +287,14 @@ impl HeaderCache {
             cached.iter().find(|(h, _)| **h == *header)?.1.clone()
         };
         (data_end(&entries, header_end) == bytes.len()).then_some((header_end, entries))
+    }
+
+    /// Where the data of a file with this header (its length first, then the header) ends,
+    /// when the header was parsed before.
+    fn declared_end(&self, header: &[u8]) -> Option<usize> {
+        let cached = self.0.lock();
+        let (_, entries) = cached.iter().find(|(h, _)| **h == *header)?;
+        Some(data_end(entries, header.len()))
     }
 
     fn insert(&self, header: &[u8], entries: &Arc<[Entry]>) {
@@ -776,6 +843,35 @@ mod tests {
             AdapterFile::from_bytes(ok),
             Err(ReadError::Format(_))
         ));
+    }
+
+    #[test]
+    fn a_read_checks_the_header_against_the_file_before_the_data() {
+        let dir = std::env::temp_dir().join(format!("lp-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = file(&[(
+            "a",
+            Dtype::F32,
+            vec![2, 2],
+            f32_bytes(&[1.0, -2.0, 3.0, 4.0]),
+        )]);
+        let path = dir.join("w.safetensors");
+        std::fs::write(&path, &good.bytes).unwrap();
+        assert_eq!(AdapterFile::read(&path).unwrap().max_abs(), &[Some(4.0)]);
+        let why = |r: Result<AdapterFile, ReadError>| match r {
+            Err(ReadError::Format(e)) => e,
+            other => panic!("{:?}", other.map(|f| f.bytes.len())),
+        };
+        let mut longer = good.bytes.clone(); // data past what the header declares
+        longer.extend([0u8; 64]);
+        std::fs::write(&path, &longer).unwrap();
+        assert!(why(AdapterFile::read(&path)).contains("the file holds"));
+        std::fs::write(&path, &good.bytes[..good.bytes.len() - 1]).unwrap(); // cut short
+        assert!(why(AdapterFile::read(&path)).contains("the file holds"));
+        std::fs::write(&path, [200u8, 0, 0, 0, 0, 0, 0, 0, b'{']).unwrap(); // a header past the end
+        assert!(why(AdapterFile::read(&path)).contains("the header claims 200 bytes"));
+        assert!(why(AdapterFile::read(&dir)).contains("not a regular file"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A tensor as a parse answers it: name, shape, largest magnitude.

@@ -797,6 +797,31 @@ impl PyStepPlan {
     }
 }
 
+/// PEFT module patterns matched in linear time (`pattern.rs`).
+#[pyclass(name = "ModulePatterns", module = "loraplex._core", frozen)]
+pub struct PyModulePatterns {
+    inner: crate::pattern::ModulePatterns,
+}
+
+#[pymethods]
+impl PyModulePatterns {
+    /// `ValueError` naming the first pattern that does not compile, by its index.
+    #[new]
+    fn new(patterns: Vec<String>) -> PyResult<Self> {
+        crate::pattern::ModulePatterns::new(&patterns)
+            .map(|inner| Self { inner })
+            .map_err(|(i, why)| {
+                let shown: String = patterns[i].chars().take(200).collect();
+                PyValueError::new_err(format!("pattern {i} ({shown:?}): {why}"))
+            })
+    }
+
+    /// The index of the first pattern matching `key`'s tail (PEFT's rank_pattern rule).
+    fn first_match(&self, key: &str) -> Option<usize> {
+        self.inner.first_match(key)
+    }
+}
+
 /// An adapter's safetensors file read into memory (`adapter_file.rs`); the loader validates
 /// the adapter from `tensors()` and fills slots from it.
 #[pyclass(name = "AdapterFile", module = "loraplex._core", frozen)]
@@ -937,6 +962,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyScheduler>()?;
     m.add_class::<PyStepPlan>()?;
     m.add_class::<PyAdapterFile>()?;
+    m.add_class::<PyModulePatterns>()?;
     m.add_function(wrap_pyfunction!(_restore_lora_request, m)?)?;
     let t = error_types(py)?;
     for (name, ty) in [

@@ -12,6 +12,7 @@ from loraplex._core import LoRARequest
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.input_processor import Prompt
 from loraplex.engine.llm_engine import LLMEngine
+from loraplex.lora.adapter import check_path
 from loraplex.model.config import ModelConfig
 from loraplex.outputs import RequestOutput
 from loraplex.sampling_params import RequestOutputKind, SamplingParams
@@ -108,7 +109,10 @@ class LLM:
         if engine.lora is not None:
             # adapters first seen here are read in the background, ahead of need; a bad one
             # ends its requests with the error (engine.add_request would raise it instead)
-            for lora in dict.fromkeys(x for x in loras if isinstance(x, LoRARequest)):
+            new = list(dict.fromkeys(x for x in loras if isinstance(x, LoRARequest)))
+            for lora in new:  # a local path that cannot be read: raised before any is queued
+                check_path(lora)
+            for lora in new:
                 engine.lora.register(lora, validate=False)
         ids = []
         try:

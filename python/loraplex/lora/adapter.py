@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 from array import array
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-from loraplex._core import AdapterFile, LoRARequest
+from loraplex._core import AdapterFile, LoRARequest, ModulePatterns
 from loraplex.errors import InvalidAdapterError
 from loraplex.model.config import ModelConfig
 from loraplex.model.llama import PROJECTIONS
@@ -146,6 +148,19 @@ def resolve_adapter_path(request: LoRARequest) -> Path:
         ) from e
 
 
+def check_path(request: LoRARequest) -> None:
+    """Path accessibility at submission: a local path (one that exists, or is written as a
+    path) must be a folder this process can read; a hub id is left to the loader."""
+    path = Path(request.lora_path).expanduser()
+    if not (path.exists() or request.lora_path.startswith(("/", "./", "../", "~"))):
+        return
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a folder"
+        raise adapter_error(request, f"path {request.lora_path!r} {what}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise adapter_error(request, f"path {request.lora_path!r} is not a readable folder")
+
+
 def check_request(request: LoRARequest) -> None:
     """What can be refused without reading anything (the core keeps only the adapter's
     name, id, path and base model)."""
@@ -181,11 +196,37 @@ def adapter_error(request: LoRARequest, cause: str) -> InvalidAdapterError:
     )
 
 
+CONFIG_MAX_BYTES = 1 << 20  # adapter_config.json is a few hundred bytes; PEFT's biggest, KBs
+BIN_MAX_BYTES = 8 << 30  # adapter_model.bin, read whole by torch.load
+
+
+def _open_regular(request: LoRARequest, path: Path, limit: int) -> BinaryIO:
+    """``path`` opened as untrusted input: without blocking (a FIFO answers at once),
+    refused unless a regular file of at most ``limit`` bytes (``fstat`` on the handle that
+    is then read, so the file checked is the file read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise adapter_error(request, f"{path.name} is not a regular file")
+        if info.st_size > limit:
+            raise adapter_error(
+                request, f"{path.name} is {info.st_size} bytes, over the {limit}-byte bound"
+            )
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _read_config(request: LoRARequest, folder: Path) -> dict[str, Any]:
     path = folder / "adapter_config.json"
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        with _open_regular(request, path, CONFIG_MAX_BYTES) as f:
+            data = f.read(CONFIG_MAX_BYTES + 1)
+        if len(data) > CONFIG_MAX_BYTES:  # it grew after the check
+            raise adapter_error(request, f"adapter_config.json is over {CONFIG_MAX_BYTES} bytes")
+        config = json.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise adapter_error(request, f"no adapter_config.json in {folder}") from None
     except (OSError, ValueError, RecursionError) as e:  # JSON, UTF-8, nesting
@@ -266,13 +307,14 @@ def _read_weights(request: LoRARequest, folder: Path) -> AdapterFile:
     converted to the same form."""
     st, binary = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
     try:
-        if st.is_file():
+        if os.path.lexists(st):  # AdapterFile.read refuses what is not a regular file
             return AdapterFile.read(st)
-        if not binary.is_file():
+        if not os.path.lexists(binary):
             raise adapter_error(
                 request, f"no adapter_model.safetensors or adapter_model.bin in {folder}"
             )
-        tensors = torch.load(binary, map_location="cpu", weights_only=True)
+        with _open_regular(request, binary, BIN_MAX_BYTES) as f:
+            tensors = torch.load(f, map_location="cpu", weights_only=True)
         if not isinstance(tensors, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
         ):
@@ -291,12 +333,20 @@ def _read_weights(request: LoRARequest, folder: Path) -> AdapterFile:
 
 
 def _check_regex(request: LoRARequest, what: str, pattern: Any) -> None:
-    try:
-        re.compile(pattern)
-    except (re.error, TypeError) as e:
+    """A pattern the linear-time engine reads (Rust's ``regex``: no look-around or
+    back-references, a bounded compiled size); never Python's backtracking ``re``."""
+    if not isinstance(pattern, str):
         raise adapter_error(
-            request, f"adapter_config.json: {what} {pattern!r} is not a regex ({e})"
-        ) from e
+            request, f"adapter_config.json: {what} {pattern!r:.200} is not a regex string"
+        )
+    try:
+        ModulePatterns([pattern])
+    except ValueError as e:
+        raise adapter_error(
+            request,
+            f"adapter_config.json: {what} {pattern!r:.200} is not a regex loraplex matches "
+            f"(linear-time engine: {str(e).split(': ', 1)[-1]:.300})",
+        ) from None
 
 
 def _is_positive(value: Any) -> bool:
@@ -308,12 +358,17 @@ def _is_positive(value: Any) -> bool:
     )
 
 
-def _pattern_value(patterns: dict[str, Any], key: str, default: float) -> float:
-    """PEFT's rank_pattern / alpha_pattern lookup: a pattern matches a module key's tail."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return value
-    return default
+class _Patterns:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first pattern matching a module
+    key's tail gives its value (matched in linear time, compiled once per adapter)."""
+
+    def __init__(self, patterns: dict[str, Any] | None):
+        self.values = list((patterns or {}).values())
+        self.compiled = ModulePatterns(list(patterns)) if patterns else None
+
+    def value(self, key: str, default: float) -> float:
+        hit = self.compiled.first_match(key) if self.compiled is not None else None
+        return default if hit is None else self.values[hit]
 
 
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
@@ -424,6 +479,7 @@ def _layout(request, c, entries, cfg: ModelConfig, max_lora_rank: int):
     if not parts:
         raise adapter_error(request, "the adapter has no LoRA weights")
     layout = []
+    ranks, alphas = _Patterns(c.get("rank_pattern")), _Patterns(c.get("alpha_pattern"))
     for (layer, module), ab in sorted(parts.items()):
         name = f"model.layers.{layer}.{_block(module)}.{module}"
         if set(ab) != {"A", "B"}:
@@ -446,7 +502,7 @@ def _layout(request, c, entries, cfg: ModelConfig, max_lora_rank: int):
                 f"base model's {module} ({fan_in} -> {fan_out}); "
                 f"expected [r, {fan_in}] and [{fan_out}, r]",
             )
-        expected_r = _pattern_value(c.get("rank_pattern"), name, c["r"])
+        expected_r = ranks.value(name, c["r"])
         if r != expected_r:
             raise adapter_error(
                 request, f"{name}: lora_A has rank {r} but the config says {expected_r}"
@@ -455,7 +511,7 @@ def _layout(request, c, entries, cfg: ModelConfig, max_lora_rank: int):
             raise adapter_error(
                 request, f"rank {r} ({name}) is above max_lora_rank={max_lora_rank}"
             )
-        alpha = _pattern_value(c.get("alpha_pattern"), name, c["lora_alpha"])
+        alpha = alphas.value(name, c["lora_alpha"])
         if r < 1:
             raise adapter_error(request, f"{name}: lora_A has rank 0")
         scale = alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r

@@ -1,0 +1,98 @@
+"""Adapter files are untrusted input (issue 27's hostile cases, the reading side): a FIFO, a
+link to ``/dev/zero``, a config past its size bound, a sparse weights file far larger than
+its header declares. Each load runs in a child process (a wait it could not finish if it
+blocked or read the file whole): it is refused naming the adapter and the file, the child's
+peak memory grows by under 64 MB, and a good adapter's output before and after is the same."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tiny_adapters import build_adapter
+from tiny_models import build_model
+
+CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    from loraplex import LLM, LoRARequest, SamplingParams
+    from loraplex.errors import InvalidAdapterError
+    base, good, bad = sys.argv[1:4]
+    llm = LLM(model=base, enable_lora=True, max_lora_rank=8, max_loras=2)
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    def run():
+        out = llm.generate("the quick", greedy, lora_request=LoRARequest("good", 1, good),
+                           use_tqdm=False)
+        return out[0].outputs[0].token_ids
+    before = run()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        llm.llm_engine.add_lora(LoRARequest("hostile", 2, bad))
+        error = None
+    except InvalidAdapterError as e:
+        error = str(e)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
+    print(json.dumps({"error": error, "grown_mb": grown_mb, "same": run() == before}))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return build_model(tmp_path_factory.mktemp("hostile-base"), "llama")
+
+
+@pytest.fixture(scope="module")
+def good(base, tmp_path_factory):
+    return build_adapter(base, tmp_path_factory.mktemp("good") / "good", r=8, alpha=16, seed=4)
+
+
+def fifo(path):
+    path.unlink()
+    os.mkfifo(path)
+
+
+def dev_zero(path):
+    path.unlink()
+    path.symlink_to("/dev/zero")
+
+
+def huge_config(path):
+    path.write_text(json.dumps(json.loads(path.read_text())) + " " * (2 << 20))
+
+
+def sparse_weights(path):
+    os.truncate(path, 2 << 30)  # the header's tensors, then 2 GB of holes
+
+
+@pytest.mark.parametrize(
+    "file, break_it, said",
+    [
+        ("adapter_config.json", fifo, "adapter_config.json is not a regular file"),
+        ("adapter_config.json", dev_zero, "adapter_config.json is not a regular file"),
+        ("adapter_config.json", huge_config, "over the 1048576-byte bound"),
+        ("adapter_model.safetensors", fifo, "is not a regular file"),
+        ("adapter_model.safetensors", dev_zero, "is not a regular file"),
+        ("adapter_model.safetensors", sparse_weights, "the file holds 2147483648"),
+    ],
+)
+def test_a_hostile_file_is_refused_fast_and_small(base, good, tmp_path, file, break_it, said):
+    folder = build_adapter(base, tmp_path / "hostile", r=8, alpha=16, seed=9)
+    break_it(folder / file)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(base), str(good), str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["error"] is not None, result
+    assert "adapter 'hostile'" in result["error"] and said in result["error"], result
+    assert result["grown_mb"] < 64, result
+    assert result["same"], result
