@@ -96,3 +96,61 @@ def test_a_hostile_file_is_refused_fast_and_small(base, good, tmp_path, file, br
     assert "adapter 'hostile'" in result["error"] and said in result["error"], result
     assert result["grown_mb"] < 64, result
     assert result["same"], result
+
+
+def test_through_the_server_each_is_refused_and_health_answers(base, good, tmp_path):
+    """The same files loaded through ``/v1/load_lora_adapter`` (inside ``--lora-root``), and
+    a backtracking ``rank_pattern``: each load answers, the bad ones a 400 naming the
+    adapter, ``/health`` (polled from another process) under 50 ms at p99 throughout, and the
+    good adapter's completion the same before and after."""
+    import shutil
+    import signal
+
+    from test_server import KEY, health_latencies, http, p99, start_server
+    from tiny_adapters import edit_config
+
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copytree(good, root / "good")
+    cases = {"fifo": fifo, "zero": dev_zero, "big": huge_config, "sparse": sparse_weights}
+    for name, break_it in cases.items():
+        folder = build_adapter(base, root / name, r=8, alpha=16, seed=9)
+        target = "adapter_model.safetensors" if name in ("sparse",) else "adapter_config.json"
+        break_it(folder / target)
+    evil = build_adapter(base, root / "evil", r=8, alpha=16, seed=10)
+    edit_config(evil, rank_pattern={"(.|.)*Z": 4})
+    args = [str(base), "--api-key", KEY, "--enable-lora", "--max-lora-rank", "8"]
+    args += ["--allow-runtime-lora-updating", "--lora-root", str(root), "--max-model-len", "128"]
+    proc, url = start_server(args, tmp_path / "server.log")
+    try:
+        body = {"prompt": "the quick", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+
+        def complete() -> str:
+            status, text = http(url + "/v1/completions", "POST", {"model": "good", **body})
+            assert status == 200, text
+            return json.loads(text)["choices"][0]["text"]
+
+        status, text = http(
+            url + "/v1/load_lora_adapter",
+            "POST",
+            {"lora_name": "good", "lora_path": str(root / "good")},
+        )
+        assert status == 200, text
+        before = complete()
+        with health_latencies(url, tmp_path) as latencies:
+            for name in cases:
+                status, text = http(
+                    url + "/v1/load_lora_adapter",
+                    "POST",
+                    {"lora_name": name, "lora_path": str(root / name)},
+                )
+                assert status == 400 and f"adapter {name!r}" in text, (name, status, text)
+            status, text = http(
+                url + "/v1/load_lora_adapter", "POST", {"lora_name": "evil", "lora_path": str(evil)}
+            )
+            assert status == 200, text
+        assert p99(latencies) < 0.05, sorted(latencies)[-5:]
+        assert complete() == before
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0

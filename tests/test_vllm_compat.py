@@ -411,6 +411,42 @@ def test_load_inplace_hot_swaps_weights(base, alice, bob, tmp_path):
     assert engine.scheduler.num_free_blocks == engine.scheduler.num_blocks
 
 
+@pytest.mark.parametrize("via", ["add_request", "generate"])
+def test_a_request_carrying_load_inplace_reloads_before_it_runs(base, alice, bob, tmp_path, via):
+    """vLLM's per-request ``load_inplace``: a request carrying it reloads the adapter's
+    weights before it runs (no ``add_lora``); one running already finishes on the old ones;
+    a later request without the flag keeps the new weights."""
+    import shutil
+
+    from loraplex import LLM, SamplingParams
+
+    live = tmp_path / "live"
+    shutil.copytree(alice, live)
+    llm = LLM(model=str(base), enable_lora=True, max_loras=2, max_lora_rank=8)
+    engine = llm.llm_engine
+    req = LoRARequest("policy", 1, str(live))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine.add_request("before", "the quick", params, lora_request=req)
+    engine.step()  # 'before' is running on alice's weights
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy(bob / name, live / name)
+    swap = LoRARequest("policy", 1, str(live), load_inplace=True)
+    done = {}
+    if via == "add_request":
+        engine.add_request("after", "the quick", params, lora_request=swap)
+        while engine.has_unfinished_requests():
+            done |= {o.request_id: o for o in engine.step() if o.finished}
+    else:
+        while engine.has_unfinished_requests():
+            done |= {o.request_id: o for o in engine.step() if o.finished}
+        (done["after"],) = llm.generate(["the quick"], params, lora_request=swap, use_tqdm=False)
+    (done["later"],) = llm.generate(["the quick"], params, lora_request=req, use_tqdm=False)
+    peft = PeftReference(base, {"alice": alice, "bob": bob})
+    assert peft.mismatches([done["before"]], ["alice"]) == []
+    assert peft.mismatches([done["after"], done["later"]], ["bob", "bob"]) == []
+    assert engine.list_loras() == {1}
+
+
 @pytest.mark.parametrize("source", ["tokenizer_config", "jinja_file", "argument"])
 @pytest.mark.parametrize("mode", ["generation_prompt", "plain", "continue"])
 def test_chat_template_equals_transformers(base, tmp_path, source, mode):

@@ -187,7 +187,10 @@ class AsyncLLM:
         new_adapter = (
             lora is not None
             and isinstance(lora_request, LoRARequest)
-            and lora.core.adapter_key(lora_request.lora_int_id) is None
+            and (
+                lora.core.adapter_key(lora_request.lora_int_id) is None
+                or lora_request.load_inplace  # a reload reads the weights: off the loop too
+            )
         )
         has_ids = isinstance(prompt, dict) and "prompt_token_ids" in prompt
         grows = (

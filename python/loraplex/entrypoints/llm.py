@@ -112,8 +112,9 @@ class LLM:
             new = list(dict.fromkeys(x for x in loras if isinstance(x, LoRARequest)))
             for lora in new:  # a local path that cannot be read: raised before any is queued
                 check_path(lora)
-            for lora in new:
+            for lora in new:  # each reload (load_inplace) once for the call, not per prompt
                 engine.lora.register(lora, validate=False)
+            loras = [_read_once(x) for x in loras]
         ids = []
         try:
             for prompt, p, lora, prio in zip(prompt_list, params, loras, priorities):
@@ -165,3 +166,17 @@ def _per_prompt(value: Any, kind: type, n: int, name: str) -> list[Any]:
     if len(values) != n:
         raise ValueError(f"{name} has {len(values)} entries but there are {n} prompts")
     return values
+
+
+def _read_once(lora: Any) -> Any:
+    """``lora`` without ``load_inplace`` (its reload is done): the call's prompts share it."""
+    if not isinstance(lora, LoRARequest) or not lora.load_inplace:
+        return lora
+    return LoRARequest(
+        lora.lora_name,
+        lora.lora_int_id,
+        lora.lora_path,
+        long_lora_max_len=lora.long_lora_max_len,
+        base_model_name=lora.base_model_name,
+        tensorizer_config_dict=lora.tensorizer_config_dict,
+    )

@@ -91,9 +91,21 @@ class LoRAManager:
         left registered); otherwise it is read ahead of need like any other, and a failure
         ends its requests with the error."""
         check_request(request)
+        if request.load_inplace and self.core.adapter_key(request.lora_int_id) is not None:
+            return self._reload(request, validate)  # vLLM: the request reloads the weights
         key, new = self.core.register_adapter(request)
         if new and validate:
             self._stage_and_wait(key)
+        return key
+
+    def _reload(self, request: LoRARequest, wait: bool) -> int:
+        """Reads a registered adapter's weights again (``load_inplace``): requests already
+        running finish on the old ones, later ones get the new; a pin is kept."""
+        key, was_pinned = self.core.reload_adapter(request)
+        if wait:
+            self._stage_and_wait(key)
+        if was_pinned:
+            self.pin(request.lora_int_id)
         return key
 
     def add(self, request: LoRARequest) -> bool:
@@ -103,10 +115,7 @@ class LoRAManager:
         weights)."""
         check_request(request)
         if request.load_inplace and self.core.adapter_key(request.lora_int_id) is not None:
-            key, was_pinned = self.core.reload_adapter(request)
-            self._stage_and_wait(key)
-            if was_pinned:
-                self.pin(request.lora_int_id)
+            self._reload(request, True)
             return True
         key, _ = self.core.register_adapter(request)
         return self._stage_and_wait(key) != "ready"  # "ready": held already, now marked used
