@@ -381,24 +381,31 @@ def test_lora_request_load_inplace_field():
     assert LoRARequest("x", 3, "/a").load_inplace is False
 
 
-def test_load_inplace_hot_swaps_weights(base, alice, bob, tmp_path):
-    """The RL loop's hot swap: new weights at the same path, reloaded in place. A request
-    running before the reload finishes on the old weights; new ones use the new weights."""
+def running_on_alice_then_bob_on_disk(engine, alice, bob, tmp_path):
+    """Request 'before' running on alice's weights at a path where bob's now lie:
+    ``(its LoRARequest, its params, the path)``."""
     import shutil
 
     from loraplex import SamplingParams
 
     live = tmp_path / "live"
     shutil.copytree(alice, live)
-    engine = LLMEngine.from_engine_args(
-        EngineArgs(model=str(base), enable_lora=True, max_loras=2, max_lora_rank=8)
-    )
     req = LoRARequest("policy", 1, str(live))
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     engine.add_request("before", "the quick", params, lora_request=req)
     engine.step()  # 'before' is running on alice's weights
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         shutil.copy(bob / name, live / name)
+    return req, params, live
+
+
+def test_load_inplace_hot_swaps_weights(base, alice, bob, tmp_path):
+    """The RL loop's hot swap: new weights at the same path, reloaded in place. A request
+    running before the reload finishes on the old weights; new ones use the new weights."""
+    engine = LLMEngine.from_engine_args(
+        EngineArgs(model=str(base), enable_lora=True, max_loras=2, max_lora_rank=8)
+    )
+    req, params, live = running_on_alice_then_bob_on_disk(engine, alice, bob, tmp_path)
     assert engine.add_lora(LoRARequest("policy", 1, str(live), load_inplace=True)) is True
     engine.add_request("after", "the quick", params, lora_request=req)
     done = {}
@@ -416,20 +423,12 @@ def test_a_request_carrying_load_inplace_reloads_before_it_runs(base, alice, bob
     """vLLM's per-request ``load_inplace``: a request carrying it reloads the adapter's
     weights before it runs (no ``add_lora``); one running already finishes on the old ones;
     a later request without the flag keeps the new weights."""
-    import shutil
 
-    from loraplex import LLM, SamplingParams
+    from loraplex import LLM
 
-    live = tmp_path / "live"
-    shutil.copytree(alice, live)
     llm = LLM(model=str(base), enable_lora=True, max_loras=2, max_lora_rank=8)
     engine = llm.llm_engine
-    req = LoRARequest("policy", 1, str(live))
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    engine.add_request("before", "the quick", params, lora_request=req)
-    engine.step()  # 'before' is running on alice's weights
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        shutil.copy(bob / name, live / name)
+    req, params, live = running_on_alice_then_bob_on_disk(engine, alice, bob, tmp_path)
     swap = LoRARequest("policy", 1, str(live), load_inplace=True)
     done = {}
     if via == "add_request":
