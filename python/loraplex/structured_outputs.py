@@ -48,8 +48,8 @@ class Matcher:
 class Grammar:
     """A compiled grammar: a template whose copies are the sequences' matchers."""
 
-    def __init__(self, template: Any, kind: str):
-        self._template, self.kind = template, kind
+    def __init__(self, template: Any):
+        self._template = template
 
     def matcher(self) -> Matcher:
         return Matcher(self._template.deep_copy())
@@ -128,7 +128,7 @@ class GrammarBackend:
         # llguidance builds its lexer lazily: the first mask, here, off the step thread
         mask = torch.zeros((1, (self.vocab_size + 31) // 32), dtype=torch.int32)
         self._fill([template.deep_copy()], mask)
-        grammar = Grammar(template, kind)
+        grammar = Grammar(template)
         with self._lock:
             self.compiles += 1
             self._cache[key] = grammar

@@ -397,9 +397,17 @@ class LLMEngine:
         for s in seqs:
             p, r = s.request.params, s.request
             blocked = list(p.stop_token_ids or []) + ([] if p.ignore_eos else eos)
-            row = SampleRow(p, r.prompt_token_ids, s.output_ids, s.generator, blocked)
-            row.bad_word_ids, row.banned = r.bad_word_ids, banned.get(s.seq_id)
-            rows.append(row)
+            rows.append(
+                SampleRow(
+                    p,
+                    r.prompt_token_ids,
+                    s.output_ids,
+                    s.generator,
+                    blocked,
+                    r.bad_word_ids,
+                    banned.get(s.seq_id),
+                )
+            )
         return rows
 
     @staticmethod

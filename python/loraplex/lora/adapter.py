@@ -131,11 +131,10 @@ def _block(module: str) -> str:
 
 
 def resolve_adapter_path(request: LoRARequest) -> Path:
+    check_path(request)
     path = Path(request.lora_path).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or request.lora_path.startswith(("/", "./", "../", "~")):
-        raise adapter_error(request, f"path {request.lora_path!r} is not a readable folder")
     from huggingface_hub import snapshot_download
 
     try:
@@ -154,11 +153,13 @@ def check_path(request: LoRARequest) -> None:
     path = Path(request.lora_path).expanduser()
     if not (path.exists() or request.lora_path.startswith(("/", "./", "../", "~"))):
         return
+    why = ""
     if not path.is_dir():
-        what = "does not exist" if not path.exists() else "is not a folder"
-        raise adapter_error(request, f"path {request.lora_path!r} {what}")
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise adapter_error(request, f"path {request.lora_path!r} is not a readable folder")
+        why = ": it does not exist" if not path.exists() else ": it is not a folder"
+    elif not os.access(path, os.R_OK | os.X_OK):
+        why = " (permissions)"
+    if why:
+        raise adapter_error(request, f"path {request.lora_path!r} is not a readable folder{why}")
 
 
 def check_request(request: LoRARequest) -> None:
@@ -345,7 +346,7 @@ def _check_regex(request: LoRARequest, what: str, pattern: Any) -> None:
         raise adapter_error(
             request,
             f"adapter_config.json: {what} {pattern!r:.200} is not a regex loraplex matches "
-            f"(linear-time engine: {str(e).split(': ', 1)[-1]:.300})",
+            f"in linear time ({str(e):.400})",
         ) from None
 
 

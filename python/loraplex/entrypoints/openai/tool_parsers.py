@@ -50,14 +50,15 @@ def _call(name: Any, arguments: Any) -> ToolCall | None:
 
 class ToolParser:
     """Finds tool calls in a finished output: ``(content, calls)``; no calls leaves the
-    whole text as content."""
+    whole text as content. This base finds none (the ``required`` and named modes, whose
+    calls come from their schema, use it for their ids); each format overrides ``parse``."""
 
     name = ""
     markers: tuple[str, ...] = ()  # where calls begin, anywhere in the text
     leading: tuple[str, ...] = ()  # where calls begin, only at the output's start
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        raise NotImplementedError
+        return text, []
 
     def call_id(self) -> str:
         return f"chatcmpl-tool-{uuid.uuid4().hex}"
