@@ -1,8 +1,9 @@
 """Adapter files are untrusted input (issue 27's hostile cases, the reading side): a FIFO, a
-link to ``/dev/zero``, a config past its size bound, a sparse weights file far larger than
-its header declares. Each load runs in a child process (a wait it could not finish if it
-blocked or read the file whole): it is refused naming the adapter and the file, the child's
-peak memory grows by under 64 MB, and a good adapter's output before and after is the same."""
+link to ``/dev/zero``, a link to a file outside the adapter's folder, a config past its size
+bound, a sparse weights file far larger than its header declares. Each load runs in a child
+process (a wait it could not finish if it blocked or read the file whole): it is refused
+naming the adapter and the file, the child's peak memory grows by under 64 MB, and a good
+adapter's output before and after is the same."""
 
 from __future__ import annotations
 
@@ -62,6 +63,13 @@ def dev_zero(path):
     path.symlink_to("/dev/zero")
 
 
+def link_out(path):
+    """The file swapped for a link to a copy of itself outside the adapter's folder."""
+    outside = path.parent.parent / f"outside-{path.name}"
+    path.rename(outside)
+    path.symlink_to(outside)
+
+
 def huge_config(path):
     path.write_text(json.dumps(json.loads(path.read_text())) + " " * (2 << 20))
 
@@ -74,10 +82,12 @@ def sparse_weights(path):
     "file, break_it, said",
     [
         ("adapter_config.json", fifo, "adapter_config.json is not a regular file"),
-        ("adapter_config.json", dev_zero, "adapter_config.json is not a regular file"),
+        ("adapter_config.json", dev_zero, "adapter_config.json is refused: it leads outside"),
+        ("adapter_config.json", link_out, "adapter_config.json is refused: it leads outside"),
         ("adapter_config.json", huge_config, "over the 1048576-byte bound"),
         ("adapter_model.safetensors", fifo, "is not a regular file"),
-        ("adapter_model.safetensors", dev_zero, "is not a regular file"),
+        ("adapter_model.safetensors", dev_zero, "safetensors is refused: it leads outside"),
+        ("adapter_model.safetensors", link_out, "safetensors is refused: it leads outside"),
         ("adapter_model.safetensors", sparse_weights, "the file holds 2147483648"),
     ],
 )
@@ -112,11 +122,19 @@ def test_through_the_server_each_is_refused_and_health_answers(base, good, tmp_p
     root = tmp_path / "root"
     root.mkdir()
     shutil.copytree(good, root / "good")
-    cases = {"fifo": fifo, "zero": dev_zero, "big": huge_config, "sparse": sparse_weights}
+    cases = {
+        "fifo": fifo,
+        "zero": dev_zero,
+        "big": huge_config,
+        "sparse": sparse_weights,
+        "out": link_out,
+    }
     for name, break_it in cases.items():
         folder = build_adapter(base, root / name, r=8, alpha=16, seed=9)
-        target = "adapter_model.safetensors" if name in ("sparse",) else "adapter_config.json"
+        target = "adapter_model.safetensors" if name in ("sparse", "out") else "adapter_config.json"
         break_it(folder / target)
+    swap = build_adapter(base, root / "swap", r=8, alpha=16, seed=11)
+    elsewhere = build_adapter(base, tmp_path / "elsewhere", r=8, alpha=16, seed=12)
     evil = build_adapter(base, root / "evil", r=8, alpha=16, seed=10)
     edit_config(evil, rank_pattern={"(.|.)*Z": 4})
     args = [str(base), "--api-key", KEY, "--enable-lora", "--max-lora-rank", "8"]
@@ -149,8 +167,55 @@ def test_through_the_server_each_is_refused_and_health_answers(base, good, tmp_p
                 url + "/v1/load_lora_adapter", "POST", {"lora_name": "evil", "lora_path": str(evil)}
             )
             assert status == 200, text
+            # a folder read once, then swapped for a link out of the root: its next read
+            # (after an eviction: one host slot) is refused
+            status, text = http(
+                url + "/v1/load_lora_adapter", "POST", {"lora_name": "swap", "lora_path": str(swap)}
+            )
+            assert status == 200, text
+            assert complete() == before  # evicts "swap"
+            shutil.rmtree(swap)
+            swap.symlink_to(elsewhere)
+            status, text = http(url + "/v1/completions", "POST", {"model": "swap", **body})
+            assert status != 200 and "adapter 'swap'" in text, (status, text)
+            assert "adapter_config.json is refused: it leads outside" in text, text
         assert p99(latencies) < 0.05, sorted(latencies)[-5:]
         assert complete() == before
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+def test_a_folder_swapped_for_a_link_out_is_refused_at_its_next_read(base, good, tmp_path):
+    """Offline, with ``lora_root``: an adapter read once, its folder then swapped for a link
+    to an adapter outside the root; the read after its eviction (one host slot), and an
+    in-place reload, are each refused naming the adapter and the file; the walk that stands
+    in for ``openat2`` refuses the same."""
+    import shutil
+
+    from loraplex import LLM, LoRARequest, SamplingParams
+    from loraplex.errors import InvalidAdapterError
+
+    root = tmp_path / "root"
+    swap = build_adapter(base, root / "swap", r=8, alpha=16, seed=11)
+    elsewhere = build_adapter(base, tmp_path / "elsewhere", r=8, alpha=16, seed=12)
+    llm = LLM(model=str(base), enable_lora=True, max_lora_rank=8, lora_root=[str(root)])
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    swapped, other = LoRARequest("swap", 1, str(swap)), LoRARequest("good", 2, str(good))
+
+    def run(lora):
+        return llm.generate("the quick", greedy, lora_request=lora, use_tqdm=False)[0]
+
+    assert run(swapped).outputs[0].finish_reason == "length"
+    assert run(other).outputs[0].finish_reason == "length"  # evicts "swap"
+    shutil.rmtree(swap)
+    swap.symlink_to(elsewhere)
+    out = run(swapped)
+    assert out.outputs[0].finish_reason == "abort", out
+    assert "adapter 'swap'" in out.error and "leads outside the adapter's root" in out.error
+    with pytest.raises(InvalidAdapterError, match="adapter_config.json is refused"):
+        llm.llm_engine.add_lora(LoRARequest("swap", 1, str(swap), load_inplace=True))
+    llm.llm_engine.lora.policy.walk = True
+    with pytest.raises(InvalidAdapterError, match="adapter_config.json is refused"):
+        llm.llm_engine.add_lora(LoRARequest("swap", 1, str(swap), load_inplace=True))
+    assert run(other).outputs[0].finish_reason == "length"

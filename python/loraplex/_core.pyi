@@ -22,6 +22,7 @@ __all__ = [
     "StepPlan",
     "UnknownAdapterError",
     "_restore_lora_request",
+    "open_beneath",
 ]
 
 class LoraplexError(Exception):
@@ -328,15 +329,29 @@ class ModulePatterns:
     def first_match(self, key: str) -> int | None:
         """The first pattern matching ``key``'s tail: ``re.match(rf"(.*\\.)?({p})$", key)``."""
 
+def open_beneath(
+    root: str | os.PathLike[str], path: str | os.PathLike[str], walk: bool = False
+) -> int:
+    """``path`` (relative) opened read-only and non-blocking beneath the folder ``root``,
+    never following a link out of it (``openat2`` with ``RESOLVE_BENEATH``, or the walk): a
+    raw descriptor the caller owns. ``OSError`` with the kernel's errno (``EXDEV``: it leads
+    outside the root) and words for it."""
+
 @final
 class AdapterFile:
     """An adapter's safetensors file read into memory; the loader validates the adapter from
     ``tensors()`` and fills slots from it."""
 
     @staticmethod
-    def read(path: str | os.PathLike[str]) -> AdapterFile:
+    def read(
+        path: str | os.PathLike[str],
+        root: str | os.PathLike[str] | None = None,
+        walk: bool = False,
+    ) -> AdapterFile:
         """Reads and parses ``path`` (without the GIL); ``OSError`` if it cannot be read,
-        ``ValueError`` if it is not a safetensors file."""
+        ``ValueError`` if it is not a safetensors file. With ``root``, ``path`` is relative
+        to it and opened beneath it, never following a link out (``PermissionError``;
+        ``walk`` forces the component walk over ``openat2``)."""
 
     @staticmethod
     def from_bytes(data: bytes) -> AdapterFile:

@@ -9,6 +9,7 @@
 //! transposes each weight into its place in a slot, without the GIL.
 
 use std::fmt;
+use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -19,11 +20,15 @@ use half::{bf16, f16};
 use parking_lot::Mutex;
 use safetensors::tensor::{Dtype, Metadata, SafeTensors};
 
+use crate::confined::{open_beneath, Resolve};
+
 /// Why a file could not be read as safetensors.
 #[derive(Debug)]
 pub enum ReadError {
     Io(std::io::Error),
     Format(String),
+    /// The path could not be opened beneath its root (it leads out, or does not exist).
+    Refused(String),
 }
 
 impl fmt::Display for ReadError {
@@ -31,6 +36,7 @@ impl fmt::Display for ReadError {
         match self {
             Self::Io(e) => write!(f, "{e}"),
             Self::Format(e) => write!(f, "not a safetensors file ({e})"),
+            Self::Refused(e) => write!(f, "{e}"),
         }
     }
 }
@@ -85,25 +91,38 @@ pub struct WeightCopy {
 }
 
 impl AdapterFile {
-    /// Reads `path` whole and parses it.
     /// Reads `path` as untrusted input: opened without blocking (a FIFO answers at once),
-    /// refused unless a regular file, its header read and checked against the file's size
-    /// before any data is read, and never read past what the header declares.
+    /// then read as [`AdapterFile::from_file`] does.
     pub fn read(path: &Path) -> Result<Self, ReadError> {
-        use std::io::Read;
         use std::os::unix::fs::OpenOptionsExt;
 
-        let mut file = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK)
             .open(path)
             .map_err(ReadError::Io)?;
+        Self::from_file(file, &path.display().to_string())
+    }
+
+    /// Reads `rel` beneath the folder `root`, never following a link out of it
+    /// ([`crate::confined::open_beneath`]), as [`AdapterFile::from_file`] does.
+    pub fn read_beneath(root: &Path, rel: &Path, how: Resolve) -> Result<Self, ReadError> {
+        let file = open_beneath(root, rel, how).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ReadError::Io(e),
+            _ => ReadError::Refused(crate::confined::describe(&e)),
+        })?;
+        Self::from_file(file, &rel.display().to_string())
+    }
+
+    /// Reads an open file as untrusted input: refused unless a regular file, its header read
+    /// and checked against the file's size before any data is read, and never read past what
+    /// the header declares.
+    pub fn from_file(mut file: File, name: &str) -> Result<Self, ReadError> {
+        use std::io::Read;
+
         let meta = file.metadata().map_err(ReadError::Io)?;
         if !meta.is_file() {
-            return Err(ReadError::Format(format!(
-                "{} is not a regular file",
-                path.display()
-            )));
+            return Err(ReadError::Format(format!("{name} is not a regular file")));
         }
         let size = meta.len();
         let mut len8 = [0u8; 8];

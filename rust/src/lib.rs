@@ -6,6 +6,7 @@ pub mod adapter_file;
 pub mod adapters;
 pub mod batch;
 pub mod config;
+pub mod confined;
 pub mod error;
 pub mod kv;
 pub mod lru;

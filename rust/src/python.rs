@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use parking_lot::Mutex;
 use pyo3::exceptions::{
-    PyDeprecationWarning, PyException, PyLookupError, PyRuntimeError, PyTypeError, PyValueError,
+    PyDeprecationWarning, PyException, PyLookupError, PyOSError, PyPermissionError, PyRuntimeError,
+    PyTypeError, PyValueError,
 };
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -833,16 +834,48 @@ fn read_error(e: ReadError) -> PyErr {
     match e {
         ReadError::Io(e) => e.into(),
         ReadError::Format(_) => PyValueError::new_err(e.to_string()),
+        ReadError::Refused(why) => PyPermissionError::new_err(why),
     }
+}
+
+fn resolve_how(walk: bool) -> crate::confined::Resolve {
+    if walk {
+        crate::confined::Resolve::Walk
+    } else {
+        crate::confined::Resolve::Auto
+    }
+}
+
+/// `path` (relative) opened read-only and non-blocking beneath the folder `root`, never
+/// following a link out of it (`confined.rs`): a raw descriptor the caller owns.
+/// `OSError` with the kernel's errno (EXDEV: it leads outside the root) and words for it.
+#[pyfunction]
+#[pyo3(signature = (root, path, walk=false))]
+fn open_beneath(py: Python<'_>, root: PathBuf, path: PathBuf, walk: bool) -> PyResult<i32> {
+    use std::os::fd::IntoRawFd;
+    py.detach(|| crate::confined::open_beneath(&root, &path, resolve_how(walk)))
+        .map(|f| f.into_raw_fd())
+        .map_err(|e| {
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            PyOSError::new_err((errno, crate::confined::describe(&e)))
+        })
 }
 
 #[pymethods]
 impl PyAdapterFile {
     /// Reads and parses `path` (without the GIL); `OSError` if it cannot be read,
     /// `ValueError` if it is not a safetensors file.
+    /// With `root`, `path` is relative to it and opened beneath it, never following a
+    /// link out (`confined.rs`; `walk` forces the component walk over `openat2`).
     #[staticmethod]
-    fn read(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = py.detach(|| AdapterFile::read(&path)).map_err(read_error)?;
+    #[pyo3(signature = (path, root=None, walk=false))]
+    fn read(py: Python<'_>, path: PathBuf, root: Option<PathBuf>, walk: bool) -> PyResult<Self> {
+        let inner = py
+            .detach(|| match &root {
+                Some(root) => AdapterFile::read_beneath(root, &path, resolve_how(walk)),
+                None => AdapterFile::read(&path),
+            })
+            .map_err(read_error)?;
         Ok(Self { inner })
     }
 
@@ -964,6 +997,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyAdapterFile>()?;
     m.add_class::<PyModulePatterns>()?;
     m.add_function(wrap_pyfunction!(_restore_lora_request, m)?)?;
+    m.add_function(wrap_pyfunction!(open_beneath, m)?)?;
     let t = error_types(py)?;
     for (name, ty) in [
         ("LoraplexError", &t.root),

@@ -70,6 +70,12 @@ class _Honoured:
     lora_dtype: str | torch.dtype | None = "auto"  # "auto": the model's dtype
     max_skipped_steps: int = 32  # loraplex: passes over a waiting adapter before it drains
     lora_loader_threads: int = 2  # loraplex: threads reading adapters off the step thread
+    # loraplex: folders an adapter beneath one is read beneath (links out refused); the
+    # server's --lora-root
+    lora_root: list[str] | None = None
+    lora_read_timeout: float = 60.0  # loraplex: seconds one adapter's whole read may take
+    lora_cache_dir: str | None = None  # loraplex: object-store adapters' cache (~/.cache)
+    lora_cache_max_bytes: int = 16 << 30  # loraplex: that cache's bound
     # structured outputs: vLLM's config (a dict or its JSON text) and its older flags
     structured_outputs_config: dict | str | None = None
     guided_decoding_backend: str | None = "auto"
@@ -125,6 +131,8 @@ class EngineArgs(_engine_args_base()):  # type: ignore[misc]
             self.max_num_seqs = 256
         if self.block_size is None:
             self.block_size = 16
+        if isinstance(self.lora_root, str):
+            self.lora_root = [self.lora_root]
 
     def torch_dtype(self) -> torch.dtype:
         """``auto`` is float32: the CPU path computes in float32 unless told otherwise."""
@@ -204,6 +212,10 @@ class EngineArgs(_engine_args_base()):  # type: ignore[misc]
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.lora_read_timeout, (int, float)) and self.lora_read_timeout > 0):
+            raise ValueError(
+                f"lora_read_timeout must be a positive number, got {self.lora_read_timeout!r}"
+            )
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(
                 f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})"
@@ -233,12 +245,15 @@ class EngineArgs(_engine_args_base()):  # type: ignore[misc]
         """Adds ``--<name>`` for every honoured argument (vLLM's flag spellings)."""
         for f in dataclasses.fields(_Honoured):
             flag = "--" + f.name.replace("_", "-")
+            if f.name == "lora_root":
+                continue  # the server's --lora-root (repeatable) sets it
             if f.name == "model":
                 parser.add_argument(flag, type=str, default=None, help="model folder or hub id")
             elif f.type in ("bool", "bool | None"):
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
             else:
                 kind = int if "int" in str(f.type) and "str" not in str(f.type) else str
+                kind = float if str(f.type) == "float" else kind
                 parser.add_argument(flag, type=_nullable(kind), default=f.default)
         return parser
 

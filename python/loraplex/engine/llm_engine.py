@@ -27,7 +27,9 @@ from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.output_processor import OutputProcessor
 from loraplex.engine.sequence import Request, Sequence
 from loraplex.engine.stats import engine_stats
+from loraplex.lora.adapter import ReadPolicy
 from loraplex.lora.manager import LoRAManager
+from loraplex.lora.sources import ObjectStoreCache
 from loraplex.model.config import ModelConfig
 from loraplex.model.loader import load_model, resolve_model_path
 from loraplex.outputs import RequestOutput
@@ -124,6 +126,11 @@ class LLMEngine:
                 backend,
                 served,
                 args.lora_loader_threads,
+                ReadPolicy(
+                    roots=list(args.lora_root or []),
+                    cache=ObjectStoreCache(args.lora_cache_dir, args.lora_cache_max_bytes),
+                    timeout=args.lora_read_timeout,
+                ),
             )
         self.sampler = Sampler(args.seed)
         # the constrained rows' masks, filled beside the forward (llguidance drops the GIL)
@@ -305,6 +312,11 @@ class LLMEngine:
     def lora_by_name(self, name: str) -> LoRARequest | None:
         """The adapter registered under ``name`` (the core's identity), or None."""
         return self.scheduler.adapter_by_name(name)
+
+    def lora_version(self, lora_id: int) -> str | None:
+        """The version of ``lora_id``'s weights as last read: the content digest of an
+        object-store adapter, the commit of a hub one; None for a local folder."""
+        return self.lora.versions.get(lora_id) if self.lora else None
 
     def registered_loras(self) -> list[LoRARequest]:
         """Every adapter registered in the core, by ascending id."""

@@ -4,6 +4,7 @@ names the adapter and the cause."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,8 +18,15 @@ from typing import Any, BinaryIO
 
 import torch
 
-from loraplex._core import AdapterFile, LoRARequest, ModulePatterns
+from loraplex._core import AdapterFile, LoRARequest, ModulePatterns, open_beneath
 from loraplex.errors import InvalidAdapterError
+from loraplex.lora.sources import (
+    Location,
+    ObjectStoreCache,
+    locate,
+    read_with_timeout,
+    source_of,
+)
 from loraplex.model.config import ModelConfig
 from loraplex.model.llama import PROJECTIONS
 
@@ -68,6 +76,8 @@ class LoRAAdapter:
     layout: Layout
     maxes: list[float]  # per tensor of the file, in ``file.tensors()`` order
     file: AdapterFile
+    version: str | None = None  # the content digest (object stores) or commit (hub)
+    source: str = "local"  # "local", "hub" or an object store's scheme
 
     @property
     def rank(self) -> int:
@@ -130,29 +140,12 @@ def _block(module: str) -> str:
     return "self_attn" if MODULES[module][0] in ("qkv_proj", "o_proj") else "mlp"
 
 
-def resolve_adapter_path(request: LoRARequest) -> Path:
-    check_path(request)
-    path = Path(request.lora_path).expanduser()
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(request.lora_path))
-    except Exception as e:  # the hub client raises many kinds; keep the cause
-        raise adapter_error(
-            request,
-            f"path {request.lora_path!r} is not a local folder and could not be fetched as a "
-            f"hub repo ({type(e).__name__}: {e})",
-        ) from e
-
-
 def check_path(request: LoRARequest) -> None:
     """Path accessibility at submission: a local path (one that exists, or is written as a
     path) must be a folder this process can read; a hub id is left to the loader."""
-    path = Path(request.lora_path).expanduser()
-    if not (path.exists() or request.lora_path.startswith(("/", "./", "../", "~"))):
+    if source_of(request.lora_path) != "local":
         return
+    path = Path(request.lora_path).expanduser()
     why = ""
     if not path.is_dir():
         why = ": it does not exist" if not path.exists() else ": it is not a folder"
@@ -171,10 +164,33 @@ def check_request(request: LoRARequest) -> None:
         )
 
 
+@dataclass
+class ReadPolicy:
+    """How an engine reads adapters: the roots local folders are confined beneath
+    (resolved), the object-store cache, how long one adapter's whole read may take, and
+    which way paths are resolved beneath roots (``walk``: the component walk, for tests)."""
+
+    roots: list[str] = dataclasses.field(default_factory=list)
+    cache: ObjectStoreCache = dataclasses.field(default_factory=lambda: ObjectStoreCache(None))
+    timeout: float = 60.0
+    walk: bool = False
+
+    def __post_init__(self) -> None:
+        self.roots = [os.path.realpath(os.path.expanduser(r)) for r in self.roots]
+
+
+_DEFAULT_POLICY = ReadPolicy()
+
+
 def load_adapter(
-    request: LoRARequest, cfg: ModelConfig, max_lora_rank: int, served_names: set[str]
+    request: LoRARequest,
+    cfg: ModelConfig,
+    max_lora_rank: int,
+    served_names: set[str],
+    policy: ReadPolicy = _DEFAULT_POLICY,
 ) -> LoRAAdapter:
-    """Reads and validates ``request``'s adapter; raises ``InvalidAdapterError``."""
+    """Reads and validates ``request``'s adapter; raises ``InvalidAdapterError``. The whole
+    read (fetch included) runs on a thread of its own for at most ``policy.timeout``."""
     check_request(request)
     if request.base_model_name is not None and request.base_model_name not in served_names:
         raise adapter_error(
@@ -182,11 +198,35 @@ def load_adapter(
             f"base_model_name {request.base_model_name!r} does not match the served model "
             f"({' / '.join(sorted(served_names))})",
         )
-    folder = resolve_adapter_path(request)
-    config = _read_config(request, folder)
-    _check_config(request, config, cfg)
-    file = _read_weights(request, folder)
-    return _build(request, config, file, cfg, max_lora_rank)
+    check_path(request)
+    try:
+        where, config, file = read_with_timeout(
+            lambda: _read(request, cfg, policy), policy.timeout, "the adapter"
+        )
+    except TimeoutError as e:
+        raise adapter_error(request, str(e)) from None
+    adapter = _build(request, config, file, cfg, max_lora_rank)
+    adapter.version = where.version
+    adapter.source = where.source
+    return adapter
+
+
+def _read(request: LoRARequest, cfg: ModelConfig, policy: ReadPolicy):
+    try:
+        where = locate(request, policy.roots, policy.cache, _LIMITS)
+    except InvalidAdapterError:
+        raise
+    except Exception as e:  # the hub client and the stores raise many kinds; keep the cause
+        path = request.lora_path
+        what = (
+            f"path {path!r} is not a local folder and could not be fetched as a hub repo"
+            if source_of(path) == "hub"
+            else f"cannot fetch the adapter from {path!r}"
+        )
+        raise adapter_error(request, f"{what} ({type(e).__name__}: {e})") from e
+    config = _read_config(request, where, policy.walk)
+    _check_config(request, config, cfg)  # before the weights are read
+    return where, config, _read_weights(request, where, policy.walk)
 
 
 def adapter_error(request: LoRARequest, cause: str) -> InvalidAdapterError:
@@ -201,18 +241,29 @@ CONFIG_MAX_BYTES = 1 << 20  # adapter_config.json is a few hundred bytes; PEFT's
 BIN_MAX_BYTES = 8 << 30  # adapter_model.bin, read whole by torch.load
 
 
-def _open_regular(request: LoRARequest, path: Path, limit: int) -> BinaryIO:
-    """``path`` opened as untrusted input: without blocking (a FIFO answers at once),
-    refused unless a regular file of at most ``limit`` bytes (``fstat`` on the handle that
-    is then read, so the file checked is the file read)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+_LIMITS = {"adapter_config.json": CONFIG_MAX_BYTES, "adapter_model.bin": BIN_MAX_BYTES}
+
+
+def _open_regular(
+    request: LoRARequest, where: Location, name: str, limit: int, walk: bool
+) -> BinaryIO:
+    """``name`` in the adapter's folder opened as untrusted input: beneath its root, never
+    following a link out of it, without blocking (a FIFO answers at once), refused unless a
+    regular file of at most ``limit`` bytes (``fstat`` on the handle that is then read, so
+    the file checked is the file read). ``FileNotFoundError`` if it is not there."""
+    try:
+        fd = open_beneath(where.root, where.rel(name), walk)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise adapter_error(request, f"{name} is refused: {e.strerror}") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise adapter_error(request, f"{path.name} is not a regular file")
+            raise adapter_error(request, f"{name} is not a regular file")
         if info.st_size > limit:
             raise adapter_error(
-                request, f"{path.name} is {info.st_size} bytes, over the {limit}-byte bound"
+                request, f"{name} is {info.st_size} bytes, over the {limit}-byte bound"
             )
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -220,20 +271,22 @@ def _open_regular(request: LoRARequest, path: Path, limit: int) -> BinaryIO:
         raise
 
 
-def _read_config(request: LoRARequest, folder: Path) -> dict[str, Any]:
-    path = folder / "adapter_config.json"
+def _read_config(request: LoRARequest, where: Location, walk: bool) -> dict[str, Any]:
+    name = "adapter_config.json"
     try:
-        with _open_regular(request, path, CONFIG_MAX_BYTES) as f:
+        with _open_regular(request, where, name, CONFIG_MAX_BYTES, walk) as f:
             data = f.read(CONFIG_MAX_BYTES + 1)
         if len(data) > CONFIG_MAX_BYTES:  # it grew after the check
-            raise adapter_error(request, f"adapter_config.json is over {CONFIG_MAX_BYTES} bytes")
+            raise adapter_error(request, f"{name} is over {CONFIG_MAX_BYTES} bytes")
         config = json.loads(data.decode("utf-8"))
+    except InvalidAdapterError:
+        raise
     except FileNotFoundError:
-        raise adapter_error(request, f"no adapter_config.json in {folder}") from None
+        raise adapter_error(request, f"no {name} in {where.root}/{where.folder}") from None
     except (OSError, ValueError, RecursionError) as e:  # JSON, UTF-8, nesting
-        raise adapter_error(request, f"adapter_config.json is malformed ({e})") from e
+        raise adapter_error(request, f"{name} is malformed ({e})") from e
     if not isinstance(config, dict):
-        raise adapter_error(request, "adapter_config.json is malformed (not a JSON object)")
+        raise adapter_error(request, f"{name} is malformed (not a JSON object)")
     return config
 
 
@@ -303,18 +356,25 @@ def _check_config(request: LoRARequest, c: dict[str, Any], cfg: ModelConfig) -> 
         )
 
 
-def _read_weights(request: LoRARequest, folder: Path) -> AdapterFile:
-    """The weights file, read once (without the GIL); a PyTorch ``adapter_model.bin`` is
-    converted to the same form."""
-    st, binary = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+def _read_weights(request: LoRARequest, where: Location, walk: bool) -> AdapterFile:
+    """The weights file, read once beneath the root (without the GIL); a PyTorch
+    ``adapter_model.bin`` is converted to the same form."""
+    st = "adapter_model.safetensors"
     try:
-        if os.path.lexists(st):  # AdapterFile.read refuses what is not a regular file
-            return AdapterFile.read(st)
-        if not os.path.lexists(binary):
+        try:
+            return AdapterFile.read(where.rel(st), root=where.root, walk=walk)
+        except FileNotFoundError:
+            pass  # then the PyTorch file
+        except PermissionError as e:  # refused beneath the root
+            raise adapter_error(request, f"{st} is refused: {e}") from None
+        try:
+            f = _open_regular(request, where, "adapter_model.bin", BIN_MAX_BYTES, walk)
+        except FileNotFoundError:
             raise adapter_error(
-                request, f"no adapter_model.safetensors or adapter_model.bin in {folder}"
-            )
-        with _open_regular(request, binary, BIN_MAX_BYTES) as f:
+                request,
+                f"no adapter_model.safetensors or adapter_model.bin in {where.root}/{where.folder}",
+            ) from None
+        with f:
             tensors = torch.load(f, map_location="cpu", weights_only=True)
         if not isinstance(tensors, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()

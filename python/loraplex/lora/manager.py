@@ -24,7 +24,13 @@ from loraplex._core import (
 )
 from loraplex.engine.backend import LORA_CPP, Backend
 from loraplex.errors import InvalidAdapterError
-from loraplex.lora.adapter import LoRAAdapter, adapter_error, check_request, load_adapter
+from loraplex.lora.adapter import (
+    LoRAAdapter,
+    ReadPolicy,
+    adapter_error,
+    check_request,
+    load_adapter,
+)
 from loraplex.lora.slots import LoRAContext, LoRASlots, slot_numel
 from loraplex.model.config import ModelConfig
 
@@ -38,11 +44,14 @@ class LoRAManager:
         backend: Backend,
         served_names: set[str],
         num_loader_threads: int = 2,
+        policy: ReadPolicy | None = None,
     ):
         self.cfg = cfg
         self.core = core
         self.max_lora_rank = max_lora_rank
         self.served_names = served_names
+        self.policy = policy or ReadPolicy()  # roots, the object-store cache, the read timeout
+        self.versions: dict[int, str] = {}  # lora_int_id -> the version its last read found
         # the host tier, in lora_dtype; the backend picks the kernel that reads the slots
         # the step runs on: the host tier's, or device slots of their own (a GPU's)
         self.backend = backend
@@ -141,6 +150,7 @@ class LoRAManager:
             self.core.remove_adapter(lora_id)
         except UnknownAdapterError:
             return False
+        self.versions.pop(lora_id, None)
         return True
 
     def list_ids(self) -> set[int]:
@@ -218,7 +228,11 @@ class LoRAManager:
 
     def load(self, request: LoRARequest) -> LoRAAdapter:
         """Reads and validates (``_read`` makes any failure this adapter's own)."""
-        adapter = load_adapter(request, self.cfg, self.max_lora_rank, self.served_names)
+        adapter = load_adapter(
+            request, self.cfg, self.max_lora_rank, self.served_names, self.policy
+        )
+        if adapter.version is not None:
+            self.versions[request.lora_int_id] = adapter.version
         dtype = self.host.dtype
         if dtype == torch.float16:  # (bfloat16 has float32's range)
             limit = torch.finfo(dtype).max
