@@ -56,11 +56,11 @@ def http(url: str, method="GET", body=None, key: str | None = KEY) -> tuple[int,
         return e.code, e.read().decode()
 
 
-def start_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(args: list[str], log: Path, env=None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "loraplex.cli", "serve", *args, "--port", str(port)]
     with open(log, "w") as out:  # the child keeps its own handle
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):  # bounded: the engine builds its model first
         if proc.poll() is not None:

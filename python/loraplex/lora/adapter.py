@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import stat
 from array import array
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,12 +17,14 @@ from typing import Any, BinaryIO
 
 import torch
 
-from loraplex._core import AdapterFile, LoRARequest, ModulePatterns, open_beneath
+from loraplex._core import AdapterFile, LoRARequest, ModulePatterns
 from loraplex.errors import InvalidAdapterError
 from loraplex.lora.sources import (
     Location,
     ObjectStoreCache,
+    RefusedFile,
     locate,
+    open_regular,
     read_with_timeout,
     source_of,
 )
@@ -247,28 +248,12 @@ _LIMITS = {"adapter_config.json": CONFIG_MAX_BYTES, "adapter_model.bin": BIN_MAX
 def _open_regular(
     request: LoRARequest, where: Location, name: str, limit: int, walk: bool
 ) -> BinaryIO:
-    """``name`` in the adapter's folder opened as untrusted input: beneath its root, never
-    following a link out of it, without blocking (a FIFO answers at once), refused unless a
-    regular file of at most ``limit`` bytes (``fstat`` on the handle that is then read, so
-    the file checked is the file read). ``FileNotFoundError`` if it is not there."""
+    """``name`` in the adapter's folder opened as untrusted input (``open_regular``); a
+    refusal names the adapter. ``FileNotFoundError`` if it is not there."""
     try:
-        fd = open_beneath(where.root, where.rel(name), walk)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise adapter_error(request, f"{name} is refused: {e.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise adapter_error(request, f"{name} is not a regular file")
-        if info.st_size > limit:
-            raise adapter_error(
-                request, f"{name} is {info.st_size} bytes, over the {limit}-byte bound"
-            )
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+        return open_regular(where.root, where.rel(name), limit, walk)
+    except RefusedFile as e:
+        raise adapter_error(request, f"{name} {e}") from None
 
 
 def _read_config(request: LoRARequest, where: Location, walk: bool) -> dict[str, Any]:

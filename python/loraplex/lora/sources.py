@@ -31,13 +31,15 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from loraplex._core import LoRARequest
+from loraplex._core import LoRARequest, open_beneath
 
 OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "adl", "http", "https")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -60,6 +62,38 @@ class Location:
         return name if self.folder == "." else f"{self.folder}/{name}"
 
 
+class RefusedFile(Exception):
+    """A file beneath a root that may not be read; the message says why (after its name).
+    ``at_open``: the path itself was refused (it leads out of the root), not the file."""
+
+    def __init__(self, message: str, at_open: bool = False):
+        super().__init__(message)
+        self.at_open = at_open
+
+
+def open_regular(root: str, rel: str, limit: int, walk: bool = False) -> BinaryIO:
+    """``rel`` beneath ``root`` opened as untrusted input: never following a link out of
+    the root, without blocking (a FIFO answers at once), refused unless a regular file of
+    at most ``limit`` bytes (``fstat`` on the handle that is then read, so the file checked
+    is the file read). ``FileNotFoundError`` if it is not there."""
+    try:
+        fd = open_beneath(root, rel, walk)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise RefusedFile(f"is refused: {e.strerror}", at_open=True) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise RefusedFile("is not a regular file")
+        if info.st_size > limit:
+            raise RefusedFile(f"is {info.st_size} bytes, over the {limit}-byte bound")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def source_of(path: str) -> str:
     """ "local", "hub" or an object store's scheme, for ``path`` as written (nothing read)."""
     scheme = path.split("://", 1)[0].lower() if "://" in path else ""
@@ -73,6 +107,17 @@ def source_of(path: str) -> str:
     return "hub" if _HUB_ID.match(path) else "local"
 
 
+SOURCE_KINDS = ("local", "hub", "s3", "gs", "az", "http")
+_KIND = {"s3a": "s3", "azure": "az", "abfs": "az", "abfss": "az", "adl": "az", "https": "http"}
+
+
+def source_kind(path: str) -> str:
+    """The kind of source ``path`` is, one of ``SOURCE_KINDS`` (the server's
+    ``--lora-sources`` names these)."""
+    source = source_of(path)
+    return _KIND.get(source, source)
+
+
 def local_location(path: str, roots: list[str]) -> Location:
     """The root a local adapter folder is read beneath (see the module's words)."""
     folder = os.path.abspath(os.path.expanduser(path))
@@ -84,8 +129,10 @@ def local_location(path: str, roots: list[str]) -> Location:
     if best is not None:
         return Location(best, os.path.relpath(folder, best), "local")
     parts = Path(folder).parts
-    if len(parts) >= 3 and parts[-2] == "snapshots" and "--" in parts[-3]:
-        return Location(str(Path(folder).parent.parent), f"snapshots/{parts[-1]}", "local")
+    for i in range(len(parts) - 2, 0, -1):  # models--org--name/snapshots/<rev>[/sub...]
+        if parts[i] == "snapshots" and "--" in parts[i - 1]:
+            repo = str(Path(*parts[:i]))
+            return Location(repo, os.path.relpath(folder, repo), "local")
     return Location(folder, ".", "local")
 
 

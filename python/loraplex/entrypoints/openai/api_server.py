@@ -31,6 +31,7 @@ from loraplex.entrypoints.openai.cli_args import (
     check_args,
     generation_defaults,
     log_requests,
+    lora_sources,
     read_chat_template,
 )
 from loraplex.entrypoints.openai.engine_client import LocalEngineClient
@@ -55,6 +56,7 @@ from loraplex.entrypoints.openai.serving_chat import create_chat_completion
 from loraplex.entrypoints.openai.serving_completion import create_completion
 from loraplex.entrypoints.openai.serving_engine import ServeOptions, ServingContext
 from loraplex.entrypoints.openai.serving_tokenization import detokenize, tokenize
+from loraplex.plugins import load_general_plugins
 
 logger = logging.getLogger("loraplex.serve")
 OPEN_ROUTES = {"/health", "/ping", "/metrics"}  # reachable without the API key
@@ -193,6 +195,9 @@ def serve_options(args: argparse.Namespace, model_folder: Path) -> ServeOptions:
         [os.environ["LORAPLEX_API_KEY"]] if os.environ.get("LORAPLEX_API_KEY") else []
     )
     content_format = args.chat_template_content_format
+    load_general_plugins()
+    roots = [Path(r).resolve() for r in args.lora_root]
+    runtime = serving_models.runtime_updates_allowed(args.allow_runtime_lora_updating)
     return ServeOptions(
         served_names=args.served_model_name or [args.model],
         model=str(args.model),
@@ -208,11 +213,11 @@ def serve_options(args: argparse.Namespace, model_folder: Path) -> ServeOptions:
         log_outputs=args.enable_log_outputs,
         max_log_len=args.max_log_len,
         max_body_bytes=args.max_request_body_bytes,
-        lora_roots=[Path(r).resolve() for r in args.lora_root],
-        runtime_lora_updating=serving_models.runtime_updates_allowed(
-            args.allow_runtime_lora_updating
-        ),
+        lora_roots=roots,
+        runtime_lora_updating=runtime,
         lora_discovery=args.enable_lora_discovery,
+        lora_sources=lora_sources(args.lora_sources),
+        resolvers=serving_models.build_resolvers(runtime, args.enable_lora_discovery, roots),
         api_key=[k.encode() for k in keys] or None,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser,
@@ -267,7 +272,10 @@ def build_local(args: argparse.Namespace) -> tuple[ServingContext, list[str]]:
     modules = parse_lora_modules(args.lora_modules)
     if modules and not args.enable_lora:
         raise SystemExit("loraplex serve: --lora-modules needs --enable-lora")
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
+    load_general_plugins()  # resolvers first: their folders are roots the engine reads beneath
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    engine_args.lora_root = [*(engine_args.lora_root or []), *serving_models.resolver_roots()]
+    engine = AsyncLLM.from_engine_args(engine_args)
     client = LocalEngineClient(engine)
     options = serve_options(args, client.frontend.folder)
     ctx = ServingContext(client, options, Metrics(options.base, client.frontend.max_model_len))

@@ -13,6 +13,7 @@ from typing import Any
 from loraplex.engine.arg_utils import AsyncEngineArgs
 from loraplex.engine.vllm_args import INERT, REFUSED
 from loraplex.entrypoints.openai.tool_parsers import PARSERS
+from loraplex.lora.sources import SOURCE_KINDS
 
 _TOOLS = "tools are served through the built-in parsers (--tool-call-parser)"
 _ONE = "one API server process serves the engine"
@@ -233,6 +234,14 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="folders adapters may be loaded from at run time (repeatable)",
     )
     own.add_argument(
+        "--lora-sources",
+        default="local",
+        metavar="KINDS",
+        help="where /v1/load_lora_adapter may load adapters from, comma-separated: "
+        f"{', '.join(SOURCE_KINDS)} (local: inside --lora-root; hub: Hugging Face repo ids; "
+        "s3, gs, az, http: object-store URLs, fetched into the adapter cache)",
+    )
+    own.add_argument(
         "--enable-lora-discovery",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -291,6 +300,7 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.enable_log_outputs and not log_requests(args):
         raise SystemExit("loraplex serve: --enable-log-outputs requires --enable-log-requests")
+    args.lora_sources = lora_sources(args.lora_sources)
     args.model = args.model_tag or args.model
     if not args.model:
         raise SystemExit("loraplex serve: name the model to serve (loraplex serve MODEL)")
@@ -298,6 +308,21 @@ def check_args(args: argparse.Namespace) -> None:
         AsyncEngineArgs.from_cli_args(args).verify()
     except (ValueError, TypeError) as e:
         raise SystemExit(f"loraplex serve: {e}") from None
+
+
+def lora_sources(value: str | frozenset[str]) -> frozenset[str]:
+    """``--lora-sources``: the kinds named, each one of ``SOURCE_KINDS``."""
+    if isinstance(value, frozenset):
+        return value
+    kinds = frozenset(k.strip().lower() for k in value.split(",") if k.strip())
+    unknown = sorted(kinds - set(SOURCE_KINDS))
+    if unknown or not kinds:
+        raise SystemExit(
+            f"loraplex serve: --lora-sources {value!r}: "
+            + (f"unknown {', '.join(unknown)}; " if unknown else "")
+            + f"choose from {', '.join(SOURCE_KINDS)}"
+        )
+    return kinds
 
 
 def log_requests(args: argparse.Namespace) -> bool:

@@ -50,6 +50,8 @@ class ServeOptions:
     lora_roots: list[Path] = field(default_factory=list)
     runtime_lora_updating: bool = False
     lora_discovery: bool = False
+    lora_sources: frozenset[str] = frozenset({"local"})  # what /v1/load_lora_adapter may load
+    resolvers: list[tuple[str, Any]] = field(default_factory=list)  # (name, LoRAResolver)
     api_key: list[bytes] | None = None
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None

@@ -5,6 +5,7 @@ engine's: the client answers what its core registry (or the cluster's) decides."
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -20,10 +21,16 @@ from loraplex.entrypoints.openai.protocol import (
     UnloadLoRAAdapterRequest,
 )
 from loraplex.entrypoints.openai.serving_engine import ServingContext
+from loraplex.errors import InvalidAdapterError
+from loraplex.lora.resolver import LoRAResolverRegistry
+from loraplex.lora.sources import source_kind
+from loraplex.plugins.lora_resolvers.filesystem_resolver import FilesystemResolver
 
 logger = logging.getLogger("loraplex.serve")
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 MAX_NAME = 255  # a longer name is no folder name on Linux
+RESOLVE_TIMEOUT = 120.0  # seconds one resolver may take to answer (a hub download, say)
+_resolving: dict[str, asyncio.Lock] = {}  # names being resolved now (emptied as they end)
 
 
 def warn_ignored(body: OpenAIBaseModel, route: str) -> None:
@@ -37,24 +44,9 @@ def warn_ignored(body: OpenAIBaseModel, route: str) -> None:
         )
 
 
-def find_adapter(name: str, roots: list[Path]) -> Path | None:
-    """The adapter folder named ``name`` in one of ``roots`` (vLLM's filesystem resolver
-    idea), resolved; None if none holds it, or if the name leads outside its root."""
-    if not name or name in (".", "..") or len(name) > MAX_NAME or "\0" in name or "/" in name:
-        return None
-    for root in roots:
-        root = Path(root).resolve()
-        try:
-            candidate = (root / name).resolve()
-            if root in candidate.parents and (candidate / "adapter_config.json").is_file():
-                return candidate
-        except (OSError, RuntimeError, ValueError):
-            continue
-    return None
-
-
 async def adapter_for(ctx: ServingContext, model: str | None) -> Adapter | None:
-    """The adapter a request's ``model`` names (None: the base); 404 for any other."""
+    """The adapter a request's ``model`` names (None: the base), loaded through the
+    resolvers if none is loaded under that name; 404 for any other."""
     if model is None or model in ctx.options.served_names:
         return None
     if len(model) > MAX_NAME or "\0" in model:
@@ -62,17 +54,80 @@ async def adapter_for(ctx: ServingContext, model: str | None) -> Adapter | None:
     adapter = await ctx.client.resolve_adapter(model)
     if adapter is not None:
         return adapter
-    if ctx.options.lora_discovery:
-        path = await ctx.off_loop(find_adapter, model, ctx.options.lora_roots)
-        if path is not None:
-            try:
-                return (await load_named(ctx, model, str(path), False, None, "discovered"))[0]
-            except APIError as e:
-                adapter = await ctx.client.resolve_adapter(model)  # loaded meanwhile?
-                if adapter is None:
-                    raise APIError(e.status, e.message, "model", e.headers) from None
-                return adapter
+    if ctx.options.resolvers:
+        adapter = await _resolve(ctx, model)
+        if adapter is not None:
+            return adapter
     raise APIError(404, f"The model `{model}` does not exist.", "model")
+
+
+async def _resolve(ctx: ServingContext, model: str) -> Adapter | None:
+    """vLLM's miss path: the resolvers in order, the first request one returns loaded
+    under ``model`` with an id the engine picks. One resolution per name at a time (the
+    others wait and find it loaded); a resolver's error is logged and the next one asked,
+    a resolver's refusal (``InvalidAdapterError``) is the request's 400, and an adapter
+    found but not loadable is a 400 naming why."""
+    lock = _resolving.setdefault(model, asyncio.Lock())
+    try:
+        async with lock:
+            adapter = await ctx.client.resolve_adapter(model)  # loaded meanwhile?
+            if adapter is not None:
+                return adapter
+            failures = []
+            for name, resolver in ctx.options.resolvers:
+                try:
+                    request = await asyncio.wait_for(
+                        resolver.resolve_lora(ctx.options.model, model), RESOLVE_TIMEOUT
+                    )
+                except InvalidAdapterError as e:
+                    raise APIError(400, str(e), "model") from None
+                except Exception as e:  # a plugin's bug or a dead store: the next one
+                    logger.warning(
+                        "LoRA resolver %r failed on %r: %s: %s", name, model, type(e).__name__, e
+                    )
+                    continue
+                if request is None:
+                    continue
+                try:
+                    return (
+                        await load_named(ctx, model, request.lora_path, False, None, "resolver")
+                    )[0]
+                except APIError as e:
+                    failures.append(f"{name}: {e.message}")
+            if failures:
+                raise APIError(
+                    400,
+                    f"LoRA adapter {model!r} was found but not loaded: {'; '.join(failures)}",
+                    "model",
+                )
+            return None
+    finally:
+        if not lock.locked():
+            _resolving.pop(model, None)
+
+
+def resolver_roots() -> list[str]:
+    """The folders registered resolvers serve adapters from (their ``root``): the engine
+    reads those adapters beneath them, at every read."""
+    return [r.root for r in LoRAResolverRegistry.resolvers.values() if getattr(r, "root", None)]
+
+
+def build_resolvers(runtime: bool, discovery: bool, roots: list[Path]) -> list:
+    """(name, resolver) in the order the server asks them: the registered ones (plugins')
+    when runtime loading is allowed, as vLLM; then, with ``--enable-lora-discovery``, one
+    per ``--lora-root`` (any folder of that name holding an adapter config)."""
+    registered = list(LoRAResolverRegistry.resolvers.items())
+    if registered and not runtime:
+        logger.warning(
+            "LoRA resolvers %s are registered but runtime LoRA loading is off "
+            "(--allow-runtime-lora-updating or %s=true): not consulted",
+            ", ".join(repr(n) for n, _ in registered),
+            RUNTIME_LORA_ENV,
+        )
+    resolvers = registered if runtime else []
+    if discovery:
+        resolvers += [(f"lora-root {r}", FilesystemResolver(str(r), strict=False)) for r in roots]
+    return resolvers
 
 
 async def load_named(ctx, name, path, inplace, lora_int_id, source) -> tuple[Adapter, str | None]:
@@ -114,6 +169,22 @@ def _inside_roots(ctx: ServingContext, path: str) -> Path:
     raise APIError(403, f"lora_path {path[:256]!r} is outside the --lora-root folders", "lora_path")
 
 
+def _allowed_path(ctx: ServingContext, path: str) -> str:
+    """``lora_path`` if its kind of source is one ``--lora-sources`` allows (a local one
+    resolved, and inside a root); 403 naming the kind otherwise."""
+    if "\0" in path:
+        raise APIError(400, "lora_path must not hold a NUL byte", "lora_path")
+    kind = source_kind(path)
+    if kind not in ctx.options.lora_sources:
+        raise APIError(
+            403,
+            f"lora_path {path[:256]!r} is a {kind} source; this server loads adapters from: "
+            f"{', '.join(sorted(ctx.options.lora_sources))} (--lora-sources)",
+            "lora_path",
+        )
+    return str(_inside_roots(ctx, path)) if kind == "local" else path
+
+
 def _check_runtime(ctx: ServingContext) -> None:
     if not ctx.options.runtime_lora_updating:
         raise APIError(
@@ -130,7 +201,7 @@ async def load_lora_adapter(ctx: ServingContext, body: LoadLoRAAdapterRequest):
         raise APIError(400, f"lora_name {name!r} is the base model's name", "lora_name")
     if "\0" in name:
         raise APIError(400, "lora_name must not hold a NUL byte", "lora_name")
-    path = await ctx.off_loop(_inside_roots, ctx, body.lora_path)
+    path = await ctx.off_loop(_allowed_path, ctx, body.lora_path)
     _, replica = await load_named(
         ctx, name, str(path), body.load_inplace, body.lora_int_id, "runtime"
     )
