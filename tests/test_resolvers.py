@@ -233,7 +233,9 @@ def test_a_server_resolves_unknown_models_through_its_resolvers(base, folders, r
     assert {"good", "org/adapters/sub", "custom-x"} <= names
     for name in ("other-base", "not-lora", "out", "org/adapters/none", "custom-missing-no"):
         if name == "custom-missing-no":
-            with pytest.raises(openai.BadRequestError, match="was found but not loaded"):
+            with pytest.raises(
+                openai.BadRequestError, match="custom-missing-no.*not a readable folder"
+            ):
                 served(name)
             continue
         with pytest.raises(openai.NotFoundError):
@@ -250,3 +252,25 @@ def test_a_server_resolves_unknown_models_through_its_resolvers(base, folders, r
     status, body = load({"lora_name": "outside", "lora_path": str(outside.parent / "nope")})
     assert status in (400, 403), body
     assert http(url + "/health", key=None)[0] == 200
+
+
+def test_the_hub_resolver_takes_only_plain_folders_of_listed_repos():
+    """A name's folder becomes a download pattern: globs, climbing parts and other repos
+    resolve to nothing, before anything is fetched."""
+    from loraplex.plugins.lora_resolvers.hf_hub_resolver import HfHubResolver
+
+    hub = HfHubResolver(["org/adapters", " team/more "])
+    assert hub.split("org/adapters") == ("org/adapters", ".")
+    assert hub.split("org/adapters/") == ("org/adapters", ".")
+    assert hub.split("org/adapters/sql/v2") == ("org/adapters", "sql/v2")
+    assert hub.split("team/more/x") == ("team/more", "x")
+    for name in (
+        "org/adapters/*",
+        "org/adapters/[ab]",
+        "org/adapters/../x",
+        "org/adapters//x",
+        "org/other/x",
+        "org/adaptersX/y",
+        "org/adapters/a?b",
+    ):
+        assert hub.split(name) is None, name

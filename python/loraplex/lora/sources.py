@@ -216,11 +216,6 @@ class ObjectStoreCache:
             shutil.rmtree(e, ignore_errors=True)
             used -= size
 
-    def used_bytes(self) -> int:
-        if not self.dir.exists():
-            return 0
-        return sum(f.stat().st_size for e in self.dir.iterdir() for f in e.iterdir())
-
 
 def _download(obstore, store, name: str, dest: Path, size: int) -> str:
     """One object streamed to ``dest``, never more than its listed size; its sha256."""

@@ -93,12 +93,17 @@ async def _resolve(ctx: ServingContext, model: str) -> Adapter | None:
                         await load_named(ctx, model, request.lora_path, False, None, "resolver")
                     )[0]
                 except APIError as e:
-                    failures.append(f"{name}: {e.message}")
+                    adapter = await ctx.client.resolve_adapter(model)  # loaded meanwhile?
+                    if adapter is not None:
+                        return adapter
+                    failures.append((name, e))
+            if len(failures) == 1:  # the load's own answer (its status, its replica header)
+                e = failures[0][1]
+                raise APIError(e.status, e.message, "model", e.headers)
             if failures:
+                said = "; ".join(f"{n}: {e.message}" for n, e in failures)
                 raise APIError(
-                    400,
-                    f"LoRA adapter {model!r} was found but not loaded: {'; '.join(failures)}",
-                    "model",
+                    400, f"LoRA adapter {model!r} was found but not loaded: {said}", "model"
                 )
             return None
     finally:

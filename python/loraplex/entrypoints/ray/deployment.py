@@ -257,12 +257,20 @@ async def reload_in_place(
 
 def discover(name: str, roots: list[str]) -> str:
     """The folder named ``name`` inside a root (``RegistryError`` if there is none)."""
-    from loraplex.entrypoints.openai.serving_models import find_adapter
+    from loraplex.errors import InvalidAdapterError
+    from loraplex.plugins.lora_resolvers.filesystem_resolver import FilesystemResolver
 
-    found = find_adapter(name, [Path(r) for r in roots])
+    found = None
+    for root in roots:
+        try:
+            found = FilesystemResolver(root, strict=False).find("", name)
+        except InvalidAdapterError as e:
+            raise RegistryError(str(e)) from None
+        if found is not None:
+            break
     if found is None:
         where = ", ".join(roots) or "no --lora-root"
         raise RegistryError(
             f"adapter {name!r} is not registered in the cluster and not found in {where}"
         )
-    return str(found)
+    return found.lora_path

@@ -44,9 +44,10 @@ class FilesystemResolver(LoRAResolver):
         self.strict = strict
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
-        return await asyncio.to_thread(self._resolve, base_model_name, lora_name)
+        return await asyncio.to_thread(self.find, base_model_name, lora_name)
 
-    def _resolve(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+    def find(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+        """``resolve_lora``'s work, on the calling thread."""
         if not valid_name(lora_name):
             return None
         name = f"{lora_name}/adapter_config.json"

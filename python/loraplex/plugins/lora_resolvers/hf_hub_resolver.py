@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from pathlib import Path
 
 from loraplex._core import LoRARequest
@@ -21,6 +22,7 @@ from loraplex.plugins.lora_resolvers.filesystem_resolver import FilesystemResolv
 logger = logging.getLogger("loraplex.lora")
 REPO_LIST_ENV = "VLLM_LORA_RESOLVER_HF_REPO_LIST"
 PLUGIN_NAME = "lora_hf_hub_resolver"
+_PLAIN = re.compile(r"[\w.\-/]+")
 
 
 class HfHubResolver(LoRAResolver):
@@ -34,7 +36,9 @@ class HfHubResolver(LoRAResolver):
                 return repo, "."
             if lora_name.startswith(repo + "/"):
                 sub = lora_name[len(repo) + 1 :].rstrip("/")
-                return (repo, sub) if valid_name(sub) else None
+                # plain names only: the folder becomes a download pattern (no `*`, `?`, `[`)
+                plain = _PLAIN.fullmatch(sub) is not None
+                return (repo, sub) if plain and valid_name(sub) else None
         return None
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
