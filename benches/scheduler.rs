@@ -18,6 +18,7 @@ fn request(id: u64, keys: &[i64]) -> NewRequest {
         num_prompt_tokens: PROMPT,
         adapter: Some(keys[id as usize % keys.len()]),
         priority: 0,
+        ..Default::default()
     }
 }
 
@@ -65,7 +66,7 @@ fn bench(c: &mut Criterion) {
             let mut finished = Vec::new();
             for _ in 0..4 {
                 // drain the backlog and fill the host tier, untimed
-                sched.postprocess(&finished);
+                sched.postprocess(&finished, &[]);
                 for _ in 0..finished.len() {
                     sub.add(request(next, &keys)).unwrap();
                     next += 1;
@@ -79,7 +80,7 @@ fn bench(c: &mut Criterion) {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
-                        sched.postprocess(&finished);
+                        sched.postprocess(&finished, &[]);
                         for _ in 0..finished.len() {
                             sub.add(request(next, &keys)).unwrap();
                             next += 1;

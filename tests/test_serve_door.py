@@ -43,6 +43,7 @@ def server(assets, tmp_path_factory):
     args += ["--lora-modules", f"d0={a['d0']}", "--allow-runtime-lora-updating"]
     args += ["--lora-root", str(assets["root"]), "--trust-request-chat-template"]
     args += ["--max-request-body-bytes", str(4 << 20), "--max-logprobs", "5"]
+    args += ["--enable-prompt-tokens-details"]
     proc, url = start_server(args, tmp_path_factory.mktemp("door-logs") / "server.log")
     yield url
     proc.send_signal(signal.SIGTERM)
@@ -394,3 +395,43 @@ def test_sigterm_cuts_streams_with_an_error_event_and_done(assets, tmp_path):
     assert proc.wait(timeout=30) == 0
     assert time.monotonic() - start < 2 + 8  # --shutdown-timeout plus a few seconds
     assert '"error"' in text and "shutting down" in text and "data: [DONE]" in text
+
+
+def test_cached_prompt_tokens_are_reported_and_a_cache_salt_keeps_them_apart(server):
+    """With --enable-prompt-tokens-details, ``usage.prompt_tokens_details.cached_tokens``
+    is what the prefix cache held (left out when nothing, as vLLM); a ``cache_salt`` is
+    found only by the same salt (completions and chat, streamed too); an empty salt is a
+    400 naming it."""
+    prompt = "a salted prefix of quite a few words to fill several blocks " * 4
+    api = client(server)
+
+    def cached(salt=None, **kw):
+        extra = {} if salt is None else {"cache_salt": salt}
+        out = api.completions.create(
+            model="tiny", prompt=prompt, max_tokens=2, temperature=0, extra_body=extra, **kw
+        )
+        details = out.usage.prompt_tokens_details
+        return 0 if details is None else details.cached_tokens
+
+    assert cached("first") == 0
+    assert cached("second") == 0
+    hit = cached("first")
+    assert hit > 0 and hit % 16 == 0
+    chat = api.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=2,
+        extra_body={"cache_salt": "chat"},
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    assert list(chat)[-1].usage.prompt_tokens_details is None
+    again = api.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=2,
+        extra_body={"cache_salt": "chat"},
+    )
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    with pytest.raises(openai.BadRequestError, match="cache_salt"):
+        cached("")

@@ -209,6 +209,14 @@ class StepPlan:
         """Requests that ended in the core: aborted (``None``), or refused or failed with the
         reason."""
     @property
+    def num_queried_tokens(self) -> list[int]:
+        """Per request admitted this step, the tokens it looked up in the prefix cache (0
+        otherwise, and for a request that reads none)."""
+    @property
+    def num_cached_tokens(self) -> list[int]:
+        """Per request admitted this step, the tokens found in the prefix cache (its first
+        ``num_computed_tokens``; 0 otherwise)."""
+    @property
     def num_batched_tokens(self) -> int: ...
     def __len__(self) -> int: ...
 
@@ -243,16 +251,26 @@ class Scheduler:
         num_prompt_tokens: int,
         adapter_key: int | None = None,
         priority: int = 0,
+        prompt_token_ids: list[int] | None = None,
+        read_cache: bool = True,
+        cache_salt: str | None = None,
     ) -> None:
-        """Submit. ``InvalidRequestError`` for an empty or too long prompt,
+        """Submit. With ``prompt_token_ids`` the request takes part in the prefix cache: its
+        full blocks are cached as they are computed, keyed by the tokens and the adapter key
+        (the weights version), and with ``read_cache`` it is admitted from the cached blocks
+        its prompt starts with; only requests with the same ``cache_salt`` share blocks.
+        ``InvalidRequestError`` for an empty or too long prompt,
         ``QueueFullError`` when the queue is full (nothing is submitted). A key removed by
         the time the request is drained refuses it (reported in ``ended``)."""
     def abort_request(self, request_id: int) -> None: ...
     def schedule(self) -> StepPlan:
         """Form the next batch; call ``postprocess`` after running it."""
-    def postprocess(self, finished: list[int]) -> list[int]:
-        """Apply the step (one sampled token per request that sampled) and free ``finished``.
-        Returns requests the scheduler finished itself for reaching ``max_model_len``."""
+    def postprocess(self, finished: list[int], sampled: list[tuple[int, int]] = ...) -> list[int]:
+        """Apply the step (one sampled token per request that sampled: ``sampled`` gives its
+        id for requests in the prefix cache) and free ``finished``. Returns requests the
+        scheduler finished itself for reaching ``max_model_len``."""
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix; returns how many blocks were cached."""
     def register_adapter(self, request: LoRARequest) -> tuple[int, bool]:
         """``(key, is_new)``; ``AdapterConflictError`` naming both adapters on a clash."""
     def reload_adapter(self, request: LoRARequest) -> tuple[int, bool]:
@@ -299,7 +317,10 @@ class Scheduler:
     @property
     def num_loading(self) -> int: ...
     @property
-    def num_free_blocks(self) -> int: ...
+    def num_free_blocks(self) -> int:
+        """Blocks a request may be given: free ones and cached ones nobody holds."""
+    @property
+    def num_cached_blocks(self) -> int: ...
     @property
     def max_num_seqs(self) -> int: ...
     @property

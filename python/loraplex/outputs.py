@@ -62,5 +62,5 @@ class RequestOutput:
     finished: bool
     lora_request: LoRARequest | None = None
     metrics: RequestMetrics | None = None
-    num_cached_tokens: int = 0  # prompt tokens served from a prefix cache (none here)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache, not computed
     error: str | None = None  # why the engine aborted the request, when it did

@@ -29,6 +29,10 @@ pub struct ScheduledSeq {
     pub samples: bool,
     /// The request's KV blocks, covering `num_computed_tokens + num_new_tokens` tokens.
     pub block_table: Vec<u32>,
+    /// Admitted this step: the tokens it looked up in the prefix cache (0 if it reads none).
+    pub num_queried_tokens: usize,
+    /// Admitted this step: the tokens found there (its first `num_computed_tokens`).
+    pub num_cached_tokens: usize,
 }
 
 /// A run of the flat token batch that uses one adapter slot.

@@ -528,7 +528,11 @@ impl PyScheduler {
         })
     }
 
-    #[pyo3(signature = (request_id, num_prompt_tokens, adapter_key=None, priority=0))]
+    /// ``prompt_token_ids``: given, the request takes part in the prefix cache (its full
+    /// blocks are cached as computed; with ``read_cache``, admission starts from cached ones;
+    /// only requests with the same ``cache_salt`` share blocks).
+    #[pyo3(signature = (request_id, num_prompt_tokens, adapter_key=None, priority=0, prompt_token_ids=None, read_cache=true, cache_salt=None))]
+    #[allow(clippy::too_many_arguments)]
     fn add_request(
         &self,
         py: Python<'_>,
@@ -536,12 +540,18 @@ impl PyScheduler {
         num_prompt_tokens: usize,
         adapter_key: Option<i64>,
         priority: i32,
+        prompt_token_ids: Option<Vec<u32>>,
+        read_cache: bool,
+        cache_salt: Option<String>,
     ) -> PyResult<()> {
         let request = NewRequest {
             id: request_id,
             num_prompt_tokens,
             adapter: adapter_key,
             priority,
+            prompt: prompt_token_ids,
+            read_cache,
+            cache_salt,
         };
         py.detach(|| self.submitter.add(request)).map_err(to_py_err)
     }
@@ -556,8 +566,26 @@ impl PyScheduler {
         PyStepPlan::new(py, out, self.config.block_size)
     }
 
-    fn postprocess(&self, py: Python<'_>, finished: Vec<u64>) -> Vec<u64> {
-        py.detach(|| self.core.lock().postprocess(&finished))
+    /// ``sampled``: (request id, token id) for each request that sampled a token this step
+    /// and takes part in the prefix cache.
+    #[pyo3(signature = (finished, sampled=Vec::new()))]
+    fn postprocess(
+        &self,
+        py: Python<'_>,
+        finished: Vec<u64>,
+        sampled: Vec<(u64, u32)>,
+    ) -> Vec<u64> {
+        py.detach(|| self.core.lock().postprocess(&finished, &sampled))
+    }
+
+    /// Forgets every cached prefix; returns how many blocks were cached.
+    fn reset_prefix_cache(&self) -> usize {
+        self.core.lock().reset_prefix_cache()
+    }
+
+    #[getter]
+    fn num_cached_blocks(&self) -> usize {
+        self.core.lock().kv().num_cached_blocks()
     }
 
     fn register_adapter(&self, request: PyRef<'_, PyLoRARequest>) -> PyResult<(i64, bool)> {
@@ -738,6 +766,8 @@ pub struct PyStepPlan {
     unheld: Py<PyAny>,
     preempted: Py<PyAny>,
     ended: Py<PyAny>,
+    num_queried_tokens: Py<PyAny>,
+    num_cached_tokens: Py<PyAny>,
     num_batched_tokens: usize,
 }
 
@@ -786,6 +816,8 @@ impl PyStepPlan {
             unheld: py_list(py, out.unheld)?,
             preempted: py_list(py, out.preempted)?,
             ended: py_list(py, ended)?,
+            num_queried_tokens: py_list(py, seqs.iter().map(|s| s.num_queried_tokens).collect())?,
+            num_cached_tokens: py_list(py, seqs.iter().map(|s| s.num_cached_tokens).collect())?,
             num_batched_tokens,
         })
     }

@@ -18,7 +18,7 @@ use crate::adapters::{Adapters, Key, Placement, ReadJob, Residency};
 use crate::batch::{Eviction, ScheduledSeq, SchedulerOutput, SlotLoad, NO_SLOT};
 use crate::config::SchedulerConfig;
 use crate::error::{Error, Result};
-use crate::kv::{BlockManager, RequestId};
+use crate::kv::{BlockKey, BlockManager, RequestId};
 use crate::lru::Acquired;
 use crate::queue::RequestQueue;
 use crate::request::{AdapterId, LoRARequest};
@@ -31,6 +31,45 @@ struct Seq {
     order: OrderKey,
     num_tokens: usize,
     num_computed: usize,
+    /// Its part in the prefix cache (`None`: none).
+    cache: Option<SeqCache>,
+}
+
+/// A request's token ids and block hashes, for the prefix cache.
+struct SeqCache {
+    /// Every known token: the prompt, then each one sampled.
+    tokens: Vec<u32>,
+    /// Whether admission may start from cached blocks.
+    read: bool,
+    /// The chained hashes of its first full blocks (they depend only on the tokens and the
+    /// weights version, so they outlive a preemption).
+    hashes: Vec<u64>,
+    /// Blocks of its current table the cache knows (found there, or recorded).
+    recorded: usize,
+    /// What its first block chains after: 0, or its `cache_salt`'s hash.
+    salt: u64,
+}
+
+impl SeqCache {
+    /// Hashes its first `blocks` full blocks (those not hashed yet).
+    fn hash_upto(&mut self, kv: &BlockManager, version: BlockKey, blocks: usize) {
+        let bs = kv.block_size();
+        while self.hashes.len() < blocks {
+            let i = self.hashes.len();
+            let parent = if i == 0 {
+                self.salt
+            } else {
+                self.hashes[i - 1]
+            };
+            let h = kv.block_hash(parent, version, &self.tokens[i * bs..(i + 1) * bs]);
+            self.hashes.push(h);
+        }
+    }
+}
+
+/// The weights version a request's KV is computed with: its adapter key, or 0 (the base).
+fn version_of(adapter: AdapterKey) -> BlockKey {
+    adapter.unwrap_or(0)
 }
 
 /// What [`Scheduler::stage_adapter`] did.
@@ -65,6 +104,8 @@ pub struct Scheduler {
     passed_over: Option<(RequestId, u64)>,
     /// Slot traffic and failures decided between steps, reported by the next `schedule`.
     pending: SchedulerOutput,
+    /// Requests admitted this step: (tokens looked up in the prefix cache, tokens found).
+    lookups: FastMap<RequestId, (usize, usize)>,
 }
 
 impl Scheduler {
@@ -88,7 +129,14 @@ impl Scheduler {
             step: 0,
             passed_over: None,
             pending: SchedulerOutput::default(),
+            lookups: FastMap::default(),
         })
+    }
+
+    /// Forgets every cached prefix (vLLM's `reset_prefix_cache`): no later request finds
+    /// one; blocks in use stay with their requests. Returns how many were cached.
+    pub fn reset_prefix_cache(&mut self) -> usize {
+        self.kv.reset_prefix_cache()
     }
 
     /// A handle that submits to this scheduler from any thread.
@@ -142,6 +190,9 @@ impl Scheduler {
     /// [`Error::AdapterConflict`] when the id is registered under another name.
     pub fn reload_adapter(&mut self, request: &LoRARequest) -> Result<(Key, bool)> {
         let (key, old) = self.adapters.reload(request)?;
+        if let Some(old) = old {
+            self.kv.forget_version(old); // no later request finds the old weights' KV
+        }
         let was_pinned = old.is_some_and(|old| {
             let pinned = self.unpin_adapter(old);
             self.drop_if_unused(old);
@@ -356,6 +407,7 @@ impl Scheduler {
         for key in keys {
             self.adapters.forget(key);
             self.waiting.set_ready(key, false);
+            self.kv.forget_version(key);
         }
         Ok(users)
     }
@@ -393,7 +445,7 @@ impl Scheduler {
     /// Forms the next batch. Call [`Scheduler::postprocess`] after running it.
     pub fn schedule(&mut self) -> SchedulerOutput {
         if !self.last.is_empty() {
-            self.postprocess(&[]);
+            self.postprocess(&[], &[]);
         }
         self.step += 1;
         let mut out = std::mem::take(&mut self.pending);
@@ -449,8 +501,9 @@ impl Scheduler {
         for command in self.queue.drain() {
             match command {
                 Command::Add(req) => {
+                    let id = req.id;
                     if let Err(e) = self.add(req) {
-                        out.rejected.push((req.id, e));
+                        out.rejected.push((id, e));
                     }
                 }
                 Command::Abort(id) => {
@@ -473,11 +526,23 @@ impl Scheduler {
         self.num_arrivals += 1;
         let order = (req.priority, self.num_arrivals);
         self.waiting.push(req.adapter, order, req.id);
+        let salt = req
+            .cache_salt
+            .as_deref()
+            .map_or(0, |s| self.kv.salt_hash(s));
+        let cache = req.prompt.map(|tokens| SeqCache {
+            tokens,
+            read: req.read_cache,
+            hashes: Vec::new(),
+            recorded: 0,
+            salt,
+        });
         let seq = Seq {
             adapter: req.adapter,
             order,
             num_tokens: req.num_prompt_tokens,
             num_computed: 0,
+            cache,
         };
         self.seqs.insert(req.id, seq);
         Ok(())
@@ -542,6 +607,9 @@ impl Scheduler {
     fn preempt(&mut self, id: RequestId) {
         let seq = self.seqs.get_mut(&id).expect("running request is known");
         seq.num_computed = 0;
+        if let Some(c) = seq.cache.as_mut() {
+            c.recorded = 0;
+        }
         let (adapter, order) = (seq.adapter, seq.order);
         self.release(id, adapter);
         self.waiting.push(adapter, order, id);
@@ -577,11 +645,24 @@ impl Scheduler {
             };
             let Some((order, adapter)) = next else { break };
             let id = self.waiting.head(adapter).expect("head exists").1;
+            let (hit, queried) = self.prefix_hit(id);
             let seq = &self.seqs[&id];
-            let chunk = (seq.num_tokens - seq.num_computed).min(*tokens_left);
-            if !self.kv.allocate(id, seq.num_computed + chunk) {
+            let start = hit.len() * self.kv.block_size();
+            let chunk = (seq.num_tokens - start).min(*tokens_left); // uncached tokens only
+            let allocated = if hit.is_empty() {
+                self.kv.allocate(id, start + chunk)
+            } else {
+                self.kv.allocate_with_prefix(id, &hit, start + chunk)
+            };
+            if !allocated {
                 break; // first come, first served on memory: no overtaking a big prompt
             }
+            let seq = self.seqs.get_mut(&id).expect("waiting request is known");
+            seq.num_computed = start;
+            if let Some(c) = seq.cache.as_mut() {
+                c.recorded = hit.len();
+            }
+            self.lookups.insert(id, (queried, start));
             if let Some(heads) = restricted.as_mut() {
                 // the global head indexes are synced once, after the loop
                 self.waiting.pop_deferred(adapter);
@@ -608,6 +689,23 @@ impl Scheduler {
             *tokens_left -= chunk;
         }
         self.waiting.sync_heads();
+    }
+
+    /// The cached blocks a waiting request may start from (at most all but its last token:
+    /// one is always computed, for its logits), and how many tokens it looked up.
+    fn prefix_hit(&mut self, id: RequestId) -> (Vec<u32>, usize) {
+        let seq = self.seqs.get_mut(&id).expect("waiting request is known");
+        let version = version_of(seq.adapter);
+        let Some(c) = seq.cache.as_mut().filter(|c| c.read) else {
+            return (Vec::new(), 0);
+        };
+        let blocks = (seq.num_tokens - 1) / self.kv.block_size();
+        c.hash_upto(&self.kv, version, blocks);
+        (
+            self.kv
+                .lookup(version, c.salt, &c.hashes[..blocks], &c.tokens),
+            seq.num_tokens,
+        )
     }
 
     /// Tracks how long the oldest waiting request has lacked an adapter slot; returns its
@@ -655,6 +753,7 @@ impl Scheduler {
         out.evictions.extend(pending.evictions);
         out.rejected.extend(pending.rejected);
         for (id, chunk) in batch {
+            let looked = self.lookups.remove(&id).unwrap_or((0, 0));
             let seq = &self.seqs[&id];
             let (slot, host_slot) = seq.adapter.map_or((NO_SLOT, NO_SLOT), |a| slots[&a]);
             out.seqs.push(ScheduledSeq {
@@ -666,6 +765,8 @@ impl Scheduler {
                 num_new_tokens: chunk,
                 samples: seq.num_computed + chunk == seq.num_tokens,
                 block_table: self.kv.block_table(id).to_vec(),
+                num_queried_tokens: looked.0,
+                num_cached_tokens: looked.1,
             });
             self.last.push((id, chunk));
         }
@@ -785,20 +886,50 @@ impl Scheduler {
     }
 
     /// Applies the last step's results: tokens computed, one sampled token per request that
-    /// sampled, and `finished` (reported by the caller: EOS, stop strings, `max_tokens`).
-    /// Returns the requests the scheduler itself finished for reaching `max_model_len`.
-    pub fn postprocess(&mut self, finished: &[RequestId]) -> Vec<RequestId> {
+    /// sampled (`sampled`: its id, for requests in the prefix cache; one missing there takes
+    /// no further part), and `finished` (reported by the caller: EOS, stop strings,
+    /// `max_tokens`). Full blocks computed this step enter the prefix cache. Returns the
+    /// requests the scheduler itself finished for reaching `max_model_len`.
+    pub fn postprocess(
+        &mut self,
+        finished: &[RequestId],
+        sampled: &[(RequestId, u32)],
+    ) -> Vec<RequestId> {
         let mut done: std::collections::HashSet<RequestId> = finished.iter().copied().collect();
+        let sampled: FastMap<RequestId, u32> = sampled.iter().copied().collect();
         let mut length_capped = Vec::new();
+        let bs = self.kv.block_size();
         for (id, chunk) in std::mem::take(&mut self.last) {
             let Some(seq) = self.seqs.get_mut(&id) else {
                 continue;
             };
             seq.num_computed += chunk;
+            // the full blocks computed so far enter the cache (their tokens are all known)
+            let version = version_of(seq.adapter);
+            let current = seq
+                .adapter
+                .is_none_or(|k| self.adapters.is_live(k) && !self.adapters.is_retired(k));
+            if let (Some(c), true) = (seq.cache.as_mut(), current) {
+                let full = seq.num_computed / bs;
+                c.hash_upto(&self.kv, version, full);
+                while c.recorded < full {
+                    let i = c.recorded;
+                    let parent = if i == 0 { c.salt } else { c.hashes[i - 1] };
+                    let tokens = &c.tokens[i * bs..(i + 1) * bs];
+                    self.kv
+                        .cache_block(id, i, c.hashes[i], parent, version, tokens);
+                    c.recorded += 1;
+                }
+            } // (a replaced version's blocks would be found by no later request)
             if seq.num_computed == seq.num_tokens {
                 seq.num_tokens += 1;
                 if seq.num_tokens >= self.config.max_model_len && done.insert(id) {
                     length_capped.push(id);
+                }
+                match (seq.cache.as_mut(), sampled.get(&id)) {
+                    (Some(c), Some(&token)) => c.tokens.push(token),
+                    (Some(_), None) => seq.cache = None, // its tokens are no longer known
+                    (None, _) => {}
                 }
             }
         }
@@ -858,6 +989,7 @@ mod tests {
             num_prompt_tokens: 4,
             adapter,
             priority: 0,
+            ..Default::default()
         };
         s.submitter().add(req).unwrap();
     }
@@ -893,7 +1025,7 @@ mod tests {
             out.rejected[0].1,
             Error::NoFreeSlot { adapter: 2, .. }
         ));
-        s.postprocess(&[11]);
+        s.postprocess(&[11], &[]);
         assert!(!s.has_unfinished());
         assert_eq!(s.kv().num_free_blocks(), s.kv().num_blocks());
     }
@@ -969,7 +1101,7 @@ mod tests {
         let out = s.schedule(); // runs request 1; reads 'later'
         assert_eq!((out.seqs.len(), out.reads.len()), (1, 1));
         assert_eq!(s.adapter_validated(later, false), Placement::Wait); // 1 is in use
-        s.postprocess(&[1]);
+        s.postprocess(&[1], &[]);
         let out = s.schedule(); // adapter 1 is idle now: the waiting weights get its slot
         assert_eq!(out.commits, vec![(later, 0)]);
         assert_eq!(s.resident_adapters(), Vec::<i64>::new());
@@ -1011,7 +1143,7 @@ mod tests {
             out.reads.iter().map(|r| r.key).collect::<Vec<_>>(),
             vec![next]
         );
-        s.postprocess(&[1]);
+        s.postprocess(&[1], &[]);
         assert_eq!(s.adapter_validated(next, false), Placement::Slot(0));
         s.adapter_loaded(next, 0);
         assert_eq!(s.schedule().seqs[0].request_id, 3);
@@ -1077,7 +1209,7 @@ mod tests {
                 s.adapter_loaded(key, slot);
             }
             let ids: Vec<_> = out.seqs.iter().map(|q| q.request_id).collect();
-            s.postprocess(&ids); // each request ends after one step
+            s.postprocess(&ids, &[]); // each request ends after one step
             finished.extend(ids);
             if !s.has_unfinished() {
                 break;
@@ -1112,7 +1244,7 @@ mod tests {
         let (new, was_pinned) = s.reload_adapter(&request).unwrap();
         assert!(new != old && !was_pinned);
         assert!(s.adapters().is_live(old)); // still running
-        s.postprocess(&[1]);
+        s.postprocess(&[1], &[]);
         assert!(!s.adapters().is_live(old));
         assert_eq!(s.adapter_key(1), Some(new));
     }

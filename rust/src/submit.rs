@@ -8,7 +8,7 @@ use crate::queue::RequestQueue;
 use crate::waiting::AdapterKey;
 
 /// A request to admit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NewRequest {
     /// Unique among unfinished requests.
     pub id: RequestId,
@@ -18,10 +18,19 @@ pub struct NewRequest {
     pub adapter: AdapterKey,
     /// Lower runs first (vLLM's convention); ties go by arrival.
     pub priority: i32,
+    /// The prompt's token ids, for the prefix cache: given, the request's full blocks are
+    /// cached as they are computed; `None`, it takes no part.
+    pub prompt: Option<Vec<u32>>,
+    /// Whether admission may start from cached blocks (with `prompt`; vLLM reads no cache
+    /// for a request that wants every prompt token's logprobs).
+    pub read_cache: bool,
+    /// vLLM's `cache_salt`: only requests with the same salt share cached blocks (a tenant's
+    /// prefixes are never found by another's).
+    pub cache_salt: Option<String>,
 }
 
 /// One submission.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// Admit a request.
     Add(NewRequest),
@@ -51,6 +60,12 @@ impl Submitter {
     /// [`Error::QueueFull`] when the queue is full (nothing is enqueued).
     pub fn add(&self, request: NewRequest) -> Result<()> {
         let n = request.num_prompt_tokens;
+        if let Some(prompt) = request.prompt.as_ref().filter(|p| p.len() != n) {
+            return Err(Error::InvalidRequest {
+                id: request.id,
+                reason: format!("{} prompt token ids for {n} prompt tokens", prompt.len()),
+            });
+        }
         if n == 0 || n > self.max_model_len {
             let reason = if n == 0 {
                 "the prompt is empty".to_string()

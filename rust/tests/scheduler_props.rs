@@ -1,5 +1,8 @@
 //! Property tests of the scheduler, driven like the Python engine drives it: submit, schedule,
-//! run (simulated: one sampled token per request that samples), postprocess.
+//! run (simulated: one sampled token per request that samples), postprocess. With the prefix
+//! cache on, a shadow KV cache records which token, computed with which weights, each slot
+//! holds: every request must read exactly its own tokens under its own adapter's version,
+//! and never write into a block another request holds.
 
 use std::collections::{HashMap, HashSet};
 
@@ -16,6 +19,20 @@ struct Spec {
     adapter: Option<i64>,
     priority: i32,
     abort_at: Option<u64>,
+    /// Prompts of one family share their first `shared` tokens (and, past a shared prompt,
+    /// what they sample).
+    family: u32,
+    shared: usize,
+}
+
+impl Spec {
+    fn token(&self, id: usize, pos: usize) -> u32 {
+        if pos < self.shared {
+            self.family * 10_000 + pos as u32
+        } else {
+            1_000_000 + id as u32 * 10_000 + pos as u32
+        }
+    }
 }
 
 fn config() -> impl Strategy<Value = SchedulerConfig> {
@@ -64,15 +81,18 @@ fn specs(max_model_len: usize) -> impl Strategy<Value = Vec<Spec>> {
         prop::option::weighted(0.8, 1i64..7),
         0i32..2,
         prop::option::weighted(0.1, 0u64..40),
+        (0u32..3, 0..=max_model_len + 12),
     )
         .prop_map(
-            |(arrival, prompt, output, adapter, priority, abort_at)| Spec {
+            |(arrival, prompt, output, adapter, priority, abort_at, (family, shared))| Spec {
                 arrival,
                 prompt,
                 output,
                 adapter,
                 priority,
                 abort_at,
+                family,
+                shared,
             },
         );
     prop::collection::vec(spec, 1..40).prop_map(|mut v| {
@@ -116,6 +136,7 @@ fn load_all(sched: &mut Scheduler, out: &SchedulerOutput, host: &mut HashMap<i64
 struct Seen {
     first_scheduled: HashMap<u64, u64>,
     done: HashSet<u64>,
+    cached_tokens: usize,
 }
 
 /// Checks one step's output against the invariants; updates the simulated device slots.
@@ -183,21 +204,68 @@ fn check_step(
 }
 
 fn check_kv(sched: &Scheduler) {
-    let mut owners = HashMap::new();
+    let mut holders: HashMap<u32, HashSet<u64>> = HashMap::new();
     for (req, block) in sched.kv().owned_blocks() {
         assert!((block as usize) < sched.kv().num_blocks());
-        if let Some(other) = owners.insert(block, req) {
-            panic!("block {block} owned by {req} and {other}");
-        }
+        assert!(
+            holders.entry(block).or_default().insert(req),
+            "block {block} twice in request {req}'s table"
+        );
+    }
+    for (block, reqs) in &holders {
+        assert_eq!(
+            sched.kv().refs(*block) as usize,
+            reqs.len(),
+            "block {block}'s count"
+        );
     }
     assert_eq!(
-        owners.len() + sched.kv().num_free_blocks(),
+        holders.len() + sched.kv().num_free_blocks(),
         sched.kv().num_blocks(),
         "blocks leaked"
     );
 }
 
-fn simulate(cfg: &SchedulerConfig, specs: &[Spec], pin: Option<i64>) -> Seen {
+/// The shadow KV cache: (block, offset) -> (token, weights version) written there.
+type Shadow = HashMap<(u32, usize), (u32, i64)>;
+
+/// Each scheduled request reads its own tokens under its own version at every position
+/// before this step's, and writes this step's only into blocks it alone holds.
+fn check_shadow(
+    sched: &Scheduler,
+    out: &SchedulerOutput,
+    shadow: &mut Shadow,
+    tokens: &HashMap<u64, Vec<u32>>,
+) {
+    let bs = sched.kv().block_size();
+    for s in &out.seqs {
+        let own = &tokens[&s.request_id];
+        let version = s.adapter.unwrap_or(0);
+        for (pos, &token) in own.iter().enumerate().take(s.num_computed_tokens) {
+            let slot = (s.block_table[pos / bs], pos % bs);
+            assert_eq!(
+                shadow.get(&slot),
+                Some(&(token, version)),
+                "request {} reads position {pos} from another prefix or version",
+                s.request_id
+            );
+        }
+        assert!(s.num_cached_tokens <= s.num_computed_tokens);
+        let new = own.iter().enumerate().skip(s.num_computed_tokens);
+        for (pos, &token) in new.take(s.num_new_tokens) {
+            let block = s.block_table[pos / bs];
+            assert_eq!(
+                sched.kv().refs(block),
+                1,
+                "request {} writes into shared block {block}",
+                s.request_id
+            );
+            shadow.insert((block, pos % bs), (token, version));
+        }
+    }
+}
+
+fn simulate(cfg: &SchedulerConfig, specs: &[Spec], pin: Option<i64>, cache: bool) -> Seen {
     let mut sched = Scheduler::new(cfg.clone()).unwrap();
     let sub = sched.submitter();
     let keys: HashMap<i64, i64> = (1..7).map(|id| (id, register(&mut sched, id))).collect();
@@ -216,6 +284,8 @@ fn simulate(cfg: &SchedulerConfig, specs: &[Spec], pin: Option<i64>) -> Seen {
     });
     let mut slots = HashMap::new();
     let mut generated = vec![0usize; specs.len()];
+    let mut shadow = Shadow::new();
+    let mut tokens: HashMap<u64, Vec<u32>> = HashMap::new();
     let mut seen = Seen::default();
     let last_event = specs
         .iter()
@@ -231,11 +301,16 @@ fn simulate(cfg: &SchedulerConfig, specs: &[Spec], pin: Option<i64>) -> Seen {
         );
         for (id, s) in specs.iter().enumerate() {
             if s.arrival == step {
+                let prompt: Vec<u32> = (0..s.prompt).map(|p| s.token(id, p)).collect();
+                tokens.insert(id as u64, prompt.clone());
                 let req = NewRequest {
                     id: id as u64,
                     num_prompt_tokens: s.prompt,
                     adapter: s.adapter.map(|a| keys[&a]),
                     priority: s.priority,
+                    prompt: cache.then_some(prompt),
+                    read_cache: cache,
+                    cache_salt: None,
                 };
                 sub.add(req).unwrap();
             }
@@ -276,19 +351,27 @@ fn simulate(cfg: &SchedulerConfig, specs: &[Spec], pin: Option<i64>) -> Seen {
         seen.done.extend(out.aborted.iter().copied());
         check_step(cfg, &out, &mut slots, pinned);
         check_kv(&sched);
+        check_shadow(&sched, &out, &mut shadow, &tokens);
         let mut finished = Vec::new();
+        let mut sampled = Vec::new();
         for s in &out.seqs {
             seen.first_scheduled.entry(s.request_id).or_insert(step);
+            seen.cached_tokens += s.num_cached_tokens;
             if s.samples {
                 let id = s.request_id as usize;
                 generated[id] += 1;
                 if generated[id] == specs[id].output {
                     finished.push(s.request_id);
+                } else {
+                    let own = tokens.get_mut(&s.request_id).unwrap();
+                    let token = specs[id].token(id, own.len());
+                    own.push(token);
+                    sampled.push((s.request_id, token));
                 }
             }
         }
         seen.done.extend(finished.iter().copied());
-        seen.done.extend(sched.postprocess(&finished));
+        seen.done.extend(sched.postprocess(&finished, &sampled));
     }
     check_kv(&sched);
     assert_eq!(
@@ -304,13 +387,24 @@ proptest! {
 
     #[test]
     fn invariants_hold_and_every_request_ends((cfg, specs, pin) in workload()) {
-        let seen = simulate(&cfg, &specs, pin);
+        let seen = simulate(&cfg, &specs, pin, false);
+        prop_assert_eq!(seen.done.len(), specs.len(), "some request never finished");
+        prop_assert_eq!(seen.cached_tokens, 0);
+    }
+
+    /// The same workloads with the prefix cache: the same invariants, every block back at
+    /// the end (cached or free), and every read of a cached block its own prefix's.
+    #[test]
+    fn with_the_prefix_cache_reads_are_their_own_and_every_request_ends(
+        (cfg, specs, pin) in workload()
+    ) {
+        let seen = simulate(&cfg, &specs, pin, true);
         prop_assert_eq!(seen.done.len(), specs.len(), "some request never finished");
     }
 
     #[test]
     fn arrival_order_kept_per_adapter_and_priority((cfg, specs, pin) in workload()) {
-        let seen = simulate(&cfg, &specs, pin);
+        let seen = simulate(&cfg, &specs, pin, false);
         for (a, sa) in specs.iter().enumerate() {
             for (b, sb) in specs.iter().enumerate().skip(a + 1) {
                 if sa.adapter != sb.adapter || sa.priority != sb.priority || sa.abort_at.is_some() {
@@ -343,13 +437,14 @@ fn skipped_request_does_not_block_active_adapter() {
         num_prompt_tokens: 4,
         adapter: Some(adapter),
         priority: 0,
+        ..Default::default()
     };
     let mut host = HashMap::new();
     sub.add(req(0, k1)).unwrap();
     let out = sched.schedule(); // reads adapter 1
     load_all(&mut sched, &out, &mut host);
     assert_eq!(sched.schedule().seqs.len(), 1);
-    sched.postprocess(&[]);
+    sched.postprocess(&[], &[]);
     sub.add(req(1, k2)).unwrap(); // no slot: adapter 1 holds the only one
     sub.add(req(2, k1)).unwrap(); // adapter 1 is active: admitted past request 1
     let out = sched.schedule();
@@ -375,6 +470,7 @@ fn aging_bounds_skips() {
         num_prompt_tokens: 2,
         adapter: Some(adapter),
         priority: 0,
+        ..Default::default()
     };
     let mut host = HashMap::new();
     sub.add(req(0, k1)).unwrap();
@@ -401,10 +497,117 @@ fn aging_bounds_skips() {
                 finished.push(s.request_id);
             }
         }
-        sched.postprocess(&finished);
+        sched.postprocess(&finished, &[]);
     }
     let at = admitted_at.expect("adapter 2's request starved");
     // passed over for 2 steps, then adapter 1's running requests drain (3 steps each), then
     // adapter 2 is read into the host slot adapter 1 held (one step)
     assert!(at <= 2 + 3 + 2, "admitted only at step {at}");
+}
+
+/// A small scheduler for the prefix-cache tests: blocks of 4 tokens, 32 of them.
+fn cache_config(max_loras: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs: 4,
+        max_num_batched_tokens: 64,
+        max_model_len: 64,
+        block_size: 4,
+        num_blocks: 32,
+        max_loras,
+        max_cpu_loras: max_loras,
+        max_skipped_steps: 4,
+        queue_capacity: 64,
+        max_loading: 2,
+    }
+}
+
+/// A prompt computed once is found again by the same weights only: the base, an adapter,
+/// a reload of it and a request reading no cache each see their own; a hit's tokens are not
+/// counted against the step's budget and the last prompt token is always computed.
+#[test]
+fn prefix_hits_are_per_weights_version() {
+    let mut sched = Scheduler::new(cache_config(2)).unwrap();
+    let sub = sched.submitter();
+    let key = register(&mut sched, 1);
+    let mut host = HashMap::new();
+    let prompt: Vec<u32> = (100..112).collect(); // 12 tokens: 3 full blocks
+    let run = |sched: &mut Scheduler,
+               host: &mut HashMap<i64, usize>,
+               id: u64,
+               adapter: Option<i64>,
+               tokens: &[u32],
+               read: bool|
+     -> usize {
+        sub.add(NewRequest {
+            id,
+            num_prompt_tokens: tokens.len(),
+            adapter,
+            priority: 0,
+            prompt: Some(tokens.to_vec()),
+            read_cache: read,
+            cache_salt: None,
+        })
+        .unwrap();
+        let mut cached = None;
+        for _ in 0..20 {
+            let out = sched.schedule();
+            load_all(sched, &out, host);
+            if let Some(s) = out.seqs.iter().find(|s| s.request_id == id) {
+                cached.get_or_insert(s.num_cached_tokens);
+                assert_eq!(s.num_computed_tokens, cached.unwrap());
+                assert_eq!(s.num_new_tokens, tokens.len() - cached.unwrap());
+                sched.postprocess(&[id], &[]);
+                return cached.unwrap();
+            }
+            sched.postprocess(&[], &[]);
+        }
+        panic!("request {id} never ran");
+    };
+    assert_eq!(run(&mut sched, &mut host, 0, None, &prompt, true), 0);
+    assert_eq!(run(&mut sched, &mut host, 1, None, &prompt, true), 8); // not the last block
+    let longer: Vec<u32> = (100..118).collect();
+    assert_eq!(run(&mut sched, &mut host, 2, None, &longer, true), 12);
+    assert_eq!(run(&mut sched, &mut host, 3, Some(key), &prompt, true), 0); // the adapter's own
+    assert_eq!(run(&mut sched, &mut host, 4, Some(key), &prompt, true), 8);
+    assert_eq!(run(&mut sched, &mut host, 5, None, &prompt, false), 0); // reads none
+    let request = LoRARequest::new("a1", 1, "/adapters/1").unwrap();
+    let (new_key, _) = sched.reload_adapter(&request).unwrap();
+    assert_ne!(new_key, key);
+    assert_eq!(
+        run(&mut sched, &mut host, 6, Some(new_key), &prompt, true),
+        0
+    ); // new weights
+    assert!(sched.kv().num_cached_blocks() > 0);
+    assert!(sched.reset_prefix_cache() > 0);
+    assert_eq!(run(&mut sched, &mut host, 7, None, &prompt, true), 0);
+    assert_eq!(sched.kv().num_free_blocks(), 32);
+}
+
+/// Only requests with the same `cache_salt` share cached blocks.
+#[test]
+fn a_cache_salt_keeps_prefixes_apart() {
+    let mut sched = Scheduler::new(cache_config(1)).unwrap();
+    let sub = sched.submitter();
+    let prompt: Vec<u32> = (1..14).collect();
+    let mut run = |id: u64, salt: Option<&str>| -> usize {
+        sub.add(NewRequest {
+            id,
+            num_prompt_tokens: prompt.len(),
+            prompt: Some(prompt.clone()),
+            read_cache: true,
+            cache_salt: salt.map(str::to_string),
+            ..Default::default()
+        })
+        .unwrap();
+        let out = sched.schedule();
+        let cached = out.seqs[0].num_cached_tokens;
+        sched.postprocess(&[id], &[]);
+        cached
+    };
+    assert_eq!(run(0, Some("tenant-a")), 0);
+    assert_eq!(run(1, Some("tenant-b")), 0);
+    assert_eq!(run(2, None), 0);
+    assert_eq!(run(3, Some("tenant-a")), 12);
+    assert_eq!(run(4, Some("tenant-b")), 12);
+    assert_eq!(run(5, None), 12);
 }

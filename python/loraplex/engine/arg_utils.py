@@ -62,6 +62,7 @@ class _Honoured:
     num_gpu_blocks_override: int | None = None  # the KV cache's block count, on any device
     max_logprobs: int = 20  # -1: the whole vocabulary
     scheduling_policy: str = "fcfs"  # "priority": lower ``priority`` runs first
+    enable_prefix_caching: bool | None = None  # None: on, as vLLM V1
     device: str = "auto"  # "auto" (CUDA when torch sees a GPU, else the CPU), "cpu", "cuda"
     enable_lora: bool = False
     max_loras: int = 1
@@ -101,13 +102,14 @@ class EngineArgs(_engine_args_base()):  # type: ignore[misc]
 
     Honoured: model, served_model_name, tokenizer, dtype, seed (None: random), max_model_len,
     max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, block_size,
-    kv_cache_memory_bytes, num_gpu_blocks_override, max_logprobs, scheduling_policy, device
+    kv_cache_memory_bytes, num_gpu_blocks_override, max_logprobs, scheduling_policy,
+    enable_prefix_caching (None: on, as vLLM V1), device
     ("auto"/"cpu"), enable_lora, max_loras, max_lora_rank, max_cpu_loras, lora_dtype
     ("auto" or the model dtype); loraplex's own: max_skipped_steps, lora_loader_threads.
 
     Accepted with any value, meaning nothing on this backend: ``vllm_args.INERT`` (for
-    example gpu_memory_utilization, enforce_eager, swap_space, enable_prefix_caching,
-    trust_remote_code, disable_log_stats), each with its reason.
+    example gpu_memory_utilization, enforce_eager, swap_space, trust_remote_code,
+    disable_log_stats), each with its reason.
 
     Refused unless at vLLM's default: ``vllm_args.REFUSED`` (for example
     tensor_parallel_size=2, quantization, kv_cache_dtype, speculative decoding), each error
@@ -133,6 +135,8 @@ class EngineArgs(_engine_args_base()):  # type: ignore[misc]
             self.block_size = 16
         if isinstance(self.lora_root, str):
             self.lora_root = [self.lora_root]
+        if self.enable_prefix_caching is None:
+            self.enable_prefix_caching = True
 
     def torch_dtype(self) -> torch.dtype:
         """``auto`` is float32: the CPU path computes in float32 unless told otherwise."""

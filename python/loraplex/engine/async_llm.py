@@ -236,6 +236,10 @@ class AsyncLLM:
     def registered_loras(self) -> list[LoRARequest]:
         return self.engine.registered_loras()
 
+    async def reset_prefix_cache(self, device: Any = None) -> bool:
+        """vLLM's: forgets every cached prefix."""
+        return self.engine.reset_prefix_cache()
+
     def get_stats(self) -> dict[str, Any]:
         """The engine's queues, KV blocks and adapters, as plain data (a metrics snapshot)."""
         return self.engine.get_stats()

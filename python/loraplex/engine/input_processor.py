@@ -41,6 +41,11 @@ class InputProcessor:
             )
         special = bool(kwargs.get("add_special_tokens", True))
         if isinstance(prompt, dict):
+            salt = prompt.get("cache_salt")
+            if salt is not None and not (isinstance(salt, str) and salt):
+                raise ValueError(
+                    f"request {request_id!r}: cache_salt must be a non-empty string, got {salt!r}"
+                )
             if "prompt_token_ids" in prompt:
                 text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
             elif "prompt" in prompt:

@@ -142,6 +142,10 @@ class LLMEngine:
         self._step_lock = threading.Lock()
         self._seq_ids = itertools.count()
         self.num_preemptions = 0
+        self.prefix_caching = bool(args.enable_prefix_caching)
+        # prompt tokens looked up in the prefix cache and found there, all and per adapter
+        self.prefix_queries = self.prefix_hits = 0
+        self.prefix_by_adapter: dict[str, list[int]] = {}
 
     @classmethod
     def from_engine_args(
@@ -220,9 +224,16 @@ class LLMEngine:
             for seq in request.seqs:
                 self._seqs[seq.seq_id] = seq
         submitted = 0
+        # in the prefix cache unless it is off; reading it, unless every prompt token's
+        # logprobs are wanted (vLLM's rule: those are computed, not found)
+        cached_ids = ids if self.prefix_caching else None
+        read_cache = params.prompt_logprobs is None
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         try:
             for seq in request.seqs:
-                self.scheduler.add_request(seq.seq_id, len(ids), key, priority)
+                self.scheduler.add_request(
+                    seq.seq_id, len(ids), key, priority, cached_ids, read_cache, salt
+                )
                 submitted += 1
         except Exception:
             self._withdraw(request, submitted)
@@ -268,7 +279,15 @@ class LLMEngine:
     def remove_lora(self, lora_id: int) -> bool:
         """Frees the adapter's slots and identity at once; ``False`` if unknown.
         ``AdapterInUseError`` while unfinished requests (queued ones included) use it."""
-        return self.lora.remove(lora_id) if self.lora else False
+        if self.lora is None:
+            return False
+        names = [
+            r.lora_name for r in self.scheduler.registered_adapters() if r.lora_int_id == lora_id
+        ]
+        removed = self.lora.remove(lora_id)
+        for name in names if removed else []:
+            self.prefix_by_adapter.pop(name, None)  # its metric series go with it
+        return removed
 
     def list_loras(self) -> set[int]:
         """The adapters the engine's cache holds (a device slot or the host tier), as vLLM:
@@ -345,6 +364,7 @@ class LLMEngine:
                 self.lora.start(plan)
             with self._lock:
                 seqs = [self._seqs[i] for i in plan.request_ids]
+            self._count_prefix_hits(plan, seqs)
             t1 = time.time()
             try:
                 sampled = self._run(plan, seqs)
@@ -355,6 +375,29 @@ class LLMEngine:
             if not seqs and self.lora is not None:  # nothing to run until an adapter loads
                 self.lora.wait_for_reads(reads_done)
             return outputs
+
+    def _count_prefix_hits(self, plan, seqs: list[Sequence]) -> None:
+        """The prefix cache's lookups of the requests admitted this step; a request's
+        ``num_cached_tokens`` is its first admission's (vLLM's)."""
+        for seq, queried, cached in zip(seqs, plan.num_queried_tokens, plan.num_cached_tokens):
+            request = seq.request
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = cached
+            if not queried:
+                continue
+            self.prefix_queries += queried
+            self.prefix_hits += cached
+            lora = request.lora_request
+            name = lora.lora_name if lora is not None else ""
+            counts = self.prefix_by_adapter.setdefault(name, [0, 0])
+            counts[0] += queried
+            counts[1] += cached
+
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prefix (vLLM's): later requests compute theirs afresh;
+        requests running keep the blocks they hold. Always succeeds."""
+        self.scheduler.reset_prefix_cache()
+        return True
 
     def _run(self, plan, seqs: list[Sequence]) -> list[Sequence]:
         if not seqs:
@@ -443,7 +486,11 @@ class LLMEngine:
 
     def _postprocess(self, plan, sampled: list[Sequence]) -> list[RequestOutput]:
         finished = [s.seq_id for s in sampled if s.is_finished]
-        capped = self.scheduler.postprocess(finished)
+        # the core keeps each cached request's tokens: the one each sampled this step
+        tokens = [
+            (s.seq_id, s.output_ids[-1]) for s in sampled if not s.is_finished and s.output_ids
+        ]
+        capped = self.scheduler.postprocess(finished, tokens if self.prefix_caching else [])
         touched = {s.request.request_id: s.request for s in sampled}
         self.num_preemptions += len(plan.preempted)
         with self._lock:

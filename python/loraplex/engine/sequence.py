@@ -88,6 +88,7 @@ class Request:
     metrics: RequestMetrics = field(init=False)
     num_outputs: int = 0
     num_generated: int = 0  # tokens over all sequences, as of the last step
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache, at admission
     token_gaps: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -125,6 +126,6 @@ class Request:
             metrics=RequestMetrics(
                 **{**vars(self.metrics), "token_gaps": list(self.token_gaps) if finished else None}
             ),
-            num_cached_tokens=0,
+            num_cached_tokens=self.num_cached_tokens or 0,
             error=self.error,
         )

@@ -25,8 +25,11 @@ INERT: dict[str, tuple[Any, str]] = {
     "swap_space": (4, "preempted requests are recomputed, never swapped"),
     "cpu_offload_gb": (0, "weights already live in host memory"),
     "preemption_mode": (None, "preempted requests are always recomputed"),
-    "enable_prefix_caching": (None, "no prefix cache yet: outputs are identical, only speed"),
-    "prefix_caching_hash_algo": ("sha256", "no prefix cache yet"),
+    "prefix_caching_hash_algo": (
+        "sha256",
+        "blocks are hashed with a per-process keyed hash, and a hit is checked against the "
+        "block's own tokens, so no hash collision is ever served",
+    ),
     "disable_log_stats": (False, "the engine logs nothing; loraplex serve honours it"),
     "aggregate_engine_logging": (False, "one engine per process: its statistics are the total"),
     "disable_log_requests": (True, "the engine logs nothing; loraplex serve honours it"),

@@ -38,6 +38,10 @@ class LLM:
         ``llm.llm_engine.model_config`` too)."""
         return self.llm_engine.model_config
 
+    def reset_prefix_cache(self, device: Any = None) -> bool:
+        """vLLM's: forgets every cached prefix (``device`` means nothing here)."""
+        return self.llm_engine.reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """What ``generate`` and ``chat`` use when given no sampling params (a fresh copy):
         ``SamplingParams()``'s defaults, not the checkpoint's generation_config.json."""

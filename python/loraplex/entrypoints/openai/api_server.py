@@ -217,6 +217,7 @@ def serve_options(args: argparse.Namespace, model_folder: Path) -> ServeOptions:
         runtime_lora_updating=runtime,
         lora_discovery=args.enable_lora_discovery,
         lora_sources=lora_sources(args.lora_sources),
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         resolvers=serving_models.build_resolvers(runtime, args.enable_lora_discovery, roots),
         api_key=[k.encode() for k in keys] or None,
         enable_auto_tool_choice=args.enable_auto_tool_choice,

@@ -38,7 +38,6 @@ FRONTEND_INERT: dict[str, tuple[Any, str]] = {
     "enable_tokenizer_info_endpoint": (False, "there is no /tokenizer_info route"),
     "disable_frontend_multiprocessing": (False, "the engine runs in the server's process"),
     "log_error_stack": (False, "errors at the door are logged with their stack"),
-    "enable_prompt_tokens_details": (False, "no prefix cache: cached_tokens would be 0"),
 }
 # refused unless left at vLLM's default: name -> (default, why)
 FRONTEND_REFUSED: dict[str, tuple[Any, str]] = {
@@ -81,7 +80,6 @@ def _value(text: str) -> Any:
 
 # vLLM's flags whose default is None but which are switches, or take several values
 _SWITCHES = {
-    "enable_prefix_caching",
     "async_scheduling",
     "disable_hybrid_kv_cache_manager",
     "eplb_log_balancedness",
@@ -207,6 +205,11 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument("--override-generation-config", type=json.loads, default=None)
     p.add_argument("--allow-runtime-lora-updating", action="store_true")
+    p.add_argument(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="usage.prompt_tokens_details.cached_tokens: prompt tokens found in the prefix cache",
+    )
     p.add_argument(
         "--enable-auto-tool-choice",
         action="store_true",

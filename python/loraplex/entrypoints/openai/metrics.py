@@ -85,6 +85,40 @@ def engine_families(model_name: str, stats: dict[str | None, dict[str, Any]]):
     yield usage
     yield preempted
     yield lora_info
+    for key, name, doc in (
+        (
+            "queries",
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+        ),
+        (
+            "hits",
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+        ),
+    ):
+        family = CounterMetricFamily(name, doc, labels=["model_name", "engine"])
+        for eng, snap in engine:
+            family.add_metric([model_name, eng], float(snap.get(f"prefix_cache_{key}", 0)))
+        yield family
+    for i, (name, doc) in enumerate(
+        (
+            (
+                "loraplex:lora_prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache, per adapter (the base: its name).",
+            ),
+            (
+                "loraplex:lora_prefix_cache_hits",
+                "Prompt tokens found in the prefix cache, per adapter (the base: its name).",
+            ),
+        )
+    ):
+        family = CounterMetricFamily(name, doc, labels=["adapter", *extra])
+        for replica, snap in stats.items():
+            for adapter, counts in snap.get("prefix_cache_by_adapter", {}).items():
+                labels = [adapter or model_name] + ([replica] if by_replica else [])
+                family.add_metric(labels, float(counts[i]))
+        yield family
     gauges = [
         ("running", "loraplex:num_requests_running", "Requests running (in the batch)."),
         ("waiting", "loraplex:num_requests_waiting", "Requests waiting to be scheduled."),

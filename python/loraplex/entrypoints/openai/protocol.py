@@ -84,7 +84,7 @@ class _Sampling(OpenAIBaseModel):
     request_id: str | None = Field(default=None, max_length=256)
     return_tokens_as_token_ids: bool | None = None
     return_token_ids: bool | None = None
-    cache_salt: str | None = None  # inert: no prefix cache shares KV between requests
+    cache_salt: str | None = None  # only requests with the same salt share cached prefixes
     # structured outputs: vLLM's field, and its older guided_* names
     structured_outputs: dict[str, Any] | None = None
     guided_json: Any = None
@@ -110,6 +110,10 @@ class _Sampling(OpenAIBaseModel):
                 raise unsupported(name, why)
         if self.best_of not in (None, self.n):
             raise unsupported("best_of", "it must equal n (no beam search or reranking)")
+        if self.cache_salt is not None and not self.cache_salt:
+            raise APIError(
+                400, "Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt"
+            )
 
     def structured(self) -> tuple[StructuredOutputsParams | None, str]:
         """The output constraint the body asks for, and the body field naming it (for

@@ -128,7 +128,7 @@ async def create_chat_completion(
     exclude = mode == "none" and ctx.options.exclude_tools_when_tool_choice_none
     ids = await ctx.off_loop(render_request, ctx, body, True, [] if exclude else None)
     tokens = await ctx.off_loop(ctx.prepare, rid, {"prompt_token_ids": ids}, params)
-    (stream,) = await ctx.submit_all(rid, [tokens], params, adapter, body.priority)
+    (stream,) = await ctx.submit_all(rid, [tokens], params, adapter, body.priority, body.cache_salt)
     model, created = body.model or ctx.options.base, int(time.time())
     num_prompt = len(tokens["prompt_token_ids"])
     last = body.messages[-1] if body.messages else {}
@@ -194,7 +194,7 @@ async def create_chat_completion(
             created=created,
             model=model,
             choices=choices,
-            usage=usage(num_prompt, completion_tokens),
+            usage=usage(num_prompt, completion_tokens, ctx.cached([out])),
             **top_extras(out),
         )
         return JSONResponse(body_out, headers=replica_headers([stream]))
@@ -206,18 +206,21 @@ async def create_chat_completion(
     async def events() -> AsyncIterator[str]:
         base = dict(id=rid, object="chat.completion.chunk", created=created, model=model)
         started: set[int] = set()
-        completion_tokens = 0
+        completion_tokens = cached = 0
         tools: dict[int, ToolCallStream] = {}
 
         def chunk(choice: dict[str, Any]) -> str:
             payload = dict(base, choices=[choice])
             if include_usage:
-                payload["usage"] = usage(num_prompt, completion_tokens) if continuous else None
+                payload["usage"] = (
+                    usage(num_prompt, completion_tokens, cached) if continuous else None
+                )
             return sse(payload)
 
         try:
             first_out = True
             async for out in ctx.outputs(adapter, stream, params):
+                cached = ctx.cached([out])
                 if out.error:
                     yield sse(error_body(400, out.error))  # ended by the engine
                     continue
@@ -256,7 +259,9 @@ async def create_chat_completion(
                     yield chunk(choice)
                 first_out = False
             if include_usage:
-                yield sse(dict(base, choices=[], usage=usage(num_prompt, completion_tokens)))
+                yield sse(
+                    dict(base, choices=[], usage=usage(num_prompt, completion_tokens, cached))
+                )
             yield DONE
         except APIError as e:  # its replica was lost mid-stream
             yield sse(error_body(e.status, e.message))

@@ -108,7 +108,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     rid = ctx.request_id("cmpl", body.request_id, request)
     prompts = completion_prompts(body.prompt)
     inputs = [await ctx.off_loop(ctx.prepare, rid, p, params) for p in prompts]
-    streams = await ctx.submit_all(rid, inputs, params, adapter, body.priority)
+    streams = await ctx.submit_all(rid, inputs, params, adapter, body.priority, body.cache_salt)
     model, created = body.model or ctx.options.base, int(time.time())
     as_ids = body.return_tokens_as_token_ids
 
@@ -160,7 +160,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
             created=created,
             model=model,
             choices=choices,
-            usage=usage(prompt_tokens, completion_tokens),
+            usage=usage(prompt_tokens, completion_tokens, ctx.cached(outs)),
         )
         return JSONResponse(body_out, headers=replica_headers(streams))
 
@@ -203,7 +203,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
                 t.cancel()
 
     async def events() -> AsyncIterator[str]:
-        counts = {"prompt": 0, "completion": 0}
+        counts = {"prompt": 0, "completion": 0, "cached": 0}
         base = dict(id=rid, object="text_completion", created=created, model=model)
         try:
             seen_prompt: set[int] = set()
@@ -218,6 +218,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
                 if i not in seen_prompt:
                     seen_prompt.add(i)
                     counts["prompt"] += len(out.prompt_token_ids)
+                    counts["cached"] += ctx.cached([out])
                 for c in out.outputs:
                     index = i * params.n + c.index
                     first = index not in offsets
@@ -230,12 +231,18 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
                     chunk = dict(base, choices=[choice])
                     if include_usage:
                         chunk["usage"] = (
-                            usage(counts["prompt"], counts["completion"]) if continuous else None
+                            usage(counts["prompt"], counts["completion"], counts["cached"])
+                            if continuous
+                            else None
                         )
                     yield sse(chunk)
             if include_usage:
                 yield sse(
-                    dict(base, choices=[], usage=usage(counts["prompt"], counts["completion"]))
+                    dict(
+                        base,
+                        choices=[],
+                        usage=usage(counts["prompt"], counts["completion"], counts["cached"]),
+                    )
                 )
             yield DONE
         finally:

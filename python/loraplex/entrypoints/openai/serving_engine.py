@@ -52,6 +52,7 @@ class ServeOptions:
     lora_discovery: bool = False
     lora_sources: frozenset[str] = frozenset({"local"})  # what /v1/load_lora_adapter may load
     resolvers: list[tuple[str, Any]] = field(default_factory=list)  # (name, LoRAResolver)
+    enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens
     api_key: list[bytes] | None = None
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
@@ -181,11 +182,16 @@ class ServingContext:
             {"prompt_token_ids": ids} if text is None else {"prompt_token_ids": ids, "prompt": text}
         )
 
-    async def submit_all(self, request_id: str, inputs: list[dict], params, adapter, priority):
-        """Queues each prepared input; a refusal aborts those queued before it."""
+    async def submit_all(
+        self, request_id: str, inputs: list[dict], params, adapter, priority, cache_salt=None
+    ):
+        """Queues each prepared input (with the body's ``cache_salt``: only requests with
+        the same salt share cached prefixes); a refusal aborts those queued before it."""
         streams = []
         try:
             for i, tokens in enumerate(inputs):
+                if cache_salt is not None:
+                    tokens = {**tokens, "cache_salt": cache_salt}
                 rid = request_id if len(inputs) == 1 else f"{request_id}-{i}"
                 self.log_request(
                     rid, tokens.get("prompt", tokens["prompt_token_ids"]), params, adapter
@@ -243,17 +249,29 @@ class ServingContext:
                 gathered.cancel()
             await asyncio.gather(gathered, return_exceptions=True)
 
+    def cached(self, outs) -> int:
+        """The prompt tokens ``outs`` found in the prefix cache, for ``usage`` (0 unless
+        ``--enable-prompt-tokens-details``)."""
+        if not self.options.enable_prompt_tokens_details:
+            return 0
+        return sum(out.num_cached_tokens for out in outs)
+
     def token_str(self, token_id: int, as_ids: bool | None) -> str:
         if as_ids if as_ids is not None else self.options.return_tokens_as_token_ids:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage; ``prompt_tokens_details.cached_tokens`` when some prompt tokens were
+    found in the prefix cache (pass 0 unless ``--enable-prompt-tokens-details``, as vLLM)."""
     total = prompt_tokens + completion_tokens
-    return dict(
+    out: dict[str, Any] = dict(
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total
     )
+    if cached_tokens:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
 
 
 def check_finished(out: RequestOutput) -> None:
