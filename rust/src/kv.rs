@@ -318,6 +318,43 @@ impl BlockManager {
     }
 }
 
+/// A request's token ids and block hashes, for the prefix cache.
+pub(crate) struct SeqCache {
+    /// Every known token: the prompt, then each one sampled.
+    pub(crate) tokens: Vec<u32>,
+    /// Whether admission may start from cached blocks.
+    pub(crate) read: bool,
+    /// The chained hashes of its first full blocks (they depend only on the tokens and the
+    /// weights version, so they outlive a preemption).
+    pub(crate) hashes: Vec<u64>,
+    /// Blocks of its current table the cache knows (found there, or recorded).
+    pub(crate) recorded: usize,
+    /// What its first block chains after: 0, or its `cache_salt`'s hash.
+    pub(crate) salt: u64,
+}
+
+impl SeqCache {
+    /// Hashes its first `blocks` full blocks (those not hashed yet).
+    pub(crate) fn hash_upto(&mut self, kv: &BlockManager, version: BlockKey, blocks: usize) {
+        let bs = kv.block_size();
+        while self.hashes.len() < blocks {
+            let i = self.hashes.len();
+            let parent = if i == 0 {
+                self.salt
+            } else {
+                self.hashes[i - 1]
+            };
+            let h = kv.block_hash(parent, version, &self.tokens[i * bs..(i + 1) * bs]);
+            self.hashes.push(h);
+        }
+    }
+}
+
+/// The weights version a request's KV is computed with: its adapter key, or 0 (the base).
+pub(crate) fn version_of(adapter: crate::waiting::AdapterKey) -> BlockKey {
+    adapter.unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
