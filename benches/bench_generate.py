@@ -59,6 +59,12 @@ def build(folder: Path, config: dict | None = None, dtype=torch.float32) -> None
     model.save_pretrained(folder)
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (nearest rank)."""
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
 def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
     vocab = SMOLLM_135M["vocab_size"]

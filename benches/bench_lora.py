@@ -77,6 +77,14 @@ def make_adapters(base: Path, root: Path, n: int, rank: int = 16) -> list[Path]:
     return paths
 
 
+def model_with_adapters(tmp: Path, n: int) -> tuple[Path, list[Path]]:
+    """The SmolLM-135M-shaped random model in ``tmp/base`` and ``n`` rank-16 adapters."""
+    base = tmp / "base"
+    base.mkdir()
+    build(base)
+    return base, make_adapters(base, tmp / "adapters", n)
+
+
 def make_raw_adapters(base: Path, root: Path, n: int, rank: int = 8) -> list[Path]:
     """n PEFT adapters on q/k/v/o: one saved by PEFT as the template, the rest its config
     with fresh random tensors of the same names and shapes (fast to write at n = 1,000)."""

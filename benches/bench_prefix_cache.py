@@ -34,8 +34,8 @@ import loraplex  # noqa: F401 - before torch, so its OpenMP default applies here
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import SMOLLM_135M, build  # noqa: E402
-from bench_lora import make_adapters  # noqa: E402
+from bench_generate import SMOLLM_135M, percentile  # noqa: E402
+from bench_lora import model_with_adapters  # noqa: E402
 
 TENANTS, SYSTEM, USER, REPLY, TURNS, IN_FLIGHT = 16, 512, 32, 32, 4, 16
 
@@ -63,11 +63,6 @@ class TimedCore:
             return self._core.postprocess(*args)
         finally:
             self.seconds += time.perf_counter() - t
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def run(base: Path, adapters: list[Path], cache: bool, conversations: int, shared: bool) -> dict:
@@ -157,10 +152,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "base"
-        base.mkdir()
-        build(base)
-        adapters = make_adapters(base, Path(tmp) / "adapters", TENANTS)
+        base, adapters = model_with_adapters(Path(tmp), TENANTS)
         rows = {}
         for shared in (True, False):
             for cache in (True, False):

@@ -2,7 +2,8 @@
 //! step admits a batch (256 requests, `max_loras = 8`), the batch finishes, and as many new
 //! requests arrive, so the waiting count stays put. Adapter reads the step hands out complete
 //! before the next step (an instant loader). Only `schedule()` is timed (it includes draining
-//! the step's submissions and choosing the reads).
+//! the step's submissions and choosing the reads). The `_fair` cases run the same with
+//! `scheduling_policy="fair"`, each adapter a client (`postprocess` charging their service).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -36,8 +37,15 @@ fn load(sched: &mut Scheduler, out: &SchedulerOutput) {
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("schedule");
     group.throughput(Throughput::Elements(1));
+    let mut cases: Vec<(u64, u64, bool)> = Vec::new();
     for waiting in [1_000u64, 10_000, 100_000] {
         for adapters in [8u64, 64, 1_000] {
+            cases.push((waiting, adapters, false));
+        }
+    }
+    cases.push((10_000, 1_000, true));
+    {
+        for (waiting, adapters, fair) in cases {
             let cfg = SchedulerConfig {
                 max_num_seqs: 256,
                 max_num_batched_tokens: 8192,
@@ -51,6 +59,7 @@ fn bench(c: &mut Criterion) {
                 max_loading: 8,
             };
             let mut sched = Scheduler::new(cfg).unwrap();
+            sched.set_fair_share(fair);
             let keys: Vec<i64> = (1..=adapters as i64)
                 .map(|id| {
                     let r = LoRARequest::new(format!("a{id}"), id, format!("/a/{id}")).unwrap();
@@ -75,7 +84,8 @@ fn bench(c: &mut Criterion) {
                 load(&mut sched, &out);
                 finished = out.seqs.iter().map(|s| s.request_id).collect();
             }
-            let id = BenchmarkId::new(format!("{adapters}_adapters"), waiting);
+            let policy = if fair { "_fair" } else { "" };
+            let id = BenchmarkId::new(format!("{adapters}_adapters{policy}"), waiting);
             group.bench_function(id, |b| {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;

@@ -269,6 +269,13 @@ class Scheduler:
         """Apply the step (one sampled token per request that sampled: ``sampled`` gives its
         id for requests in the prefix cache) and free ``finished``. Returns requests the
         scheduler finished itself for reaching ``max_model_len``."""
+    def set_fair_share(self, on: bool) -> None:
+        """Fair share across clients (an adapter's ``lora_int_id``, 0 the base): admission
+        takes the backlogged client with the least weighted service (VTC)."""
+    def set_client_weight(self, client: int, weight: float) -> None: ...
+    def client_service(self, client: int) -> float:
+        """A client's weighted service so far: prompt tokens x 1 plus generated x 2, over
+        its weight (lifted to the least backlogged on return from idling)."""
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix; returns how many blocks were cached."""
     def register_adapter(self, request: LoRARequest) -> tuple[int, bool]:

@@ -8,6 +8,7 @@ pub mod batch;
 pub mod config;
 pub mod confined;
 pub mod error;
+pub mod fair;
 pub mod kv;
 pub mod lifecycle;
 pub mod lru;

@@ -106,12 +106,12 @@ impl Scheduler {
 
     /// Where each adapter comes in the order admission takes the waiting queue's adapters.
     fn upcoming(&self) -> FastMap<Key, usize> {
-        self.waiting
-            .adapters_in_order()
-            .flatten()
-            .enumerate()
-            .map(|(i, k)| (k, i))
-            .collect()
+        let order = self.waiting.adapters_in_order();
+        let mut at = FastMap::with_capacity_and_hasher(order.size_hint().0, Default::default());
+        for (i, k) in order.flatten().enumerate() {
+            at.insert(k, i); // sized once: no rehash as it fills
+        }
+        at
     }
 
     /// Places `key`'s validated weights (see [`Self::adapter_validated`]); `upcoming` is

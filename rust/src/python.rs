@@ -578,6 +578,21 @@ impl PyScheduler {
         py.detach(|| self.core.lock().postprocess(&finished, &sampled))
     }
 
+    /// Fair share across clients (``scheduling_policy="fair"``) on or off.
+    fn set_fair_share(&self, on: bool) {
+        self.core.lock().set_fair_share(on);
+    }
+
+    /// A client's (an adapter's ``lora_int_id``; 0 the base) share weight under fair share.
+    fn set_client_weight(&self, client: i64, weight: f64) {
+        self.core.lock().set_client_weight(client, weight);
+    }
+
+    /// A client's weighted service so far under fair share.
+    fn client_service(&self, client: i64) -> f64 {
+        self.core.lock().client_service(client)
+    }
+
     /// Forgets every cached prefix; returns how many blocks were cached.
     fn reset_prefix_cache(&self) -> usize {
         self.core.lock().reset_prefix_cache()

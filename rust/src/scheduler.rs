@@ -9,7 +9,8 @@
 //! loader pool, in the order admission will want it. A waiting request whose adapter has no
 //! device slot is passed over without blocking those behind it whose adapter is active; if the
 //! oldest waiting request is passed over for `max_skipped_steps` steps, other adapters'
-//! admissions stop until it can run. Running requests never span more than `max_loras`
+//! admissions stop until it can run. Under fair share (`fair`), waiting requests are taken
+//! by their client's least counter instead of by arrival. Running requests never span more than `max_loras`
 //! adapters (pinned ones included), so every running request's adapter fits on the device.
 
 use std::collections::BTreeSet;
@@ -19,6 +20,7 @@ use crate::adapters::{Adapters, Key};
 use crate::batch::{ScheduledSeq, SchedulerOutput, NO_SLOT};
 use crate::config::SchedulerConfig;
 use crate::error::{Error, Result};
+use crate::fair::{ClientId, FairHead, FairShare};
 use crate::kv::{version_of, BlockManager, RequestId, SeqCache};
 use crate::queue::RequestQueue;
 use crate::submit::{Command, NewRequest, Submitter};
@@ -32,6 +34,11 @@ pub(crate) struct Seq {
     num_computed: usize,
     /// Its part in the prefix cache (`None`: none).
     cache: Option<SeqCache>,
+    /// Whose share it counts against (fair share), and its prompt's length.
+    pub(crate) client: ClientId,
+    num_prompt: usize,
+    /// Whether its prompt has been charged (a preempted request is not charged twice).
+    prompt_charged: bool,
 }
 
 /// The scheduler. Single consumer: one thread at a time calls `schedule` / `postprocess`
@@ -57,6 +64,8 @@ pub struct Scheduler {
     pub(crate) pending: SchedulerOutput,
     /// Requests admitted this step: (tokens looked up in the prefix cache, tokens found).
     pub(crate) lookups: FastMap<RequestId, (usize, usize)>,
+    /// With `scheduling_policy="fair"`: each client's virtual token counter.
+    pub(crate) fair: Option<FairShare>,
 }
 
 impl Scheduler {
@@ -81,6 +90,7 @@ impl Scheduler {
             passed_over: None,
             pending: SchedulerOutput::default(),
             lookups: FastMap::default(),
+            fair: None,
         })
     }
 
@@ -220,12 +230,21 @@ impl Scheduler {
             recorded: 0,
             salt,
         });
+        let client = req
+            .adapter
+            .map_or(0, |k| self.adapters.request(k).map_or(k, |r| r.lora_int_id));
+        if let Some(f) = self.fair.as_mut() {
+            f.arrive(client);
+        }
         let seq = Seq {
             adapter: req.adapter,
             order,
             num_tokens: req.num_prompt_tokens,
             num_computed: 0,
             cache,
+            client,
+            num_prompt: req.num_prompt_tokens,
+            prompt_charged: false,
         };
         self.seqs.insert(req.id, seq);
         Ok(())
@@ -236,6 +255,9 @@ impl Scheduler {
         let Some(seq) = self.seqs.remove(&id) else {
             return false;
         };
+        if let Some(f) = self.fair.as_mut() {
+            f.leave(seq.client);
+        }
         if self.waiting.remove(seq.adapter, seq.order).is_none() {
             self.running.retain(|r| *r != id);
             self.release(id, seq.adapter);
@@ -306,8 +328,23 @@ impl Scheduler {
         // admitted, and admitting them frees no slot: the candidates stay fixed for the step,
         // and their queues' heads are kept here, one updated per admission.
         let mut restricted: Option<BTreeSet<(OrderKey, AdapterKey)>> = None;
+        // Fair share's candidates (built for "a slot is free" or not), least counter first.
+        let mut fair_heads: Option<(bool, BTreeSet<FairHead>)> = None;
+        let mut picked: Option<FairHead> = None;
         while self.running.len() < self.config.max_num_seqs && *tokens_left > 0 {
+            let free_slot = restricted.is_none() && committed < self.config.max_loras;
             let next = match drain_for {
+                None if self.fair.is_some() => {
+                    if fair_heads
+                        .as_ref()
+                        .is_none_or(|(free, _)| *free != free_slot)
+                    {
+                        fair_heads = Some((free_slot, self.fair_candidates(free_slot)));
+                    }
+                    let heads = &mut fair_heads.as_mut().expect("built").1;
+                    picked = heads.pop_first();
+                    picked.map(|(_, order, a)| (order, a))
+                }
                 Some(a) => self
                     .waiting
                     .first_among([a, None].into_iter().filter(|k| self.can_admit(*k))),
@@ -342,11 +379,17 @@ impl Scheduler {
             }
             let seq = self.seqs.get_mut(&id).expect("waiting request is known");
             seq.num_computed = start;
+            if let (Some(f), false) = (self.fair.as_mut(), seq.prompt_charged) {
+                seq.prompt_charged = true; // the uncached prompt, once
+                f.charge(seq.client, seq.num_prompt.saturating_sub(start), 0);
+            }
             if let Some(c) = seq.cache.as_mut() {
                 c.recorded = hit.len();
             }
             self.lookups.insert(id, (queried, start));
-            if let Some(heads) = restricted.as_mut() {
+            if fair_heads.is_some() {
+                self.waiting.pop_deferred(adapter); // synced after the loop, as below
+            } else if let Some(heads) = restricted.as_mut() {
                 // the global head indexes are synced once, after the loop
                 self.waiting.pop_deferred(adapter);
                 heads.remove(&(order, adapter));
@@ -355,6 +398,15 @@ impl Scheduler {
                 }
             } else {
                 self.waiting.remove(adapter, order);
+            }
+            if let Some((_, heads)) = fair_heads.as_mut() {
+                // only the admitted client's counter moved: its queue's entry is renewed
+                if picked.take().is_none() {
+                    heads.retain(|h| h.2 != adapter); // admitted by aging's drain instead
+                }
+                if let Some(head) = self.fair_head(adapter) {
+                    heads.insert(head);
+                }
             }
             self.running.push(id);
             if let Some(a) = adapter {
@@ -493,6 +545,9 @@ impl Scheduler {
             } // (a replaced version's blocks would be found by no later request)
             if seq.num_computed == seq.num_tokens {
                 seq.num_tokens += 1;
+                if let Some(f) = self.fair.as_mut() {
+                    f.charge(seq.client, 0, 1);
+                }
                 if seq.num_tokens >= self.config.max_model_len && done.insert(id) {
                     length_capped.push(id);
                 }
@@ -507,6 +562,9 @@ impl Scheduler {
             self.running.retain(|r| !done.contains(r));
             for id in done {
                 if let Some(seq) = self.seqs.remove(&id) {
+                    if let Some(f) = self.fair.as_mut() {
+                        f.leave(seq.client);
+                    }
                     if self.waiting.remove(seq.adapter, seq.order).is_none() {
                         self.release(id, seq.adapter);
                     }
@@ -518,58 +576,5 @@ impl Scheduler {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn submit(s: &Scheduler, id: RequestId, tokens: usize) {
-        let req = NewRequest {
-            id,
-            num_prompt_tokens: tokens,
-            ..Default::default()
-        };
-        s.submitter().add(req).unwrap();
-    }
-
-    #[test]
-    fn a_long_prompt_is_prefilled_in_chunks_of_the_budget() {
-        let mut s = Scheduler::new(SchedulerConfig {
-            max_num_batched_tokens: 8,
-            max_num_seqs: 4,
-            ..SchedulerConfig::default()
-        })
-        .unwrap();
-        submit(&s, 1, 20);
-        let chunks: Vec<(usize, usize)> = (0..3)
-            .map(|_| {
-                let out = s.schedule();
-                let seq = &out.seqs[0];
-                s.postprocess(&[], &[]);
-                (seq.num_computed_tokens, seq.num_new_tokens)
-            })
-            .collect();
-        assert_eq!(chunks, [(0, 8), (8, 8), (16, 4)]);
-    }
-
-    #[test]
-    fn the_newest_running_request_is_preempted_when_blocks_run_out() {
-        let mut s = Scheduler::new(SchedulerConfig {
-            block_size: 4,
-            num_blocks: 4,
-            max_model_len: 16,
-            ..SchedulerConfig::default()
-        })
-        .unwrap();
-        submit(&s, 1, 8);
-        submit(&s, 2, 8);
-        let out = s.schedule(); // both prefill: all four blocks
-        assert_eq!(out.seqs.len(), 2);
-        s.postprocess(&[], &[]);
-        let out = s.schedule(); // each needs a fifth block to decode: 2 gives way
-        assert_eq!(out.preempted, vec![2]);
-        assert_eq!(
-            out.seqs.iter().map(|q| q.request_id).collect::<Vec<_>>(),
-            vec![1]
-        );
-        assert_eq!(s.num_waiting(), 1);
-    }
-}
+#[path = "scheduler_tests.rs"]
+mod tests;

@@ -170,6 +170,11 @@ impl WaitingQueues {
         self.heads.first().copied()
     }
 
+    /// Each queue's head whose adapter is ready (the base model's included).
+    pub fn ready_heads(&self) -> impl Iterator<Item = (OrderKey, AdapterKey)> + '_ {
+        self.ready_heads.iter().copied()
+    }
+
     /// The first waiting request whose adapter is ready.
     pub fn first_ready(&self) -> Option<(OrderKey, AdapterKey)> {
         self.ready_heads.first().copied()

@@ -61,7 +61,11 @@ class _Honoured:
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None  # the KV cache's block count, on any device
     max_logprobs: int = 20  # -1: the whole vocabulary
-    scheduling_policy: str = "fcfs"  # "priority": lower ``priority`` runs first
+    # "priority": lower ``priority`` runs first; "fair": loraplex's share across adapters
+    scheduling_policy: str = "fcfs"
+    # loraplex, with "fair": a client's share weight, by adapter name or lora_int_id (0: the
+    # base model); 1 for any other
+    fair_share_weights: dict[str | int, float] | None = None
     enable_prefix_caching: bool | None = None  # None: on, as vLLM V1
     device: str = "auto"  # "auto" (CUDA when torch sees a GPU, else the CPU), "cpu", "cuda"
     enable_lora: bool = False
@@ -229,9 +233,15 @@ class EngineArgs(_engine_args_base()):  # type: ignore[misc]
         seed = self.seed
         if seed is not None and (not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
             raise ValueError(f"seed must be an int within 64 bits or None, got {seed!r}")
-        if self.scheduling_policy not in ("fcfs", "priority"):
+        for client, weight in (self.fair_share_weights or {}).items():
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+                raise ValueError(
+                    f"fair_share_weights[{client!r}] must be a positive number, got {weight!r}"
+                )
+        if self.scheduling_policy not in ("fcfs", "priority", "fair"):
             raise ValueError(
-                f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
+                "scheduling_policy must be 'fcfs', 'priority' or 'fair', got "
+                f"{self.scheduling_policy!r}"
             )
         from loraplex.engine.backend import DEVICES
 
@@ -253,6 +263,8 @@ class EngineArgs(_engine_args_base()):  # type: ignore[misc]
                 continue  # the server's --lora-root (repeatable) sets it
             if f.name == "model":
                 parser.add_argument(flag, type=str, default=None, help="model folder or hub id")
+            elif str(f.type).startswith("dict"):
+                parser.add_argument(flag, type=json.loads, default=f.default, help="JSON")
             elif f.type in ("bool", "bool | None"):
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
             else:

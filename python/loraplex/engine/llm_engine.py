@@ -113,6 +113,12 @@ class LLMEngine:
             max_skipped_steps=args.max_skipped_steps,
             max_loading=max_loading(args),
         )
+        self.fair_weights = dict(args.fair_share_weights or {})
+        if args.scheduling_policy == "fair":
+            self.scheduler.set_fair_share(True)
+            for client, weight in self.fair_weights.items():
+                if isinstance(client, int):
+                    self.scheduler.set_client_weight(client, float(weight))
         self.runner = ModelRunner(self.model, num_blocks, args.block_size, backend)
         self.lora: LoRAManager | None = None
         if args.enable_lora:
@@ -192,7 +198,7 @@ class LLMEngine:
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
             raise ValueError(f"priority must be a 32-bit int, got {priority!r}")
-        if priority != 0 and self.args.scheduling_policy != "priority":
+        if priority != 0 and self.args.scheduling_policy not in ("priority", "fair"):
             raise ValueError(
                 f"request {request_id!r}: priority={priority} needs scheduling_policy='priority'"
             )
@@ -262,7 +268,11 @@ class LLMEngine:
             raise TypeError(
                 f"lora_request must be a LoRARequest, got {type(lora_request).__name__}"
             )
-        return self._require_lora(lora_request).register(lora_request)
+        key = self._require_lora(lora_request).register(lora_request)
+        weight = self.fair_weights.get(lora_request.lora_name)
+        if weight is not None:  # a weight named by the adapter's name
+            self.scheduler.set_client_weight(lora_request.lora_int_id, float(weight))
+        return key
 
     def _require_lora(self, lora_request: Any) -> LoRAManager:
         if self.lora is None:

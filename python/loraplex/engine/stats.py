@@ -33,7 +33,12 @@ def engine_stats(engine: LLMEngine) -> dict[str, Any]:
                 pinned=bool(pinned),
             )
         )
+    fair = {}
+    if engine.args.scheduling_policy == "fair":
+        fair[""] = core.client_service(0)
+        fair.update({a["name"]: core.client_service(a["lora_int_id"]) for a in adapters})
     return dict(
+        fair_service=fair,
         running=core.num_running,
         waiting=core.num_waiting,
         kv_free_blocks=core.num_free_blocks,

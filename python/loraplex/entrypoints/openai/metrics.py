@@ -101,6 +101,16 @@ def engine_families(model_name: str, stats: dict[str | None, dict[str, Any]]):
         for eng, snap in engine:
             family.add_metric([model_name, eng], float(snap.get(f"prefix_cache_{key}", 0)))
         yield family
+    service = GaugeMetricFamily(
+        "loraplex:fair_share_service",
+        "Each client's weighted service under scheduling_policy=fair: prompt tokens x 1 plus "
+        "generated tokens x 2, over its weight (the base model under its name).",
+        labels=["adapter", *extra],
+    )
+    for replica, snap in stats.items():
+        for adapter, value in snap.get("fair_service", {}).items():
+            service.add_metric([adapter or model_name] + ([replica] if by_replica else []), value)
+    yield service
     for i, (name, doc) in enumerate(
         (
             (
@@ -238,6 +248,13 @@ class Metrics:
         self.generation_tokens = Counter(
             "loraplex:generation_tokens", "Generated tokens.", a, registry=r
         )
+        self.queue = Histogram(
+            "loraplex:request_queue_time_seconds",
+            "Time spent waiting to be scheduled, per adapter (vLLM's, split by client).",
+            a,
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.ttft = Histogram(
             "loraplex:time_to_first_token_seconds",
             "Time to first token.",
@@ -349,6 +366,7 @@ class RequestTracker:
         scheduled = t.first_scheduled_time
         if scheduled is not None:
             h["queue"].observe(max(0.0, scheduled - t.arrival_time))
+            m.labels(a, m.queue, a).observe(max(0.0, scheduled - t.arrival_time))
             h["inference"].observe(max(0.0, t.last_token_time - scheduled))
         if t.first_token_time is not None:
             ttft = max(0.0, t.first_token_time - t.arrival_time)
