@@ -27,64 +27,79 @@ pub const OUTPUT_WEIGHT: f64 = 2.0;
 /// A client: an adapter's `lora_int_id`, or 0 for the base model.
 pub type ClientId = i64;
 
-/// The counters, the backlog (unfinished requests) and the weights of every client.
+/// One client's counter, weight and backlog (unfinished requests).
+#[derive(Debug, Clone, Copy)]
+struct Client {
+    counter: f64,
+    weight: f64,
+    backlog: usize,
+}
+
+/// The counters, the backlog (unfinished requests) and the weights of every client, in one
+/// map (each admission and arrival touches one entry once).
 #[derive(Debug, Default)]
 pub struct FairShare {
-    /// Each client's (counter, weight).
-    clients: FastMap<ClientId, (f64, f64)>,
-    backlog: FastMap<ClientId, usize>,
+    clients: FastMap<ClientId, Client>,
 }
 
 impl FairShare {
     /// A request of `client` arrives (lifting an idle client to the least backlogged
     /// counter).
     pub fn arrive(&mut self, client: ClientId) {
-        if !self.backlog.contains_key(&client) {
-            let floor = self
-                .backlog
-                .keys()
-                .map(|c| self.counter(*c))
-                .min_by(f64::total_cmp);
-            let own = self.entry(client);
-            own.0 = floor.map_or(own.0, |f| own.0.max(f));
+        let c = self.entry(client);
+        c.backlog += 1;
+        if c.backlog > 1 {
+            return;
         }
-        *self.backlog.entry(client).or_insert(0) += 1;
+        let floor = self
+            .clients
+            .iter()
+            .filter(|(id, c)| c.backlog > 0 && **id != client)
+            .map(|(_, c)| c.counter)
+            .min_by(f64::total_cmp);
+        if let Some(floor) = floor {
+            let c = self.entry(client);
+            c.counter = c.counter.max(floor);
+        }
     }
 
     /// A request of `client` ended (finished, aborted or refused).
     pub fn leave(&mut self, client: ClientId) {
-        if let Some(n) = self.backlog.get_mut(&client) {
-            *n -= 1;
-            if *n == 0 {
-                self.backlog.remove(&client);
-            }
+        if let Some(c) = self.clients.get_mut(&client) {
+            c.backlog = c.backlog.saturating_sub(1);
         }
     }
 
     /// Service given to `client`: `prompt` prompt tokens computed, `output` generated.
-    pub fn charge(&mut self, client: ClientId, prompt: usize, output: usize) {
+    /// Returns its counter after.
+    pub fn charge(&mut self, client: ClientId, prompt: usize, output: usize) -> f64 {
         let cost = PROMPT_WEIGHT * prompt as f64 + OUTPUT_WEIGHT * output as f64;
         let c = self.entry(client);
-        c.0 += cost / c.1;
+        c.counter += cost / c.weight;
+        c.counter
     }
 
     /// `client`'s counter (its weighted service, lifted as described).
     pub fn counter(&self, client: ClientId) -> f64 {
-        self.clients.get(&client).map_or(0.0, |c| c.0)
+        self.clients.get(&client).map_or(0.0, |c| c.counter)
     }
 
     /// `client`'s share weight (a client of weight 2 gets twice the service of one of 1).
     pub fn set_weight(&mut self, client: ClientId, weight: f64) {
-        self.entry(client).1 = weight;
+        self.entry(client).weight = weight;
     }
 
-    fn entry(&mut self, client: ClientId) -> &mut (f64, f64) {
-        self.clients.entry(client).or_insert((0.0, 1.0))
+    fn entry(&mut self, client: ClientId) -> &mut Client {
+        self.clients.entry(client).or_insert(Client {
+            counter: 0.0,
+            weight: 1.0,
+            backlog: 0,
+        })
     }
 
     /// Whether `client` has unfinished requests.
     pub fn is_backlogged(&self, client: ClientId) -> bool {
-        self.backlog.contains_key(&client)
+        self.clients.get(&client).is_some_and(|c| c.backlog > 0)
     }
 }
 

@@ -95,7 +95,7 @@ impl Scheduler {
     /// the victim is one the waiting queue does not want (the least recently used), else
     /// the one it wants last.
     pub fn adapter_validated(&mut self, key: Key, explicit: bool) -> Placement {
-        let upcoming = self.upcoming();
+        let upcoming = self.upcoming(&[key]);
         let (placement, evicted) = self.place(key, explicit, &upcoming);
         self.unready(evicted);
         if explicit && placement == Placement::Wait {
@@ -104,14 +104,35 @@ impl Scheduler {
         placement
     }
 
-    /// Where each adapter comes in the order admission takes the waiting queue's adapters.
-    fn upcoming(&self) -> FastMap<Key, usize> {
-        let order = self.waiting.adapters_in_order();
-        let mut at = FastMap::with_capacity_and_hasher(order.size_hint().0, Default::default());
-        for (i, k) in order.flatten().enumerate() {
-            at.insert(k, i); // sized once: no rehash as it fills
-        }
-        at
+    /// Where the host tier's adapters and `extra` come, relative to each other, in the
+    /// order admission takes the waiting queues (arrival order; under fair share, their
+    /// clients' counters first): only these are ever compared (which one to evict, and
+    /// whether one is wanted before `key`), so only these are ranked. Not waiting: absent.
+    fn upcoming(&self, extra: &[Key]) -> FastMap<Key, usize> {
+        let host = self
+            .adapters
+            .host
+            .entries_by_recency()
+            .into_iter()
+            .map(|(k, _)| k);
+        let mut keys: Vec<Key> = host.chain(extra.iter().copied()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut ranked: Vec<(u64, crate::waiting::OrderKey, Key)> = keys
+            .into_iter()
+            .filter_map(|k| match self.fair.is_some() {
+                true => self
+                    .fair_head(Some(k))
+                    .map(|(bits, order, _)| (bits, order, k)),
+                false => self.waiting.head(Some(k)).map(|(order, _)| (0, order, k)),
+            })
+            .collect();
+        ranked.sort_unstable();
+        ranked
+            .into_iter()
+            .enumerate()
+            .map(|(i, (_, _, k))| (k, i))
+            .collect()
     }
 
     /// Places `key`'s validated weights (see [`Self::adapter_validated`]); `upcoming` is
@@ -327,7 +348,7 @@ impl Scheduler {
         let upcoming = if validated.is_empty() {
             FastMap::default()
         } else {
-            self.upcoming()
+            self.upcoming(&validated)
         };
         for key in validated {
             let (placement, evicted) = self.place(key, false, &upcoming);

@@ -379,9 +379,12 @@ impl Scheduler {
             }
             let seq = self.seqs.get_mut(&id).expect("waiting request is known");
             seq.num_computed = start;
-            if let (Some(f), false) = (self.fair.as_mut(), seq.prompt_charged) {
-                seq.prompt_charged = true; // the uncached prompt, once
-                f.charge(seq.client, seq.num_prompt.saturating_sub(start), 0);
+            let mut counter = 0.0; // its client's, after this admission
+            if let Some(f) = self.fair.as_mut() {
+                let prompt = seq.num_prompt.saturating_sub(start);
+                let charged = if seq.prompt_charged { 0 } else { prompt }; // once, uncached
+                seq.prompt_charged = true;
+                counter = f.charge(seq.client, charged, 0);
             }
             if let Some(c) = seq.cache.as_mut() {
                 c.recorded = hit.len();
@@ -404,8 +407,9 @@ impl Scheduler {
                 if picked.take().is_none() {
                     heads.retain(|h| h.2 != adapter); // admitted by aging's drain instead
                 }
-                if let Some(head) = self.fair_head(adapter) {
-                    heads.insert(head);
+                // a queue's requests are one client's (the adapter's): its new counter is theirs
+                if let Some((order, _)) = self.waiting.head(adapter) {
+                    heads.insert((counter.to_bits(), order, adapter));
                 }
             }
             self.running.push(id);
