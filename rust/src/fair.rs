@@ -96,11 +96,6 @@ impl FairShare {
             backlog: 0,
         })
     }
-
-    /// Whether `client` has unfinished requests.
-    pub fn is_backlogged(&self, client: ClientId) -> bool {
-        self.clients.get(&client).is_some_and(|c| c.backlog > 0)
-    }
 }
 
 /// A fair-share candidate: (its client's counter as bits, its head's order, its queue).
@@ -131,9 +126,7 @@ impl Scheduler {
         let adapters: Vec<AdapterKey> = if free_slot {
             self.waiting.ready_heads().map(|(_, a)| a).collect()
         } else {
-            let pinned = self.adapters.device.pinned_keys().into_iter();
-            let keys = self.active.keys().copied().chain(pinned).map(Some);
-            keys.chain([None]).collect()
+            self.slotted_queues()
         };
         let ready =
             |a: &AdapterKey| a.is_none_or(|k| self.adapters.residency(k) == Residency::Ready);

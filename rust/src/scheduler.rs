@@ -353,10 +353,8 @@ impl Scheduler {
                 }
                 None => {
                     let heads = restricted.get_or_insert_with(|| {
-                        let pinned = self.adapters.device.pinned_keys().into_iter();
-                        let active = self.active.keys().copied();
-                        let keys = active.chain(pinned).map(Some).chain([None]);
                         let waiting = &self.waiting;
+                        let keys = self.slotted_queues().into_iter();
                         keys.filter_map(|a| waiting.head(a).map(|(k, _)| (k, a)))
                             .collect()
                     });
@@ -428,6 +426,14 @@ impl Scheduler {
             *tokens_left -= chunk;
         }
         self.waiting.sync_heads();
+    }
+
+    /// The queues admission may take from once no device slot is free: running and pinned
+    /// adapters' (they hold one) and the base model's.
+    pub(crate) fn slotted_queues(&self) -> Vec<AdapterKey> {
+        let pinned = self.adapters.device.pinned_keys().into_iter();
+        let keys = self.active.keys().copied().chain(pinned).map(Some);
+        keys.chain([None]).collect()
     }
 
     /// The cached blocks a waiting request may start from (at most all but its last token:

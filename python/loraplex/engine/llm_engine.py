@@ -388,13 +388,13 @@ class LLMEngine:
 
     def _count_prefix_hits(self, plan, seqs: list[Sequence]) -> None:
         """The prefix cache's lookups of the requests admitted this step; a request's
-        ``num_cached_tokens`` is its first admission's (vLLM's)."""
-        for seq, queried, cached in zip(seqs, plan.num_queried_tokens, plan.num_cached_tokens):
-            request = seq.request
+        ``num_cached_tokens`` is its first admission's (vLLM's). Only admissions that looked
+        the cache up are visited (a request reading none keeps 0): not the whole batch."""
+        queried_at = plan.num_queried_tokens
+        for i in [i for i, q in enumerate(queried_at) if q]:
+            request, queried, cached = seqs[i].request, queried_at[i], plan.num_cached_tokens[i]
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = cached
-            if not queried:
-                continue
             self.prefix_queries += queried
             self.prefix_hits += cached
             lora = request.lora_request
