@@ -6,7 +6,10 @@ each) queue 8 requests each; prompts 64 random tokens, replies 32 tokens (EOS ig
 `max_num_seqs=16`, `max_loras=5`. Per client: TTFT p50 / p99 (first token time less
 submission time); in all: generated tokens per second over the whole run.
 
-    .venv/bin/python benches/bench_fair.py [--threads 2] [--flood 200]
+With `--tenants`, the clients A-E are tenants (a request's `tenant=`, the server's `user`)
+and every request runs on one adapter, A's: the flood and the light clients share it.
+
+    .venv/bin/python benches/bench_fair.py [--threads 2] [--flood 200] [--tenants]
 
 Prints one JSON line per policy, then the ratios.
 """
@@ -34,7 +37,7 @@ from bench_lora import model_with_adapters  # noqa: E402
 CLIENTS = "ABCDE"
 
 
-def run(base: Path, adapters: list[Path], policy: str, flood: int) -> dict:
+def run(base: Path, adapters: list[Path], policy: str, flood: int, tenants: bool) -> dict:
     from loraplex import LLM, LoRARequest, SamplingParams
 
     llm = LLM(
@@ -60,7 +63,9 @@ def run(base: Path, adapters: list[Path], policy: str, flood: int) -> dict:
         rid = f"{CLIENTS[c]}-{i}"
         ids = [rng.randrange(2, vocab) for _ in range(64)]
         submitted[rid] = time.time()
-        engine.add_request(rid, {"prompt_token_ids": ids}, params, lora_request=loras[c])
+        lora, tenant = (loras[0], CLIENTS[c]) if tenants else (loras[c], None)
+        prompt = {"prompt_token_ids": ids}
+        engine.add_request(rid, prompt, params, lora_request=lora, tenant=tenant)
     ttft: dict[str, list[float]] = {c: [] for c in CLIENTS}
     generated = 0
     start = time.perf_counter()
@@ -72,7 +77,7 @@ def run(base: Path, adapters: list[Path], policy: str, flood: int) -> dict:
                 )
                 generated += len(out.outputs[0].token_ids)
     elapsed = time.perf_counter() - start
-    row = dict(policy=policy, flood=flood, seconds=round(elapsed, 2))
+    row = dict(policy=policy, flood=flood, tenants=tenants, seconds=round(elapsed, 2))
     row["generated_tokens_per_s"] = round(generated / elapsed, 1)
     for c, values in ttft.items():
         row[f"{c}_ttft_p50_s"] = round(statistics.median(values), 2)
@@ -87,13 +92,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--flood", type=int, default=200)
+    ap.add_argument("--tenants", action="store_true", help="clients are tenants on one adapter")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         base, adapters = model_with_adapters(Path(tmp), len(CLIENTS))
         rows = {}
         for policy in ("fair", "fcfs", "fcfs", "fair"):  # mirrored: drift cancels
-            row = run(base, adapters, policy, args.flood)
+            row = run(base, adapters, policy, args.flood, args.tenants)
             rows.setdefault(policy, []).append(row)
             print(json.dumps(row), flush=True)
         tput = {

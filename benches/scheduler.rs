@@ -3,7 +3,9 @@
 //! requests arrive, so the waiting count stays put. Adapter reads the step hands out complete
 //! before the next step (an instant loader). Only `schedule()` is timed (it includes draining
 //! the step's submissions and choosing the reads). The `_fair` cases run the same with
-//! `scheduling_policy="fair"`, each adapter a client (`postprocess` charging their service).
+//! `scheduling_policy="fair"`, each adapter a client (`postprocess` charging their service);
+//! `_fair_tenants`, with 1,000 tenants as the clients, each over many of 64 adapters (a
+//! request's tenant is its id modulo 1,000, its adapter its id modulo 64).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -13,12 +15,13 @@ use loraplex::{LoRARequest, NewRequest, Placement, Scheduler, SchedulerConfig, S
 
 const PROMPT: usize = 16;
 
-fn request(id: u64, keys: &[i64]) -> NewRequest {
+fn request(id: u64, keys: &[i64], tenants: u64) -> NewRequest {
     NewRequest {
         id,
         num_prompt_tokens: PROMPT,
         adapter: Some(keys[id as usize % keys.len()]),
         priority: 0,
+        tenant: (tenants > 0).then(|| format!("t{}", id % tenants)),
         ..Default::default()
     }
 }
@@ -37,15 +40,16 @@ fn load(sched: &mut Scheduler, out: &SchedulerOutput) {
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("schedule");
     group.throughput(Throughput::Elements(1));
-    let mut cases: Vec<(u64, u64, bool)> = Vec::new();
+    let mut cases: Vec<(u64, u64, bool, u64)> = Vec::new();
     for waiting in [1_000u64, 10_000, 100_000] {
         for adapters in [8u64, 64, 1_000] {
-            cases.push((waiting, adapters, false));
+            cases.push((waiting, adapters, false, 0));
         }
     }
-    cases.push((10_000, 1_000, true));
+    cases.push((10_000, 1_000, true, 0));
+    cases.push((10_000, 64, true, 1_000));
     {
-        for (waiting, adapters, fair) in cases {
+        for (waiting, adapters, fair, tenants) in cases {
             let cfg = SchedulerConfig {
                 max_num_seqs: 256,
                 max_num_batched_tokens: 8192,
@@ -69,7 +73,7 @@ fn bench(c: &mut Criterion) {
             let sub = sched.submitter();
             let mut next = 0;
             for _ in 0..waiting {
-                sub.add(request(next, &keys)).unwrap();
+                sub.add(request(next, &keys, tenants)).unwrap();
                 next += 1;
             }
             let mut finished = Vec::new();
@@ -77,14 +81,18 @@ fn bench(c: &mut Criterion) {
                 // drain the backlog and fill the host tier, untimed
                 sched.postprocess(&finished, &[]);
                 for _ in 0..finished.len() {
-                    sub.add(request(next, &keys)).unwrap();
+                    sub.add(request(next, &keys, tenants)).unwrap();
                     next += 1;
                 }
                 let out = sched.schedule();
                 load(&mut sched, &out);
                 finished = out.seqs.iter().map(|s| s.request_id).collect();
             }
-            let policy = if fair { "_fair" } else { "" };
+            let policy = match (fair, tenants) {
+                (false, _) => String::new(),
+                (true, 0) => "_fair".to_string(),
+                (true, t) => format!("_fair_{t}_tenants"),
+            };
             let id = BenchmarkId::new(format!("{adapters}_adapters{policy}"), waiting);
             group.bench_function(id, |b| {
                 b.iter_custom(|iters| {
@@ -92,7 +100,7 @@ fn bench(c: &mut Criterion) {
                     for _ in 0..iters {
                         sched.postprocess(&finished, &[]);
                         for _ in 0..finished.len() {
-                            sub.add(request(next, &keys)).unwrap();
+                            sub.add(request(next, &keys, tenants)).unwrap();
                             next += 1;
                         }
                         let start = Instant::now();

@@ -435,3 +435,11 @@ def test_cached_prompt_tokens_are_reported_and_a_cache_salt_keeps_them_apart(ser
     assert again.usage.prompt_tokens_details.cached_tokens > 0
     with pytest.raises(openai.BadRequestError, match="cache_salt"):
         cached("")
+
+
+def test_user_is_inert_under_fcfs(server):
+    """vLLM takes any ``user`` and does nothing with it; so does loraplex without fair
+    share (under ``fair`` it names the tenant: tests/test_serve_fair.py)."""
+    r = client(server).completions.create(model="tiny", prompt="hi", max_tokens=2, user="u" * 300)
+    assert r.usage.completion_tokens == 2
+    assert "loraplex:tenant_request_queue_time_seconds_count" not in scrape(server)

@@ -254,11 +254,14 @@ class Scheduler:
         prompt_token_ids: list[int] | None = None,
         read_cache: bool = True,
         cache_salt: str | None = None,
+        tenant: str | None = None,
     ) -> None:
-        """Submit. With ``prompt_token_ids`` the request takes part in the prefix cache: its
-        full blocks are cached as they are computed, keyed by the tokens and the adapter key
-        (the weights version), and with ``read_cache`` it is admitted from the cached blocks
-        its prompt starts with; only requests with the same ``cache_salt`` share blocks.
+        """Submit. Under fair share, ``tenant`` names the client the request counts against
+        (without, its adapter). With ``prompt_token_ids`` the request takes part in the
+        prefix cache: its full blocks are cached as they are computed, keyed by the tokens
+        and the adapter key (the weights version), and with ``read_cache`` it is admitted
+        from the cached blocks its prompt starts with; only requests with the same
+        ``cache_salt`` share blocks.
         ``InvalidRequestError`` for an empty or too long prompt,
         ``QueueFullError`` when the queue is full (nothing is submitted). A key removed by
         the time the request is drained refuses it (reported in ``ended``)."""
@@ -270,9 +273,15 @@ class Scheduler:
         id for requests in the prefix cache) and free ``finished``. Returns requests the
         scheduler finished itself for reaching ``max_model_len``."""
     def set_fair_share(self, on: bool) -> None:
-        """Fair share across clients (an adapter's ``lora_int_id``, 0 the base): admission
-        takes the backlogged client with the least weighted service (VTC)."""
+        """Fair share across clients (an adapter's ``lora_int_id``, 0 the base, or the
+        tenant a request names): admission takes the backlogged client with the least
+        weighted service (VTC)."""
     def set_client_weight(self, client: int, weight: float) -> None: ...
+    def set_tenant_weight(self, name: str, weight: float) -> None: ...
+    def tenant_service(self) -> list[tuple[str, float, int]]:
+        """The tenants known now: ``(name, weighted service, unfinished requests)``, by
+        name; an idle tenant whose service the least backlogged client's has passed is
+        forgotten (back, it would start there)."""
     def client_service(self, client: int) -> float:
         """A client's weighted service so far: prompt tokens x 1 plus generated x 2, over
         its weight (lifted to the least backlogged on return from idling)."""

@@ -355,6 +355,46 @@ pub(crate) fn version_of(adapter: crate::waiting::AdapterKey) -> BlockKey {
     adapter.unwrap_or(0)
 }
 
+/// The cached blocks a waiting request may start from (at most all but its last token: one
+/// is always computed, for its logits), and how many tokens it looked up.
+pub(crate) fn prefix_hit(kv: &BlockManager, seq: &mut crate::scheduler::Seq) -> (Vec<u32>, usize) {
+    let version = version_of(seq.adapter);
+    let Some(c) = seq.cache.as_mut().filter(|c| c.read) else {
+        return (Vec::new(), 0);
+    };
+    let blocks = (seq.num_tokens - 1) / kv.block_size();
+    c.hash_upto(kv, version, blocks);
+    let hit = kv.lookup(version, c.salt, &c.hashes[..blocks], &c.tokens);
+    (hit, seq.num_tokens)
+}
+
+/// Enters request `id`'s full blocks computed so far into the prefix cache (their tokens are
+/// all known), unless its weights were replaced or removed: no later request could find them.
+pub(crate) fn cache_computed(
+    kv: &mut BlockManager,
+    adapters: &crate::adapters::Adapters,
+    id: RequestId,
+    seq: &mut crate::scheduler::Seq,
+) {
+    let bs = kv.block_size();
+    let version = version_of(seq.adapter);
+    let current = seq
+        .adapter
+        .is_none_or(|k| adapters.is_live(k) && !adapters.is_retired(k));
+    let Some(c) = seq.cache.as_mut().filter(|_| current) else {
+        return;
+    };
+    let full = seq.num_computed / bs;
+    c.hash_upto(kv, version, full);
+    while c.recorded < full {
+        let i = c.recorded;
+        let parent = if i == 0 { c.salt } else { c.hashes[i - 1] };
+        let tokens = &c.tokens[i * bs..(i + 1) * bs];
+        kv.cache_block(id, i, c.hashes[i], parent, version, tokens);
+        c.recorded += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

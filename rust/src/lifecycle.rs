@@ -122,9 +122,12 @@ impl Scheduler {
             .into_iter()
             .filter_map(|k| match self.fair.is_some() {
                 true => self
-                    .fair_head(Some(k))
-                    .map(|(bits, order, _)| (bits, order, k)),
-                false => self.waiting.head(Some(k)).map(|(order, _)| (0, order, k)),
+                    .fair_adapter_head(Some(k))
+                    .map(|(bits, order, _, _)| (bits, order, k)),
+                false => self
+                    .waiting
+                    .adapter_head(Some(k))
+                    .map(|(order, _)| (0, order, k)),
             })
             .collect();
         ranked.sort_unstable();

@@ -530,8 +530,9 @@ impl PyScheduler {
 
     /// ``prompt_token_ids``: given, the request takes part in the prefix cache (its full
     /// blocks are cached as computed; with ``read_cache``, admission starts from cached ones;
-    /// only requests with the same ``cache_salt`` share blocks).
-    #[pyo3(signature = (request_id, num_prompt_tokens, adapter_key=None, priority=0, prompt_token_ids=None, read_cache=true, cache_salt=None))]
+    /// only requests with the same ``cache_salt`` share blocks). ``tenant``: under fair share,
+    /// the client it counts against (else its adapter).
+    #[pyo3(signature = (request_id, num_prompt_tokens, adapter_key=None, priority=0, prompt_token_ids=None, read_cache=true, cache_salt=None, tenant=None))]
     #[allow(clippy::too_many_arguments)]
     fn add_request(
         &self,
@@ -543,6 +544,7 @@ impl PyScheduler {
         prompt_token_ids: Option<Vec<u32>>,
         read_cache: bool,
         cache_salt: Option<String>,
+        tenant: Option<String>,
     ) -> PyResult<()> {
         let request = NewRequest {
             id: request_id,
@@ -552,6 +554,7 @@ impl PyScheduler {
             prompt: prompt_token_ids,
             read_cache,
             cache_salt,
+            tenant,
         };
         py.detach(|| self.submitter.add(request)).map_err(to_py_err)
     }
@@ -588,9 +591,20 @@ impl PyScheduler {
         self.core.lock().set_client_weight(client, weight);
     }
 
+    /// A tenant's share weight under fair share, by name.
+    fn set_tenant_weight(&self, name: &str, weight: f64) {
+        self.core.lock().set_tenant_weight(name, weight);
+    }
+
     /// A client's weighted service so far under fair share.
     fn client_service(&self, client: i64) -> f64 {
         self.core.lock().client_service(client)
+    }
+
+    /// The tenants fair share knows now: ``(name, weighted service, unfinished requests)``,
+    /// by name (an idle tenant the others have passed is forgotten).
+    fn tenant_service(&self) -> Vec<(String, f64, usize)> {
+        self.core.lock().tenant_service()
     }
 
     /// Forgets every cached prefix; returns how many blocks were cached.

@@ -10,7 +10,8 @@
 //! device slot is passed over without blocking those behind it whose adapter is active; if the
 //! oldest waiting request is passed over for `max_skipped_steps` steps, other adapters'
 //! admissions stop until it can run. Under fair share (`fair`), waiting requests are taken
-//! by their client's least counter instead of by arrival. Running requests never span more than `max_loras`
+//! by their client's least counter instead of by arrival, each lane (an adapter's requests,
+//! or one tenant's of them) by its head. Running requests never span more than `max_loras`
 //! adapters (pinned ones included), so every running request's adapter fits on the device.
 
 use std::collections::BTreeSet;
@@ -20,25 +21,33 @@ use crate::adapters::{Adapters, Key};
 use crate::batch::{ScheduledSeq, SchedulerOutput, NO_SLOT};
 use crate::config::SchedulerConfig;
 use crate::error::{Error, Result};
-use crate::fair::{ClientId, FairHead, FairShare};
-use crate::kv::{version_of, BlockManager, RequestId, SeqCache};
+use crate::fair::{tenant_client, ClientId, FairHead, FairShare};
+use crate::kv::{cache_computed, prefix_hit, BlockManager, RequestId, SeqCache};
 use crate::queue::RequestQueue;
 use crate::submit::{Command, NewRequest, Submitter};
-use crate::waiting::{AdapterKey, OrderKey, WaitingQueues};
+use crate::waiting::{AdapterKey, Lane, OrderKey, TenantId, WaitingQueues};
 use crate::FastMap;
 
 pub(crate) struct Seq {
     pub(crate) adapter: AdapterKey,
+    /// The tenant it names under fair share (0: none; see `fair`).
+    tenant: TenantId,
     order: OrderKey,
-    num_tokens: usize,
-    num_computed: usize,
+    pub(crate) num_tokens: usize,
+    pub(crate) num_computed: usize,
     /// Its part in the prefix cache (`None`: none).
-    cache: Option<SeqCache>,
+    pub(crate) cache: Option<SeqCache>,
     /// Whose share it counts against (fair share), and its prompt's length.
     pub(crate) client: ClientId,
     num_prompt: usize,
     /// Whether its prompt has been charged (a preempted request is not charged twice).
     prompt_charged: bool,
+}
+
+impl Seq {
+    fn lane(&self) -> Lane {
+        (self.adapter, self.tenant)
+    }
 }
 
 /// The scheduler. Single consumer: one thread at a time calls `schedule` / `postprocess`
@@ -218,7 +227,11 @@ impl Scheduler {
         }
         self.num_arrivals += 1;
         let order = (req.priority, self.num_arrivals);
-        self.waiting.push(req.adapter, order, req.id);
+        // without fair share, a tenant changes nothing
+        let tenant = req
+            .tenant
+            .as_deref()
+            .map_or(0, |name| self.fair_tenant(name));
         let salt = req
             .cache_salt
             .as_deref()
@@ -230,14 +243,18 @@ impl Scheduler {
             recorded: 0,
             salt,
         });
-        let client = req
-            .adapter
-            .map_or(0, |k| self.adapters.request(k).map_or(k, |r| r.lora_int_id));
+        let client = match tenant {
+            0 => req
+                .adapter
+                .map_or(0, |k| self.adapters.request(k).map_or(k, |r| r.lora_int_id)),
+            t => tenant_client(t),
+        };
         if let Some(f) = self.fair.as_mut() {
             f.arrive(client);
         }
         let seq = Seq {
             adapter: req.adapter,
+            tenant,
             order,
             num_tokens: req.num_prompt_tokens,
             num_computed: 0,
@@ -247,6 +264,8 @@ impl Scheduler {
             prompt_charged: false,
         };
         self.seqs.insert(req.id, seq);
+        self.waiting.push((req.adapter, tenant), order, req.id);
+        self.fair_sync_lane((req.adapter, tenant));
         Ok(())
     }
 
@@ -258,11 +277,14 @@ impl Scheduler {
         if let Some(f) = self.fair.as_mut() {
             f.leave(seq.client);
         }
-        if self.waiting.remove(seq.adapter, seq.order).is_none() {
+        if self.waiting.remove(seq.lane(), seq.order).is_none() {
             self.running.retain(|r| *r != id);
             self.release(id, seq.adapter);
-        } else if let Some(key) = seq.adapter {
-            self.drop_if_unused(key);
+        } else {
+            self.fair_sync_lane(seq.lane());
+            if let Some(key) = seq.adapter {
+                self.drop_if_unused(key);
+            }
         }
         self.last.retain(|(r, _)| *r != id);
         true
@@ -315,9 +337,10 @@ impl Scheduler {
         if let Some(c) = seq.cache.as_mut() {
             c.recorded = 0;
         }
-        let (adapter, order) = (seq.adapter, seq.order);
-        self.release(id, adapter);
-        self.waiting.push(adapter, order, id);
+        let (lane, order) = (seq.lane(), seq.order);
+        self.release(id, lane.0);
+        self.waiting.push(lane, order, id);
+        self.fair_sync_lane(lane);
     }
 
     fn admit_waiting(&mut self, batch: &mut Vec<(RequestId, usize)>, tokens_left: &mut usize) {
@@ -326,8 +349,8 @@ impl Scheduler {
         let mut committed = self.num_committed_slots();
         // Once no slot is free, only running or pinned adapters (and the base model) can be
         // admitted, and admitting them frees no slot: the candidates stay fixed for the step,
-        // and their queues' heads are kept here, one updated per admission.
-        let mut restricted: Option<BTreeSet<(OrderKey, AdapterKey)>> = None;
+        // and their lanes' heads are kept here, one updated per admission.
+        let mut restricted: Option<BTreeSet<(OrderKey, Lane)>> = None;
         // Fair share's candidates (built for "a slot is free" or not), least counter first.
         let mut fair_heads: Option<(bool, BTreeSet<FairHead>)> = None;
         let mut picked: Option<FairHead> = None;
@@ -342,8 +365,8 @@ impl Scheduler {
                         fair_heads = Some((free_slot, self.fair_candidates(free_slot)));
                     }
                     let heads = &mut fair_heads.as_mut().expect("built").1;
-                    picked = heads.pop_first();
-                    picked.map(|(_, order, a)| (order, a))
+                    picked = self.pop_fair(heads);
+                    picked.map(|(_, order, lane, _)| (order, lane))
                 }
                 Some(a) => self
                     .waiting
@@ -354,17 +377,19 @@ impl Scheduler {
                 None => {
                     let heads = restricted.get_or_insert_with(|| {
                         let waiting = &self.waiting;
-                        let keys = self.slotted_queues().into_iter();
-                        keys.filter_map(|a| waiting.head(a).map(|(k, _)| (k, a)))
+                        let lanes = self.slotted_queues().into_iter();
+                        lanes
+                            .filter_map(|l| waiting.head(l).map(|(k, _)| (k, l)))
                             .collect()
                     });
                     heads.first().copied()
                 }
             };
-            let Some((order, adapter)) = next else { break };
-            let id = self.waiting.head(adapter).expect("head exists").1;
-            let (hit, queried) = self.prefix_hit(id);
-            let seq = &self.seqs[&id];
+            let Some((order, lane)) = next else { break };
+            let adapter = lane.0;
+            let id = self.waiting.head(lane).expect("head exists").1;
+            let seq = self.seqs.get_mut(&id).expect("waiting request is known");
+            let (hit, queried) = prefix_hit(&self.kv, seq);
             let start = hit.len() * self.kv.block_size();
             let chunk = (seq.num_tokens - start).min(*tokens_left); // uncached tokens only
             let allocated = if hit.is_empty() {
@@ -375,40 +400,36 @@ impl Scheduler {
             if !allocated {
                 break; // first come, first served on memory: no overtaking a big prompt
             }
-            let seq = self.seqs.get_mut(&id).expect("waiting request is known");
             seq.num_computed = start;
-            let mut counter = 0.0; // its client's, after this admission
+            let (client, mut counter) = (seq.client, 0.0); // its client's, after this
             if let Some(f) = self.fair.as_mut() {
                 let prompt = seq.num_prompt.saturating_sub(start);
                 let charged = if seq.prompt_charged { 0 } else { prompt }; // once, uncached
                 seq.prompt_charged = true;
-                counter = f.charge(seq.client, charged, 0);
+                counter = f.charge(client, charged, 0);
             }
             if let Some(c) = seq.cache.as_mut() {
                 c.recorded = hit.len();
             }
             self.lookups.insert(id, (queried, start));
             if fair_heads.is_some() {
-                self.waiting.pop_deferred(adapter); // synced after the loop, as below
+                self.waiting.pop_deferred(lane); // synced after the loop, as below
             } else if let Some(heads) = restricted.as_mut() {
                 // the global head indexes are synced once, after the loop
-                self.waiting.pop_deferred(adapter);
-                heads.remove(&(order, adapter));
-                if let Some((k, _)) = self.waiting.head(adapter) {
-                    heads.insert((k, adapter));
+                self.waiting.pop_deferred(lane);
+                heads.remove(&(order, lane));
+                if let Some((k, _)) = self.waiting.head(lane) {
+                    heads.insert((k, lane));
                 }
             } else {
-                self.waiting.remove(adapter, order);
+                self.waiting.remove(lane, order);
             }
+            self.fair_sync_lane(lane);
             if let Some((_, heads)) = fair_heads.as_mut() {
-                // only the admitted client's counter moved: its queue's entry is renewed
-                if picked.take().is_none() {
-                    heads.retain(|h| h.2 != adapter); // admitted by aging's drain instead
-                }
-                // a queue's requests are one client's (the adapter's): its new counter is theirs
-                if let Some((order, _)) = self.waiting.head(adapter) {
-                    heads.insert((counter.to_bits(), order, adapter));
-                }
+                // only the admitted client's counter moved, and its lane's entry with it (its
+                // other lanes', if a tenant's over several adapters, when they come up)
+                let drained = picked.take().is_none(); // admitted by aging's drain instead
+                self.fair_renew(heads, (lane, drained), client, counter);
             }
             self.running.push(id);
             if let Some(a) = adapter {
@@ -428,39 +449,39 @@ impl Scheduler {
         self.waiting.sync_heads();
     }
 
-    /// The queues admission may take from once no device slot is free: running and pinned
-    /// adapters' (they hold one) and the base model's.
-    pub(crate) fn slotted_queues(&self) -> Vec<AdapterKey> {
+    /// The adapters admission may take from once no device slot is free: running and
+    /// pinned ones (they hold one) and the base model.
+    pub(crate) fn slotted_adapters(&self) -> Vec<AdapterKey> {
         let pinned = self.adapters.device.pinned_keys().into_iter();
-        let keys = self.active.keys().copied().chain(pinned).map(Some);
-        keys.chain([None]).collect()
+        let mut keys: Vec<AdapterKey> = pinned
+            .chain(self.active.keys().copied())
+            .map(Some)
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys.push(None);
+        keys
     }
 
-    /// The cached blocks a waiting request may start from (at most all but its last token:
-    /// one is always computed, for its logits), and how many tokens it looked up.
-    fn prefix_hit(&mut self, id: RequestId) -> (Vec<u32>, usize) {
-        let seq = self.seqs.get_mut(&id).expect("waiting request is known");
-        let version = version_of(seq.adapter);
-        let Some(c) = seq.cache.as_mut().filter(|c| c.read) else {
-            return (Vec::new(), 0);
-        };
-        let blocks = (seq.num_tokens - 1) / self.kv.block_size();
-        c.hash_upto(&self.kv, version, blocks);
-        (
-            self.kv
-                .lookup(version, c.salt, &c.hashes[..blocks], &c.tokens),
-            seq.num_tokens,
-        )
+    /// The lanes of [`Self::slotted_adapters`].
+    pub(crate) fn slotted_queues(&self) -> Vec<Lane> {
+        let waiting = &self.waiting;
+        let adapters = self.slotted_adapters().into_iter();
+        adapters
+            .flat_map(|a| waiting.lanes_of(a).map(move |t| (a, t)))
+            .collect()
     }
 
     /// Tracks how long the oldest waiting request has lacked an adapter slot; returns its
     /// adapter once that exceeds `max_skipped_steps`.
     fn update_aging(&mut self) -> Option<AdapterKey> {
-        let Some((_, adapter)) = self.waiting.first().filter(|(_, a)| !self.can_admit(*a)) else {
+        let first = self.waiting.first().filter(|(_, l)| !self.can_admit(l.0));
+        let Some((_, lane)) = first else {
             self.passed_over = None;
             return None;
         };
-        let id = self.waiting.head(adapter).expect("head exists").1;
+        let adapter = lane.0;
+        let id = self.waiting.head(lane).expect("head exists").1;
         let since = match self.passed_over {
             Some((p, since)) if p == id => since,
             _ => self.step,
@@ -530,29 +551,12 @@ impl Scheduler {
         let mut done: std::collections::HashSet<RequestId> = finished.iter().copied().collect();
         let sampled: FastMap<RequestId, u32> = sampled.iter().copied().collect();
         let mut length_capped = Vec::new();
-        let bs = self.kv.block_size();
         for (id, chunk) in std::mem::take(&mut self.last) {
             let Some(seq) = self.seqs.get_mut(&id) else {
                 continue;
             };
             seq.num_computed += chunk;
-            // the full blocks computed so far enter the cache (their tokens are all known)
-            let version = version_of(seq.adapter);
-            let current = seq
-                .adapter
-                .is_none_or(|k| self.adapters.is_live(k) && !self.adapters.is_retired(k));
-            if let (Some(c), true) = (seq.cache.as_mut(), current) {
-                let full = seq.num_computed / bs;
-                c.hash_upto(&self.kv, version, full);
-                while c.recorded < full {
-                    let i = c.recorded;
-                    let parent = if i == 0 { c.salt } else { c.hashes[i - 1] };
-                    let tokens = &c.tokens[i * bs..(i + 1) * bs];
-                    self.kv
-                        .cache_block(id, i, c.hashes[i], parent, version, tokens);
-                    c.recorded += 1;
-                }
-            } // (a replaced version's blocks would be found by no later request)
+            cache_computed(&mut self.kv, &self.adapters, id, seq); // its full blocks so far
             if seq.num_computed == seq.num_tokens {
                 seq.num_tokens += 1;
                 if let Some(f) = self.fair.as_mut() {
@@ -575,8 +579,10 @@ impl Scheduler {
                     if let Some(f) = self.fair.as_mut() {
                         f.leave(seq.client);
                     }
-                    if self.waiting.remove(seq.adapter, seq.order).is_none() {
+                    if self.waiting.remove(seq.lane(), seq.order).is_none() {
                         self.release(id, seq.adapter);
+                    } else {
+                        self.fair_sync_lane(seq.lane());
                     }
                 }
             }

@@ -27,6 +27,9 @@ pub struct NewRequest {
     /// vLLM's `cache_salt`: only requests with the same salt share cached blocks (a tenant's
     /// prefixes are never found by another's).
     pub cache_salt: Option<String>,
+    /// Under fair share, the tenant whose share it counts against (the OpenAI `user`);
+    /// `None`: its adapter's (see `fair`).
+    pub tenant: Option<String>,
 }
 
 /// One submission.

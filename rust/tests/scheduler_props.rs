@@ -311,6 +311,7 @@ fn simulate(cfg: &SchedulerConfig, specs: &[Spec], pin: Option<i64>, cache: bool
                     prompt: cache.then_some(prompt),
                     read_cache: cache,
                     cache_salt: None,
+                    tenant: None,
                 };
                 sub.add(req).unwrap();
             }
@@ -546,6 +547,7 @@ fn prefix_hits_are_per_weights_version() {
             prompt: Some(tokens.to_vec()),
             read_cache: read,
             cache_salt: None,
+            tenant: None,
         })
         .unwrap();
         let mut cached = None;

@@ -62,9 +62,10 @@ class _Honoured:
     num_gpu_blocks_override: int | None = None  # the KV cache's block count, on any device
     max_logprobs: int = 20  # -1: the whole vocabulary
     # "priority": lower ``priority`` runs first; "fair": loraplex's share across adapters
+    # and tenants (a request's ``tenant=``, the server's ``user``)
     scheduling_policy: str = "fcfs"
-    # loraplex, with "fair": a client's share weight, by adapter name or lora_int_id (0: the
-    # base model); 1 for any other
+    # loraplex, with "fair": a client's share weight, by name (an adapter's or a tenant's)
+    # or an adapter's lora_int_id (0: the base model); 1 for any other
     fair_share_weights: dict[str | int, float] | None = None
     enable_prefix_caching: bool | None = None  # None: on, as vLLM V1
     device: str = "auto"  # "auto" (CUDA when torch sees a GPU, else the CPU), "cpu", "cuda"

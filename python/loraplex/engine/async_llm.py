@@ -126,10 +126,12 @@ class AsyncLLM:
         priority: int = 0,
         tokenization_kwargs: dict[str, Any] | None = None,
         data_parallel_rank: int | None = None,
+        tenant: str | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Submits a request and yields its outputs as ``sampling_params.output_kind`` asks
         (cumulative by default, deltas, or only the final one). Errors in the request are
-        raised here, before anything is yielded."""
+        raised here, before anything is yielded. ``tenant``: as for
+        ``LLMEngine.add_request``."""
         stream = await self.add_request(
             request_id,
             prompt,
@@ -137,6 +139,7 @@ class AsyncLLM:
             lora_request=lora_request,
             priority=priority,
             tokenization_kwargs=tokenization_kwargs,
+            tenant=tenant,
         )
         try:
             async for out in stream:
@@ -153,6 +156,7 @@ class AsyncLLM:
         lora_request: LoRARequest | None = None,
         priority: int = 0,
         tokenization_kwargs: dict[str, Any] | None = None,
+        tenant: str | None = None,
     ) -> RequestStream:
         """Submits a request and returns its outputs' stream once it is queued (errors in
         the request are raised here). Whoever holds the stream closes it
@@ -165,7 +169,13 @@ class AsyncLLM:
             self._streams[request_id] = stream
         try:
             await self._add_request(
-                request_id, prompt, sampling_params, lora_request, tokenization_kwargs, priority
+                request_id,
+                prompt,
+                sampling_params,
+                lora_request,
+                tokenization_kwargs,
+                priority,
+                tenant,
             )
         except BaseException:
             with self._lock:
@@ -181,9 +191,12 @@ class AsyncLLM:
             self.engine.abort_request(request_id)
             self._wake.set()
 
-    async def _add_request(self, request_id, prompt, params, lora_request, tok_kwargs, priority):
+    async def _add_request(
+        self, request_id, prompt, params, lora_request, tok_kwargs, priority, tenant=None
+    ):
         lora = self.engine.lora
         args = (request_id, prompt, params, None, lora_request, tok_kwargs, None, priority)
+        kwargs = {"tenant": tenant}
         new_adapter = (
             lora is not None
             and isinstance(lora_request, LoRARequest)
@@ -199,9 +212,9 @@ class AsyncLLM:
             or not (has_ids or isinstance(prompt, list))
         )
         if new_adapter or grows:  # an adapter's first read, tokenizing, compiling: off the loop
-            await asyncio.to_thread(self.engine.add_request, *args)
+            await asyncio.to_thread(self.engine.add_request, *args, **kwargs)
         else:
-            self.engine.add_request(*args)
+            self.engine.add_request(*args, **kwargs)
 
     async def abort(self, request_id: str | Iterable[str]) -> None:
         """Aborts requests; each one's consumer gets a last output with finish_reason

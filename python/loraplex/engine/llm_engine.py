@@ -70,6 +70,22 @@ class ModelFrontend:
         return cls(folder, cfg, max_model_len, tokenizer, processor, grammars)
 
 
+#: The longest tenant name a request may carry (kept while its requests run).
+MAX_TENANT_LEN = 256
+
+
+def check_tenant(request_id: str, tenant: Any) -> None:
+    """A request's tenant is a non-empty string of at most ``MAX_TENANT_LEN`` characters."""
+    if tenant is None:
+        return
+    if not isinstance(tenant, str) or not tenant or len(tenant) > MAX_TENANT_LEN:
+        shown = tenant if not isinstance(tenant, str) else f"{len(tenant)} characters"
+        raise ValueError(
+            f"request {request_id!r}: tenant must be a non-empty string of at most "
+            f"{MAX_TENANT_LEN} characters, got {shown!r}"
+        )
+
+
 def max_loading(args: EngineArgs) -> int:
     """Adapter reads in flight at once (validated weights waiting for a host slot count
     too): enough that the loader pool never idles between steps, and at most a quarter of
@@ -119,6 +135,8 @@ class LLMEngine:
             for client, weight in self.fair_weights.items():
                 if isinstance(client, int):
                     self.scheduler.set_client_weight(client, float(weight))
+                else:  # a name: an adapter's (set as it registers) or a tenant's
+                    self.scheduler.set_tenant_weight(client, float(weight))
         self.runner = ModelRunner(self.model, num_blocks, args.block_size, backend)
         self.lora: LoRAManager | None = None
         if args.enable_lora:
@@ -184,11 +202,13 @@ class LLMEngine:
         priority: int = 0,
         *,
         sampling_params: SamplingParams | None = None,
+        tenant: str | None = None,
     ) -> None:
         """Queues a request (vLLM's signature; ``sampling_params=`` is accepted for
         ``params``). Every error (bad prompt or params, duplicate id, bad adapter) is raised
         here, to this caller, naming the culprit; the engine and its other requests are
-        unaffected."""
+        unaffected. loraplex's ``tenant``: under ``scheduling_policy="fair"``, the client
+        whose share the request counts against (without one, its adapter's)."""
         if not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
         if params is not None and sampling_params is not None:
@@ -202,6 +222,7 @@ class LLMEngine:
             raise ValueError(
                 f"request {request_id!r}: priority={priority} needs scheduling_policy='priority'"
             )
+        check_tenant(request_id, tenant)
         text, ids = self.processor.tokenize(
             request_id, prompt, with_truncation(tokenization_kwargs, params)
         )
@@ -216,6 +237,7 @@ class LLMEngine:
         request = Request(
             request_id, text, ids, params.clone(), lora_request, arrival, priority, bad_words
         )
+        request.tenant = tenant
         with self._lock:
             if request_id in self._requests:
                 raise DuplicateRequestError(f"request id {request_id!r} is already running")
@@ -238,7 +260,7 @@ class LLMEngine:
         try:
             for seq in request.seqs:
                 self.scheduler.add_request(
-                    seq.seq_id, len(ids), key, priority, cached_ids, read_cache, salt
+                    seq.seq_id, len(ids), key, priority, cached_ids, read_cache, salt, tenant
                 )
                 submitted += 1
         except Exception:

@@ -90,6 +90,7 @@ class Request:
     num_generated: int = 0  # tokens over all sequences, as of the last step
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache, at admission
     token_gaps: list[float] = field(default_factory=list)
+    tenant: str | None = None  # whose share it counts against under fair share
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(self.arrival_time, self.arrival_time)

@@ -33,12 +33,14 @@ def engine_stats(engine: LLMEngine) -> dict[str, Any]:
                 pinned=bool(pinned),
             )
         )
-    fair = {}
+    fair, tenants = {}, {}
     if engine.args.scheduling_policy == "fair":
         fair[""] = core.client_service(0)
         fair.update({a["name"]: core.client_service(a["lora_int_id"]) for a in adapters})
+        tenants = tenant_shares(core.tenant_service(), engine.fair_weights)
     return dict(
         fair_service=fair,
+        tenant_service=tenants,
         running=core.num_running,
         waiting=core.num_waiting,
         kv_free_blocks=core.num_free_blocks,
@@ -52,3 +54,19 @@ def engine_stats(engine: LLMEngine) -> dict[str, Any]:
         waiting_adapters=sorted(waiting),
         adapters=adapters,
     )
+
+
+#: Tenants reported one by one besides those named in ``fair_share_weights`` (tenants are
+#: named by requests: their number is the clients', not the operator's, to choose).
+MAX_TENANT_SERIES = 64
+
+
+def tenant_shares(known: list[tuple[str, float, int]], weights: dict) -> dict[str, float]:
+    """Each reported tenant's weighted service: those with a weight, and the
+    ``MAX_TENANT_SERIES`` others with the most unfinished requests (ties by name)."""
+    weighted = {name for name in weights if isinstance(name, str)}
+    named = [(name, service) for name, service, _ in known if name in weighted]
+    others = sorted((t for t in known if t[0] not in weighted), key=lambda t: (-t[2], t[0]))[
+        :MAX_TENANT_SERIES
+    ]
+    return dict(named + [(name, service) for name, service, _ in others])

@@ -55,10 +55,21 @@ class LLM:
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         priority: Sequence[int] | None = None,
         tokenization_kwargs: dict[str, Any] | None = None,
+        *,
+        tenant: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
+        """vLLM's ``generate``. loraplex's ``tenant`` (one for all prompts, or one per
+        prompt): under ``scheduling_policy="fair"``, the client each request's share counts
+        against (without, its adapter)."""
         prompt_list = _as_prompt_list(prompts)
         return self._generate(
-            prompt_list, sampling_params, use_tqdm, lora_request, priority, tokenization_kwargs
+            prompt_list,
+            sampling_params,
+            use_tqdm,
+            lora_request,
+            priority,
+            tokenization_kwargs,
+            tenant,
         )
 
     def chat(
@@ -74,10 +85,13 @@ class LLM:
         tools: list[dict[str, Any]] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
+        *,
+        tenant: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Generates a reply for each conversation, rendered with the model's chat template
         (or ``chat_template``) as transformers' ``apply_chat_template`` renders it, and
-        tokenized without added special tokens (the template writes them)."""
+        tokenized without added special tokens (the template writes them). ``tenant``: as
+        for ``generate``."""
         if mm_processor_kwargs:
             raise ValueError("mm_processor_kwargs: loraplex serves text-only models")
         one = bool(messages) and isinstance(messages[0], dict)
@@ -95,9 +109,11 @@ class LLM:
                 **(chat_template_kwargs or {}),
             )
             prompts.append({"prompt_token_ids": ids})
-        return self._generate(prompts, sampling_params, use_tqdm, lora_request, None, None)
+        return self._generate(prompts, sampling_params, use_tqdm, lora_request, None, None, tenant)
 
-    def _generate(self, prompt_list, sampling_params, use_tqdm, lora_request, priority, tok_kw):
+    def _generate(
+        self, prompt_list, sampling_params, use_tqdm, lora_request, priority, tok_kw, tenant=None
+    ):
         n = len(prompt_list)
         params = _per_prompt(
             sampling_params or self.get_default_sampling_params(),
@@ -109,6 +125,9 @@ class LLM:
         priorities = list(priority) if priority is not None else [0] * n
         if len(priorities) != n:
             raise ValueError(f"priority has {len(priorities)} entries for {n} prompts")
+        tenants = [tenant] * n if tenant is None or isinstance(tenant, str) else list(tenant)
+        if len(tenants) != n:
+            raise ValueError(f"tenant has {len(tenants)} entries for {n} prompts")
         engine = self.llm_engine
         if engine.lora is not None:
             # adapters first seen here are read in the background, ahead of need; a bad one
@@ -121,12 +140,18 @@ class LLM:
             loras = [_read_once(x) for x in loras]
         ids = []
         try:
-            for prompt, p, lora, prio in zip(prompt_list, params, loras, priorities):
+            for prompt, p, lora, prio, who in zip(prompt_list, params, loras, priorities, tenants):
                 p = p.clone()
                 p.output_kind = RequestOutputKind.FINAL_ONLY  # as vLLM's LLM does
                 rid = str(next(self._counter))
                 engine.add_request(
-                    rid, prompt, p, lora_request=lora, priority=prio, tokenization_kwargs=tok_kw
+                    rid,
+                    prompt,
+                    p,
+                    lora_request=lora,
+                    priority=prio,
+                    tokenization_kwargs=tok_kw,
+                    tenant=who,
                 )
                 ids.append(rid)
         except Exception:

@@ -223,6 +223,7 @@ def serve_options(args: argparse.Namespace, model_folder: Path) -> ServeOptions:
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser,
         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+        tenants_from_user=args.scheduling_policy == "fair",
     )
 
 

@@ -68,9 +68,11 @@ class EngineClient(abc.ABC):
         params: SamplingParams,
         adapter: Adapter | None,
         priority: int = 0,
+        tenant: str | None = None,
     ) -> OutputStream:
         """Queues one checked request (``prompt``: its ``prompt_token_ids``, maybe its
-        ``prompt`` text); its stream once queued (errors in it are raised here)."""
+        ``prompt`` text; ``tenant``: under fair share, whose share it counts against); its
+        stream once queued (errors in it are raised here)."""
 
     @abc.abstractmethod
     async def resolve_adapter(self, name: str) -> Adapter | None:
@@ -124,10 +126,10 @@ class LocalEngineClient(EngineClient):
         self.frontend = engine.frontend
         self.max_num_seqs = engine.max_num_seqs
 
-    async def generate(self, request_id, prompt, params, adapter, priority=0):
+    async def generate(self, request_id, prompt, params, adapter, priority=0, tenant=None):
         try:
             stream = await self.engine.add_request(
-                request_id, prompt, params, lora_request=adapter, priority=priority
+                request_id, prompt, params, lora_request=adapter, priority=priority, tenant=tenant
             )
         except (ValueError, TypeError, LoraplexError, EngineDeadError) as e:
             raise request_error(e) from None

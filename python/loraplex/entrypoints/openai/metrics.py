@@ -1,13 +1,12 @@
 """Prometheus metrics (prometheus_client): vLLM's series by vLLM's names and labels
 (``model_name`` is the served base name, ``engine`` the engine or replica), so a vLLM
 dashboard reads them; beside them loraplex's own, per adapter (``adapter`` is the name a
-request's ``model`` used) and per replica. Engine gauges are read from the engine client's
-snapshot at scrape time; request series are fed by each request's outputs. An adapter's own
-series are removed when it is unloaded."""
+request's ``model`` used), per tenant and per replica. Engine gauges are read from the
+engine client's snapshot at scrape time (``engine_metrics``); request series are fed by each
+request's outputs. An adapter's own series are removed when it is unloaded."""
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from typing import Any
 
@@ -18,8 +17,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from loraplex.engine.stats import MAX_TENANT_SERIES
+from loraplex.entrypoints.openai.engine_metrics import engine_families
 from loraplex.outputs import RequestOutput
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -32,6 +32,10 @@ _REQUEST = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0
 _REQUEST = _REQUEST + (60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 
+#: The label of tenants past the first ``MAX_TENANT_SERIES`` in per-tenant histograms.
+OTHER_TENANTS = "(other)"
+
+
 def _buckets_1_2_5(limit: int) -> list[int]:
     out, scale = [], 1
     while True:
@@ -40,117 +44,6 @@ def _buckets_1_2_5(limit: int) -> list[int]:
                 return out
             out.append(m * scale)
         scale *= 10
-
-
-def engine_families(model_name: str, stats: dict[str | None, dict[str, Any]]):
-    """Gauges (and the preemption counter) from engine snapshots keyed by replica id (None:
-    the one engine of this process)."""
-    by_replica = any(key is not None for key in stats)
-    extra = ["replica"] if by_replica else []
-    engine = [(("0" if replica is None else replica), snap) for replica, snap in stats.items()]
-    vllm_gauges = [
-        ("vllm:num_requests_running", "Number of requests in model execution batches.", "running"),
-        ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", "waiting"),
-    ]
-    for name, doc, key in vllm_gauges:
-        family = GaugeMetricFamily(name, doc, labels=["model_name", "engine"])
-        for eng, snap in engine:
-            family.add_metric([model_name, eng], float(snap[key]))
-        yield family
-    usage = GaugeMetricFamily(
-        "vllm:kv_cache_usage_perc",
-        "KV-cache usage. 1 means 100 percent usage.",
-        labels=["model_name", "engine"],
-    )
-    preempted = CounterMetricFamily(
-        "vllm:num_preemptions",
-        "Cumulative number of preemption from the engine.",
-        labels=["model_name", "engine"],
-    )
-    lora_info = GaugeMetricFamily(
-        "vllm:lora_requests_info",
-        "Running stats on lora requests.",
-        labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters", *extra],
-    )
-    for eng, snap in engine:
-        total = snap["kv_total_blocks"] or 1
-        usage.add_metric([model_name, eng], 1.0 - snap["kv_free_blocks"] / total)
-        preempted.add_metric([model_name, eng], float(snap.get("num_preemptions", 0)))
-        labels = [
-            str(snap.get("max_loras", 0)),
-            ",".join(snap.get("waiting_adapters", [])),
-            ",".join(snap.get("running_adapters", [])),
-        ]
-        lora_info.add_metric(labels + ([eng] if by_replica else []), time.time())
-    yield usage
-    yield preempted
-    yield lora_info
-    for key, name, doc in (
-        (
-            "queries",
-            "vllm:prefix_cache_queries",
-            "Prefix cache queries, in terms of number of queried tokens.",
-        ),
-        (
-            "hits",
-            "vllm:prefix_cache_hits",
-            "Prefix cache hits, in terms of number of cached tokens.",
-        ),
-    ):
-        family = CounterMetricFamily(name, doc, labels=["model_name", "engine"])
-        for eng, snap in engine:
-            family.add_metric([model_name, eng], float(snap.get(f"prefix_cache_{key}", 0)))
-        yield family
-    service = GaugeMetricFamily(
-        "loraplex:fair_share_service",
-        "Each client's weighted service under scheduling_policy=fair: prompt tokens x 1 plus "
-        "generated tokens x 2, over its weight (the base model under its name).",
-        labels=["adapter", *extra],
-    )
-    for replica, snap in stats.items():
-        for adapter, value in snap.get("fair_service", {}).items():
-            service.add_metric([adapter or model_name] + ([replica] if by_replica else []), value)
-    yield service
-    for i, (name, doc) in enumerate(
-        (
-            (
-                "loraplex:lora_prefix_cache_queries",
-                "Prompt tokens looked up in the prefix cache, per adapter (the base: its name).",
-            ),
-            (
-                "loraplex:lora_prefix_cache_hits",
-                "Prompt tokens found in the prefix cache, per adapter (the base: its name).",
-            ),
-        )
-    ):
-        family = CounterMetricFamily(name, doc, labels=["adapter", *extra])
-        for replica, snap in stats.items():
-            for adapter, counts in snap.get("prefix_cache_by_adapter", {}).items():
-                labels = [adapter or model_name] + ([replica] if by_replica else [])
-                family.add_metric(labels, float(counts[i]))
-        yield family
-    gauges = [
-        ("running", "loraplex:num_requests_running", "Requests running (in the batch)."),
-        ("waiting", "loraplex:num_requests_waiting", "Requests waiting to be scheduled."),
-        ("kv_free_blocks", "loraplex:kv_cache_free_blocks", "Free KV cache blocks."),
-        ("kv_total_blocks", "loraplex:kv_cache_total_blocks", "KV cache blocks."),
-    ]
-    for key, name, doc in gauges:
-        family = GaugeMetricFamily(name, doc, labels=extra)
-        for replica, snap in stats.items():
-            family.add_metric([replica] if by_replica else [], float(snap[key]))
-        yield family
-    loaded = GaugeMetricFamily(
-        "loraplex:lora_adapter_loaded",
-        "1 where an adapter's weights are: a device slot or the host tier.",
-        labels=["adapter", "tier", "pinned", *extra],
-    )
-    for replica, snap in stats.items():
-        for a in snap["adapters"]:
-            for tier in a["tiers"]:
-                labels = [a["name"], tier, str(a["pinned"]).lower()]
-                loaded.add_metric(labels + ([replica] if by_replica else []), 1.0)
-    yield loaded
 
 
 class _SnapshotCollector:
@@ -255,6 +148,16 @@ class Metrics:
             buckets=_LATENCY,
             registry=r,
         )
+        self.tenant_queue = Histogram(
+            "loraplex:tenant_request_queue_time_seconds",
+            "Time spent waiting to be scheduled, per tenant (a request's `user` under "
+            f"scheduling_policy=fair; the first {MAX_TENANT_SERIES} seen, the rest as "
+            f"'{OTHER_TENANTS}').",
+            ["tenant"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self._tenants: set[str] = set()
         self.ttft = Histogram(
             "loraplex:time_to_first_token_seconds",
             "Time to first token.",
@@ -301,16 +204,24 @@ class Metrics:
             except KeyError:
                 pass
 
-    def request(self, adapter: str) -> RequestTracker:
-        return RequestTracker(self, adapter)
+    def request(self, adapter: str, tenant: str | None = None) -> RequestTracker:
+        return RequestTracker(self, adapter, tenant)
+
+    def tenant_label(self, tenant: str) -> str:
+        """``tenant`` as a label value: the first ``MAX_TENANT_SERIES`` tenants seen keep
+        their own series, later ones share one."""
+        if tenant not in self._tenants and len(self._tenants) >= MAX_TENANT_SERIES:
+            return OTHER_TENANTS
+        self._tenants.add(tenant)
+        return tenant
 
 
 class RequestTracker:
     """One request's token counts, from its outputs, and its latencies, from the engine's
     timings on its last output (the same for streamed and whole responses)."""
 
-    def __init__(self, metrics: Metrics, adapter: str):
-        self.m, self.adapter = metrics, adapter
+    def __init__(self, metrics: Metrics, adapter: str, tenant: str | None = None):
+        self.m, self.adapter, self.tenant = metrics, adapter, tenant
         self.prompt_tokens: int | None = None
         self.generated = 0
         self.finish: dict[int, Any] = {}
@@ -367,6 +278,9 @@ class RequestTracker:
         if scheduled is not None:
             h["queue"].observe(max(0.0, scheduled - t.arrival_time))
             m.labels(a, m.queue, a).observe(max(0.0, scheduled - t.arrival_time))
+            if self.tenant is not None:
+                tenant = m.tenant_label(self.tenant)
+                m.tenant_queue.labels(tenant).observe(max(0.0, scheduled - t.arrival_time))
             h["inference"].observe(max(0.0, t.last_token_time - scheduled))
         if t.first_token_time is not None:
             ttft = max(0.0, t.first_token_time - t.arrival_time)

@@ -62,7 +62,9 @@ class _Sampling(OpenAIBaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None  # inert: OpenAI's end-user id, for abuse monitoring
+    # OpenAI's end-user id; under scheduling_policy=fair, the tenant whose share it counts
+    # against (else inert)
+    user: str | None = None
     response_format: dict[str, Any] | None = None
     # vLLM's extra sampling fields
     best_of: int | None = None

@@ -128,7 +128,9 @@ async def create_chat_completion(
     exclude = mode == "none" and ctx.options.exclude_tools_when_tool_choice_none
     ids = await ctx.off_loop(render_request, ctx, body, True, [] if exclude else None)
     tokens = await ctx.off_loop(ctx.prepare, rid, {"prompt_token_ids": ids}, params)
-    (stream,) = await ctx.submit_all(rid, [tokens], params, adapter, body.priority, body.cache_salt)
+    (stream,) = await ctx.submit_all(
+        rid, [tokens], params, adapter, body.priority, body.cache_salt, body.user
+    )
     model, created = body.model or ctx.options.base, int(time.time())
     num_prompt = len(tokens["prompt_token_ids"])
     last = body.messages[-1] if body.messages else {}

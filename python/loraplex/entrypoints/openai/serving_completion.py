@@ -108,7 +108,9 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     rid = ctx.request_id("cmpl", body.request_id, request)
     prompts = completion_prompts(body.prompt)
     inputs = [await ctx.off_loop(ctx.prepare, rid, p, params) for p in prompts]
-    streams = await ctx.submit_all(rid, inputs, params, adapter, body.priority, body.cache_salt)
+    streams = await ctx.submit_all(
+        rid, inputs, params, adapter, body.priority, body.cache_salt, body.user
+    )
     model, created = body.model or ctx.options.base, int(time.time())
     as_ids = body.return_tokens_as_token_ids
 

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from loraplex.engine.input_processor import with_truncation
+from loraplex.engine.llm_engine import MAX_TENANT_LEN
 from loraplex.entrypoints.openai.engine_client import REPLICA_HEADER, Adapter, EngineClient
 from loraplex.entrypoints.openai.errors import APIError
 from loraplex.entrypoints.openai.metrics import Metrics
@@ -57,6 +58,7 @@ class ServeOptions:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     exclude_tools_when_tool_choice_none: bool = False
+    tenants_from_user: bool = False  # scheduling_policy=fair: the body's `user` is its client
 
     @property
     def base(self) -> str:
@@ -183,10 +185,28 @@ class ServingContext:
         )
 
     async def submit_all(
-        self, request_id: str, inputs: list[dict], params, adapter, priority, cache_salt=None
+        self,
+        request_id: str,
+        inputs: list[dict],
+        params,
+        adapter,
+        priority,
+        cache_salt=None,
+        user=None,
     ):
         """Queues each prepared input (with the body's ``cache_salt``: only requests with
-        the same salt share cached prefixes); a refusal aborts those queued before it."""
+        the same salt share cached prefixes; under fair share, its ``user`` as the tenant
+        whose share they count against); a refusal aborts those queued before it."""
+        tenant = None
+        if self.options.tenants_from_user and user is not None:
+            if not user or len(user) > MAX_TENANT_LEN:
+                raise APIError(
+                    400,
+                    f"'user' names the tenant under scheduling_policy=fair: a non-empty "
+                    f"string of at most {MAX_TENANT_LEN} characters (got {len(user)})",
+                    "user",
+                )
+            tenant = user
         streams = []
         try:
             for i, tokens in enumerate(inputs):
@@ -196,7 +216,9 @@ class ServingContext:
                 self.log_request(
                     rid, tokens.get("prompt", tokens["prompt_token_ids"]), params, adapter
                 )
-                streams.append(await self.client.generate(rid, tokens, params, adapter, priority))
+                stream = await self.client.generate(rid, tokens, params, adapter, priority, tenant)
+                stream.tenant = tenant  # for its metrics
+                streams.append(stream)
         except BaseException:
             for s in streams:
                 s.close()
@@ -208,7 +230,7 @@ class ServingContext:
     ) -> AsyncIterator[RequestOutput]:
         """The request's outputs, counted in the metrics; leaving early aborts it."""
         name = adapter.lora_name if adapter is not None else self.options.base
-        tracker = self.metrics.request(name)
+        tracker = self.metrics.request(name, getattr(stream, "tenant", None))
         self._live.add(stream)
         try:
             async for out in stream:

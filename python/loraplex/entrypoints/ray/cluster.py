@@ -196,7 +196,7 @@ class RayEngineClient(EngineClient):
         self.in_flight: Counter[str] = Counter()  # adapter -> requests this ingress runs
         self.ready = False  # healthy once the startup adapters are loaded
 
-    async def generate(self, request_id, prompt, params, adapter, priority=0):
+    async def generate(self, request_id, prompt, params, adapter, priority=0, tenant=None):
         name = adapter.lora_name if adapter is not None else ""
         entry = adapter.entry if adapter is not None else None
         handle = self.engines.options(stream=True, multiplexed_model_id=name)
@@ -206,7 +206,7 @@ class RayEngineClient(EngineClient):
             self.in_flight[name] -= 1
 
         def call():
-            return handle.generate.remote(prompt, params, request_id, priority, entry)
+            return handle.generate.remote(prompt, params, request_id, priority, entry, tenant)
 
         stream = RemoteStream(call, done)
         await stream.start()

@@ -117,6 +117,7 @@ def engine_deployment(
             request_id: str,
             priority: int = 0,
             entry: dict | None = None,
+            tenant: str | None = None,
         ) -> AsyncIterator[tuple[str, Any]]:
             """Yields ``(replica_id, RequestOutput)`` as the engine makes them. The adapter is
             the request's multiplexed model id; ``entry``, the registry's entry for it if the
@@ -127,7 +128,12 @@ def engine_deployment(
                 await self.adapter(name)
                 lora = await self._ensure(name, entry)
             async for out in self.engine.generate(
-                prompt, sampling_params, request_id, lora_request=lora, priority=priority
+                prompt,
+                sampling_params,
+                request_id,
+                lora_request=lora,
+                priority=priority,
+                tenant=tenant,
             ):
                 yield self.replica_id, out
 
