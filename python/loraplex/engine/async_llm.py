@@ -44,6 +44,51 @@ def _put_all(items: list) -> None:
         queue.put_nowait(item)
 
 
+def dispatch(
+    outputs: list[RequestOutput], streams: dict[str, _Stream], lock: threading.Lock
+) -> None:
+    """Hands a step's outputs to their consumers: one wake-up of each consumer loop per
+    step, not one per output (32 streams would be 32 self-pipe writes a step). A finished
+    request's stream leaves ``streams``."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    with lock:
+        for out in outputs:
+            stream = streams.get(out.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+                if out.finished:
+                    del streams[out.request_id]
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:
+            pass  # the consumers' loop is closed: nobody is listening
+
+
+def submission_grows(
+    engine: LLMEngine, prompt: Prompt, params: SamplingParams, lora_request: Any
+) -> bool:
+    """Whether submitting this request does work that grows with it or blocks (an
+    adapter's first read or an in-place reload, tokenizing text, compiling a grammar,
+    ``bad_words``): such a submission runs off the thread that serves the others."""
+    lora = engine.lora
+    new_adapter = (
+        lora is not None
+        and isinstance(lora_request, LoRARequest)
+        and (
+            lora.core.adapter_key(lora_request.lora_int_id) is None
+            or lora_request.load_inplace  # a reload reads the weights: off the loop too
+        )
+    )
+    has_ids = isinstance(prompt, dict) and "prompt_token_ids" in prompt
+    return (
+        new_adapter
+        or bool(params.bad_words)
+        or params.structured_outputs is not None
+        or not (has_ids or isinstance(prompt, list))
+    )
+
+
 class AsyncLLM:
     """``AsyncLLM.from_engine_args(AsyncEngineArgs(...))``; ``async for out in
     engine.generate(prompt, params, request_id, lora_request=...)``."""
@@ -97,21 +142,7 @@ class AsyncLLM:
                 stream.put(EngineDeadError(f"the engine loop failed: {type(e).__name__}: {e}"))
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        """Hands a step's outputs to their consumers: one wake-up of each consumer loop per
-        step, not one per output (32 streams would be 32 self-pipe writes a step)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        with self._lock:
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is not None:
-                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
-                    if out.finished:
-                        del self._streams[out.request_id]
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:
-                pass  # the consumers' loop is closed: nobody is listening
+        dispatch(outputs, self._streams, self._lock)
 
     # -- requests --
 
@@ -194,24 +225,9 @@ class AsyncLLM:
     async def _add_request(
         self, request_id, prompt, params, lora_request, tok_kwargs, priority, tenant=None
     ):
-        lora = self.engine.lora
         args = (request_id, prompt, params, None, lora_request, tok_kwargs, None, priority)
         kwargs = {"tenant": tenant}
-        new_adapter = (
-            lora is not None
-            and isinstance(lora_request, LoRARequest)
-            and (
-                lora.core.adapter_key(lora_request.lora_int_id) is None
-                or lora_request.load_inplace  # a reload reads the weights: off the loop too
-            )
-        )
-        has_ids = isinstance(prompt, dict) and "prompt_token_ids" in prompt
-        grows = (
-            bool(params.bad_words)
-            or params.structured_outputs is not None
-            or not (has_ids or isinstance(prompt, list))
-        )
-        if new_adapter or grows:  # an adapter's first read, tokenizing, compiling: off the loop
+        if submission_grows(self.engine, prompt, params, lora_request):
             await asyncio.to_thread(self.engine.add_request, *args, **kwargs)
         else:
             self.engine.add_request(*args, **kwargs)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import loraplex
+from loraplex.engine import core_proc
 from loraplex.engine.arg_utils import AsyncEngineArgs
 from loraplex.engine.async_llm import AsyncLLM, EngineDeadError
 from loraplex.entrypoints.openai import serving_models
@@ -34,7 +35,7 @@ from loraplex.entrypoints.openai.cli_args import (
     lora_sources,
     read_chat_template,
 )
-from loraplex.entrypoints.openai.engine_client import LocalEngineClient
+from loraplex.entrypoints.openai.engine_client import LocalEngineClient, ProcessEngineClient
 from loraplex.entrypoints.openai.errors import APIError, error_response
 from loraplex.entrypoints.openai.metrics import Metrics
 from loraplex.entrypoints.openai.middleware import APIKeyAuth, BodyLimit, RequestIdHeader
@@ -277,8 +278,10 @@ def build_local(args: argparse.Namespace) -> tuple[ServingContext, list[str]]:
     load_general_plugins()  # resolvers first: their folders are roots the engine reads beneath
     engine_args = AsyncEngineArgs.from_cli_args(args)
     engine_args.lora_root = [*(engine_args.lora_root or []), *serving_models.resolver_roots()]
-    engine = AsyncLLM.from_engine_args(engine_args)
-    client = LocalEngineClient(engine)
+    if core_proc.enabled():  # vLLM's default: the engine in a process of its own
+        client: LocalEngineClient = ProcessEngineClient(core_proc.CoreClient(engine_args))
+    else:
+        client = LocalEngineClient(AsyncLLM.from_engine_args(engine_args))
     options = serve_options(args, client.frontend.folder)
     ctx = ServingContext(client, options, Metrics(options.base, client.frontend.max_model_len))
     for name, path in modules:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from loraplex._core import AdapterInUseError, LoraplexError, LoRARequest, UnknownAdapterError
 from loraplex.engine.async_llm import AsyncLLM, EngineDeadError
+from loraplex.engine.core_proc import CoreClient
 from loraplex.engine.llm_engine import ModelFrontend
 from loraplex.entrypoints.openai.errors import APIError
 from loraplex.errors import InvalidAdapterError
@@ -121,6 +122,8 @@ class LocalEngineClient(EngineClient):
     """The ``AsyncLLM`` of this process. Adapter names are the core registry's: a name
     resolves to what the core holds under it, and its rules refuse clashing ids and names."""
 
+    pid = os.getpid()  # the engine's process
+
     def __init__(self, engine: AsyncLLM):
         self.engine = engine
         self.frontend = engine.frontend
@@ -141,23 +144,26 @@ class LocalEngineClient(EngineClient):
     async def list_adapters(self) -> list[LoRARequest]:
         return self.engine.registered_loras()
 
-    def _new_id(self) -> int:
-        taken = {lora.lora_int_id for lora in self.engine.registered_loras()}
+    async def _engine_stats(self) -> dict[str, Any]:
+        return self.engine.get_stats()
+
+    async def _new_id(self) -> int:
+        taken = {lora.lora_int_id for lora in await self.list_adapters()}
         return next(i for i in range(1, len(taken) + 2) if i not in taken)
 
     async def load_adapter(self, name, path, inplace, lora_int_id):
         async with self._adapter_lock():
-            old = self.engine.lora_by_name(name)
+            old = await self.resolve_adapter(name)
             if old is not None and not inplace:
                 raise APIError(
                     400, f"The lora adapter '{name}' has already been loaded.", "lora_name"
                 )
-            lora_id = lora_int_id or (old.lora_int_id if old is not None else self._new_id())
+            lora_id = lora_int_id or (old.lora_int_id if old is not None else await self._new_id())
             lora = LoRARequest(name, lora_id, str(path), load_inplace=old is not None)
             try:
                 await self.engine.add_lora(lora)
             except (InvalidAdapterError, ValueError, LoraplexError) as e:
-                if old is None and self.engine.lora_by_name(name) is not None:
+                if old is None and await self.resolve_adapter(name) is not None:
                     await self.engine.remove_lora(lora_id)  # no residue of a failed load
                 param = "lora_int_id" if "id" in str(e) and lora_int_id else "lora_path"
                 raise APIError(400, f"cannot load adapter '{name}': {e}", param) from None
@@ -165,7 +171,7 @@ class LocalEngineClient(EngineClient):
 
     async def unload_adapter(self, name: str) -> None:
         async with self._adapter_lock():
-            lora = self.engine.lora_by_name(name)
+            lora = await self.resolve_adapter(name)
             if lora is None:
                 raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name")
             try:
@@ -179,7 +185,32 @@ class LocalEngineClient(EngineClient):
         await self.engine.check_health()
 
     async def stats(self) -> dict[str | None, dict[str, Any]]:
-        return {None: dict(self.engine.get_stats(), pid=os.getpid())}
+        return {None: dict(await self._engine_stats(), pid=self.pid)}
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+class ProcessEngineClient(LocalEngineClient):
+    """The engine in a child process of this server (``CoreClient``; vLLM's default,
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps it in this one). The same rules as
+    ``LocalEngineClient``; the core registry's answers are awaited replies."""
+
+    def __init__(self, core: CoreClient):
+        super().__init__(core)
+        self.pid = core.proc.pid
+
+    async def resolve_adapter(self, name: str) -> LoRARequest | None:
+        return await self._call("lora_by_name", name)
+
+    async def list_adapters(self) -> list[LoRARequest]:
+        return await self._call("registered_loras")
+
+    async def _engine_stats(self) -> dict[str, Any]:
+        return await self._call("get_stats")
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return await self.engine.call(method, *args)
+        except EngineDeadError as e:
+            raise request_error(e) from None

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from loraplex.engine.async_llm import EngineDeadError
 from loraplex.engine.input_processor import with_truncation
 from loraplex.engine.llm_engine import MAX_TENANT_LEN
 from loraplex.entrypoints.openai.engine_client import REPLICA_HEADER, Adapter, EngineClient
@@ -238,6 +239,8 @@ class ServingContext:
                 if out.finished and self.options.log_outputs:
                     self.log_output(out)
                 yield out
+        except EngineDeadError as e:  # mid-stream: the stream's error event, then [DONE]
+            raise APIError(503, str(e)) from None
         finally:
             self._live.discard(stream)
             stream.close()
