@@ -176,7 +176,10 @@ class _Core:
         if method in ("add_request", "abort_request"):
             self.wake.set()
         if call_id is not None:
-            self.send(reply)
+            try:
+                self.send(reply)
+            except Exception as e:  # noqa: BLE001 - an answer that cannot be pickled
+                self.send(("reply", call_id, False, RuntimeError(f"{method}: {e}")))
 
 
 # -- the server's side --
@@ -202,6 +205,10 @@ class CoreClient:
         try:
             self.frontend = ModelFrontend.from_engine_args(engine_args)
             msg = self._conn.recv()
+        except EOFError:
+            self.shutdown()
+            code = self.proc.exitcode
+            raise RuntimeError(f"the engine process exited (code {code}) as it started") from None
         except BaseException:
             self.shutdown()
             raise
