@@ -43,7 +43,7 @@ from loraplex.engine.llm_engine import LLMEngine, ModelFrontend
 
 logger = logging.getLogger("loraplex.engine")
 
-#: what the server may call on the core's engine: the answer is immediate
+#: the calls answered on the core's input thread (``add_request`` too, unless it grows)
 QUICK = frozenset(
     {"abort_request", "remove_lora", "lora_by_name", "registered_loras", "get_stats"}
     | {"reset_prefix_cache", "add_request"}
