@@ -40,6 +40,7 @@ from loraplex.engine.async_llm import (
     submission_grows,
 )
 from loraplex.engine.llm_engine import LLMEngine, ModelFrontend
+from loraplex.gc_utils import freeze_startup_heap
 
 logger = logging.getLogger("loraplex.engine")
 
@@ -103,6 +104,7 @@ def run_core(engine_args: EngineArgs, conn: Any, log_level: int) -> None:
     except BaseException as e:  # noqa: BLE001 - the server re-raises it
         conn.send(("failed", portable(e)))
         return
+    freeze_startup_heap("engine core")
     _Core(engine, conn).serve()
 
 

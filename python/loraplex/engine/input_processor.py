@@ -99,8 +99,8 @@ class InputProcessor:
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size
         ]
 
-    def check_params(self, request_id: str, p: SamplingParams) -> list[list[int]]:
-        """Checks ``p`` against the model; returns the bad words as token id sequences."""
+    def check_params(self, request_id: str, p: SamplingParams) -> None:
+        """Checks ``p`` against the model (what the server can refuse before submitting)."""
         where = f"request {request_id!r}: SamplingParams"
         for name in ("stop_token_ids", "allowed_token_ids", "logit_bias"):
             ids = getattr(p, name)
@@ -119,14 +119,13 @@ class InputProcessor:
                     f"max_logprobs ({self.max_logprobs}); raise max_logprobs (-1: the "
                     "whole vocabulary)"
                 )
-        return self._bad_word_ids(p.bad_words or [])
 
-    def _bad_word_ids(self, words: list[str]) -> list[list[int]]:
-        """Each word as it tokenizes alone and after a space (vLLM tries both)."""
-        out: dict[tuple[int, ...], None] = {}  # in order, each once (linear in the words)
-        for word in words:
-            for text in (word.lstrip(), " " + word.lstrip()):
-                ids = self.tokenizer.encode(text, add_special_tokens=False)
-                if ids:
-                    out.setdefault(tuple(ids))
+    def bad_word_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word as it tokenizes alone and after a space (vLLM tries both), each token
+        sequence once, in order: one batched encode, linear in the words."""
+        texts = [text for word in words for text in (word.lstrip(), " " + word.lstrip())]
+        out: dict[tuple[int, ...], None] = {}
+        for ids in self.tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []:
+            if ids:
+                out.setdefault(tuple(ids))
         return [list(ids) for ids in out]

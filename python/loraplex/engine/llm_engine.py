@@ -226,7 +226,8 @@ class LLMEngine:
         text, ids = self.processor.tokenize(
             request_id, prompt, with_truncation(tokenization_kwargs, params)
         )
-        bad_words = self.processor.check_params(request_id, params)
+        self.processor.check_params(request_id, params)
+        bad_words = self.processor.bad_word_ids(params.bad_words or [])
         grammar = None
         if params.structured_outputs is not None:  # compiled here, never in a step
             so = params.structured_outputs

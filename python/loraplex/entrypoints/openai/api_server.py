@@ -57,6 +57,7 @@ from loraplex.entrypoints.openai.serving_chat import create_chat_completion
 from loraplex.entrypoints.openai.serving_completion import create_completion
 from loraplex.entrypoints.openai.serving_engine import ServeOptions, ServingContext
 from loraplex.entrypoints.openai.serving_tokenization import detokenize, tokenize
+from loraplex.gc_utils import freeze_startup_heap
 from loraplex.plugins import load_general_plugins
 
 logger = logging.getLogger("loraplex.serve")
@@ -334,6 +335,7 @@ def run_server(args: argparse.Namespace) -> int:
 
     app.router.lifespan_context = lifespan
     server = _Server(uvicorn_config(app, args, ctx), ctx, args.shutdown_timeout)
+    freeze_startup_heap("server")
     # uvicorn re-raises the signal to the handler it found once it has shut down: a no-op
     # one here, so a SIGTERM'd server exits 0 after its own shutdown
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -65,11 +65,13 @@ def engine_deployment(
         async def __init__(self) -> None:
             import torch
 
+            from loraplex.gc_utils import freeze_startup_heap
             from loraplex.v1.engine.async_llm import AsyncLLM
 
             if threads is not None:
                 torch.set_num_threads(threads)
             self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs))
+            freeze_startup_heap("replica")
             self.registry = cluster_registry()
             self.replica_id = serve.get_replica_context().replica_id.unique_id
             self.held: dict[str, tuple[int, int]] = {}  # name -> (id, version) added here
