@@ -101,8 +101,7 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-        """``encode`` of each text in one call, which the tokenizers library runs without
-        the GIL (the server's event loop keeps it meanwhile)."""
+        """``encode`` of each text, in one call into the tokenizers library."""
         encodings = self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)
         return [e.ids for e in encodings]
 

@@ -125,7 +125,7 @@ class InputProcessor:
         sequence once, in order: one batched encode, linear in the words."""
         texts = [text for word in words for text in (word.lstrip(), " " + word.lstrip())]
         out: dict[tuple[int, ...], None] = {}
-        for ids in self.tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []:
+        for ids in self.tokenizer.encode_batch(texts, add_special_tokens=False):
             if ids:
                 out.setdefault(tuple(ids))
         return [list(ids) for ids in out]
